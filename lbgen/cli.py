@@ -1,0 +1,92 @@
+"""`lbgen` command line: a thin layer over the stage functions.
+
+Every config field is a flag (see `lbgen <stage> --help`); precedence is
+defaults < --preset < --config YAML < flags. Ray attaches to `--address` or
+$RAY_ADDRESS when given, and otherwise starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from lbgen.classes import ClassTableError
+from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
+from lbgen.models.hub import ModelNotFoundError
+
+# Errors whose message is the whole story: printed as one line, no traceback.
+USER_ERRORS = (ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError)
+
+
+def init_ray(address: str | None) -> None:
+    """Attach to a cluster (`address` or $RAY_ADDRESS) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    # A local cluster needs no auth token (Ray would write one under $HOME).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers' logs stay in Ray's session logs unless LBGEN_RAY_LOGS=1: lbgen draws its own progress.
+    ray.init(logging_level=logging.WARNING, log_to_driver=os.environ.get("LBGEN_RAY_LOGS") == "1")
+
+
+def run_finetune(cfg: Config) -> None:
+    from lbgen.finetune import finetune
+
+    output = finetune(cfg)
+    print(f"fine-tuned LoRA: {output / 'pytorch_lora_weights.safetensors'}")
+
+
+# Stage name -> (config sections its flags come from, function, help).
+COMMANDS: dict[str, tuple[tuple[str, ...], Callable[[Config], None], str]] = {
+    "finetune": (("model", "finetune"), run_finetune, "fine-tune the generator with lbGen's losses (Ray Train)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lbgen", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (sections, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="base settings (default: tiny)")
+        p.add_argument("--config", default=None, help="YAML file overriding the preset")
+        p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+        add_config_flags(p, sections)
+    return parser
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a chain (Ray wraps worker errors)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _, command, _ = COMMANDS[args.command]
+    try:
+        cfg = resolve(args.preset, args.config, overrides_from_args(args))
+        init_ray(args.address)
+        command(cfg)
+    except USER_ERRORS as err:
+        print(f"lbgen {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        cause = root_cause(err)
+        if isinstance(cause, USER_ERRORS):
+            print(f"lbgen {args.command}: error: {cause}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""`create_generator`: a diffusers Stable Diffusion pipeline from a name.
+
+Names: a registered builder (`tiny`: small seeded random modules built in code,
+no download), a local directory saved with `save_pretrained`, or a hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lbgen.models.hub import hub_access, is_local_path, not_found
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+# SD 1.x noise schedule: training uses DDPM with it (DESIGN 1.1).
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+)
+
+
+def _quiet_diffusers():
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def clip_bpe_tokenizer(model_max_length: int = 77):
+    """A CLIPTokenizer with the real CLIP BPE vocabulary that open_clip ships (offline).
+
+    transformers 5 ignores `CLIPTokenizer(vocab_file=..., merges_file=...)` and yields a
+    2-token tokenizer, so the files are written out and loaded with `from_pretrained`.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    bpe = SimpleTokenizer()
+    # open_clip names the special tokens differently; CLIP's names keep ids 49406/49407.
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): index for token, index in bpe.encoder.items()}
+    merges = sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        lines = ["#version: 0.2"] + [f"{a} {b}" for (a, b), _ in merges]
+        (Path(tmp) / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(
+            tmp, model_max_length=model_max_length, pad_token="<|endoftext|>"
+        )
+
+
+def _assemble(unet, vae, text_encoder, tokenizer):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny(resolution: int = 64, seed: int = 0):
+    """Small seeded random SD pipeline: UNet (32, 64), VAE (32, 64), 2-layer text encoder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=resolution // 2,  # the tiny VAE downsamples by 2
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=resolution,
+        )
+        tokenizer = clip_bpe_tokenizer()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    return _assemble(unet, vae, text_encoder, tokenizer)
+
+
+GENERATOR_BUILDERS: dict[str, Callable[..., object]] = {"tiny": build_tiny}
+
+HOW_TO_PROVIDE = (
+    "Pass a local directory written by `StableDiffusionPipeline.save_pretrained`, or download the "
+    "model on a machine with network (`huggingface-cli download ID`) into $HF_HOME, or use --generator tiny."
+)
+
+
+def create_generator(
+    name_or_path: str,
+    *,
+    resolution: int = 512,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+):
+    """A `StableDiffusionPipeline` from a builder name, a local directory or a hub id.
+
+    Args:
+        name_or_path: key of GENERATOR_BUILDERS (`tiny`), a directory, or a hub id.
+        resolution: image side for built-in builders (hub/local models keep their own).
+        torch_dtype: weight dtype of the loaded modules.
+        device: where the pipeline is placed.
+        seed: initialisation seed for built-in builders.
+    Raises:
+        ModelNotFoundError: the model is neither local, cached, nor reachable (fast, no hang).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    _quiet_diffusers()
+    if name_or_path in GENERATOR_BUILDERS:
+        pipe = GENERATOR_BUILDERS[name_or_path](resolution=resolution, seed=seed)
+    elif is_local_path(name_or_path):
+        path = os.path.expanduser(name_or_path)
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise not_found("generator", name_or_path, f"A local generator must be a directory holding model_index.json. {HOW_TO_PROVIDE}")
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    else:
+        with hub_access() as online:
+            try:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    name_or_path, safety_checker=None, requires_safety_checker=False, local_files_only=not online
+                )
+            except (OSError, ValueError) as err:
+                raise not_found("generator", name_or_path, HOW_TO_PROVIDE, err) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=torch_dtype)

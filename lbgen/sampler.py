@@ -1,0 +1,113 @@
+"""Classifier-free-guidance sampling with truncated back-propagation (DESIGN 1.1-1.2).
+
+Plain PyTorch over diffusers modules: the same `denoise` runs with no gradient
+steps for generation and with K gradient steps for fine-tuning.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def gradient_step_indices(num_steps: int, grad_steps: int, generator: torch.Generator | None = None) -> list[int]:
+    """K loop indices `{s, s + T//K, ..., s + (K-1)*T//K}` with `s ~ U[0, T - (T//K)*(K-1) - 1]`."""
+    if not 0 < grad_steps <= num_steps:
+        raise ValueError(f"need 0 < grad_steps <= num_steps, got K={grad_steps}, T={num_steps}")
+    stride = num_steps // grad_steps
+    start = int(torch.randint(0, num_steps - stride * (grad_steps - 1), (1,), generator=generator))
+    return [start + j * stride for j in range(grad_steps)]
+
+
+def initial_latents(batch: int, unet: nn.Module, vae_scale_factor: int, resolution: int, scheduler, generator: Generators, device) -> torch.Tensor:
+    """Gaussian start latents (B, C, H/f, W/f); one generator per image makes each image batch-independent."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    side = resolution // vae_scale_factor
+    shape = (batch, unet.config.in_channels, side, side)
+    latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+    return latents * scheduler.init_noise_sigma
+
+
+def guided_noise(unet: nn.Module, latents: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """One CFG UNet call on the stacked [uncond, cond] batch: (B, C, h, w) noise prediction."""
+    model_in = torch.cat([latents, latents])
+    noise = unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    noise_uncond, noise_cond = noise.chunk(2)
+    return noise_uncond + guidance * (noise_cond - noise_uncond)
+
+
+def denoise(
+    unet: nn.Module,
+    scheduler,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    num_steps: int,
+    guidance: float,
+    grad_indices: Iterable[int] = (),
+    generator: Generators = None,
+) -> torch.Tensor:
+    """Run `num_steps` scheduler steps; only UNet calls at `grad_indices` record a graph.
+
+    Scheduler updates from the first gradient step on stay differentiable, so the
+    loss reaches every chosen step through the latents; UNet calls elsewhere run
+    under no_grad (their outputs are constants to autograd).
+
+    Args:
+        latents: (B, C, h, w) start latents.
+        cond, uncond: (B, L, D) text encoder states for the prompt and the empty prompt.
+        generator: one generator, or one per image, for stochastic schedulers (DDPM).
+    """
+    grad_enabled = torch.is_grad_enabled()
+    grad_indices = set(grad_indices) if grad_enabled else set()
+    first_grad = min(grad_indices, default=num_steps)
+    scheduler.set_timesteps(num_steps, device=latents.device)
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.set_grad_enabled(i in grad_indices):
+            model_in = scheduler.scale_model_input(latents, t)
+            noise = guided_noise(unet, model_in, t, cond, uncond, guidance)
+        with torch.set_grad_enabled(i >= first_grad):
+            latents = scheduler.step(noise, t, latents, generator=generator).prev_sample
+    return latents
+
+
+def decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images (B, 3, H, W) in [0, 1], differentiable through the frozen VAE."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class TrainableSampler(nn.Module):
+    """UNet + VAE as one module whose forward samples and decodes.
+
+    One forward per backward is what DDP's reducer expects, although the UNet is
+    called T times inside it; wrapping this module (not the UNet) keeps DDP usable.
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler, *, num_steps: int, guidance: float):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
+        self.num_steps = num_steps
+        self.guidance = guidance
+
+    def forward(self, latents, cond, uncond, grad_indices: Sequence[int], generator: Generators = None) -> torch.Tensor:
+        latents = denoise(
+            self.unet,
+            self.scheduler,
+            latents,
+            cond,
+            uncond,
+            num_steps=self.num_steps,
+            guidance=self.guidance,
+            grad_indices=grad_indices,
+            generator=generator,
+        )
+        return decode(self.vae, latents)
