@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable
 
-from lbgen.classes import ClassTableError
+from lbgen.classes import ClassTableError, load_class_table
 from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
 from lbgen.models.hub import ModelNotFoundError
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     _, command, _ = COMMANDS[args.command]
     try:
         cfg = resolve(args.preset, args.config, overrides_from_args(args))
+        load_class_table(cfg.classes)  # bad input fails before a cluster starts
         init_ray(args.address)
         command(cfg)
     except USER_ERRORS as err:

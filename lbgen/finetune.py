@@ -40,6 +40,9 @@ STATE_FILE = "state.json"
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_FIELDS = {"output", "max_steps", "epochs", "workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "sample_every"}
 
+# Config keys (and prefixes) that make a fine-tuning run what it is; other stages' sections do not.
+FINETUNE_IDENTITY = ("classes", "seed", "model.", "finetune.")
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -332,23 +335,30 @@ def train_loop_per_worker(config: dict) -> None:
             _report(metrics, finetuner, done)
 
 
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_resumable(output: Path, cfg: Config) -> None:
     """Refuse to resume into `output` if it holds a run with different content-defining settings."""
     saved = output / "config.yaml"
     if not saved.exists():
         return
-    old = dataclasses.asdict(from_dict(Config, load_yaml(saved), str(saved)))
-    new = dataclasses.asdict(cfg)
-    old["finetune"] = {k: v for k, v in old["finetune"].items() if k not in RESUMABLE_FIELDS}
-    new["finetune"] = {k: v for k, v in new["finetune"].items() if k not in RESUMABLE_FIELDS}
-    for section in ("classes", "seed", "model", "finetune"):
-        if old[section] != new[section]:
-            if isinstance(old[section], dict):
-                diff = [k for k in new[section] if old[section].get(k) != new[section][k]]
-                detail = ", ".join(f"{section}.{k}: {old[section].get(k)!r} -> {new[section][k]!r}" for k in diff)
-            else:
-                detail = f"{section}: {old[section]!r} -> {new[section]!r}"
-            raise ConfigError(f"{output} holds a fine-tuning run with other settings ({detail}); use another --output")
+    old = _flatten(dataclasses.asdict(from_dict(Config, load_yaml(saved), str(saved))))
+    new = _flatten(dataclasses.asdict(cfg))
+    changed = [
+        f"{key}: {old[key]!r} -> {new[key]!r}"
+        for key in new
+        if key.startswith(FINETUNE_IDENTITY) and key.split(".")[-1] not in RESUMABLE_FIELDS and old[key] != new[key]
+    ]
+    if changed:
+        raise ConfigError(f"{output} holds a fine-tuning run with other settings ({', '.join(changed)}); use another --output")
 
 
 def finetune(cfg: Config) -> Path:

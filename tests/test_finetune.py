@@ -1,0 +1,206 @@
+"""Fine-tuning: gradients, optimisation effects (plain PyTorch), DDP, resume and CLI (real local Ray)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lbgen.cli import main
+from lbgen.config import ConfigError
+from lbgen.finetune import DISC_FILE, LORA_FILE, Finetuner, class_batch, export_lora, finetune, total_steps
+from lbgen.seeds import seeded_generator
+
+torch.set_num_threads(2)
+
+
+def _backward_one_loss(ft: Finetuner, weights: dict) -> None:
+    ft.loss_fn.w_en, ft.loss_fn.w_in, ft.loss_fn.lambda_q = weights["w_en"], weights["w_in"], weights["lambda_q"]
+    labels = torch.tensor([0, 5])
+    gen = seeded_generator(0, "grad")
+    cond, uncond = ft._prompt_states(labels)
+    images = ft.sampler(ft._latents(2, gen), cond, uncond, [1, 6], gen)
+    ft.loss_fn(images, labels, ft.disc)["loss"].backward()
+
+
+@pytest.mark.parametrize("which", ["w_en", "w_in", "lambda_q"])
+def test_each_loss_alone_reaches_lora_and_nothing_frozen(tiny_cfg, which):
+    ft = Finetuner(tiny_cfg())
+    _backward_one_loss(ft, {"w_en": 0.0, "w_in": 0.0, "lambda_q": 0.0, which: 1.0})
+    lora_grads = [p.grad for p in ft.lora_params]
+    assert any(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    frozen = [
+        (name, p) for module in (ft.pipe.unet, ft.pipe.vae, ft.pipe.text_encoder, ft.clip, ft.quality)
+        for name, p in module.named_parameters() if not p.requires_grad
+    ]
+    assert frozen and all(p.grad is None for _, p in frozen)
+
+
+def _mean_eval(ft: Finetuner):
+    """Mean CLIP cosine with own prompt and mean IQA over one image per class, fixed held-out seed."""
+    labels = torch.arange(len(ft.table))
+    images = ft.generate(labels, seeded_generator(123, "eval"))
+    with torch.no_grad():
+        cos = (ft.clip.encode_image(images) * ft.loss_fn.text_features[labels]).sum(-1).mean().item()
+        return cos, ft.quality(images).mean().item()
+
+
+def test_alignment_only_run_raises_clip_cosine_on_held_out_seeds(tiny_cfg):
+    ft = Finetuner(tiny_cfg(finetune=dict(w_en=0.0, w_in=1.0, lambda_q=0.0, lr=0.1, grad_clip=1e6)))
+    before, _ = _mean_eval(ft)
+    for step in range(8):
+        ft.train_step(step)
+    after, _ = _mean_eval(ft)
+    print(f"L_in-only: mean CLIP cosine {before:.4f} -> {after:.4f}")
+    assert after > before + 0.005
+
+
+def test_quality_only_run_raises_iqa_score(tiny_cfg):
+    ft = Finetuner(tiny_cfg(finetune=dict(w_en=0.0, w_in=0.0, lambda_q=1.0, lr=0.03, grad_clip=1e6)))
+    # The same batch and seeds every step: a pure optimisation of L_q on those images.
+    scores = [ft.train_step(0)["iqa_score"] for _ in range(6)]
+    print("L_q-only: IQA score per step", [round(s, 4) for s in scores])
+    assert scores[-1] > scores[0] + 0.005
+    assert sum(b > a for a, b in zip(scores, scores[1:])) >= 4
+
+
+def test_discriminator_warmup_beats_chance(tiny_cfg):
+    ft = Finetuner(tiny_cfg(finetune=dict(d_warmup_passes=4, d_lr=1e-2)))
+
+    def held_out_accuracy():
+        labels = torch.arange(len(ft.table))
+        gen = seeded_generator(7, "d-eval")
+        fake = ft.clip.encode_image(ft.generate(labels, gen))
+        real = ft.loss_fn.text_features[torch.randint(len(ft.table), (len(labels),), generator=gen)]
+        with torch.no_grad():
+            return 0.5 * ((ft.disc(real) > 0).float().mean() + (ft.disc(fake) < 0).float().mean()).item()
+
+    before = held_out_accuracy()
+    ft.warmup_discriminator()
+    after = held_out_accuracy()
+    print(f"D warm-up: held-out accuracy {before:.2f} -> {after:.2f}")
+    assert after >= 0.75 and after > before
+
+
+def test_class_batches_walk_the_table_in_epochs():
+    seen = torch.cat([class_batch(s, r, 2, 3, 10, seed=0) for s in range(5) for r in range(2)])
+    # 5 steps x 2 ranks x 3 = 30 draws = 3 epochs of a 10-class table: each class exactly 3 times.
+    assert torch.bincount(seen, minlength=10).tolist() == [3] * 10
+    assert torch.equal(class_batch(4, 1, 2, 3, 10, 0), class_batch(4, 1, 2, 3, 10, 0))
+
+
+def test_total_steps_from_epochs(tiny_cfg):
+    cfg = tiny_cfg(finetune=dict(max_steps=None, epochs=3.0, batch_size=4, workers=2))
+    assert total_steps(cfg, 1000) == 375
+
+
+def test_trained_lora_loads_into_a_saved_pipeline_and_changes_it(tiny_cfg, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from lbgen.models import create_generator
+
+    ft = Finetuner(tiny_cfg(finetune=dict(lr=0.1)))
+    for step in range(2):
+        ft.train_step(step)
+    ft.save(tmp_path, step=2)
+    export_lora(tmp_path / "adapter.safetensors", tmp_path)
+
+    create_generator("tiny", resolution=64).save_pretrained(tmp_path / "sd")
+    pipe = create_generator(str(tmp_path / "sd"))
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def sample():
+        return pipe(["tench"], num_inference_steps=4, guidance_scale=2.0, height=64, width=64,
+                    output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+    plain = sample()
+    pipe.load_lora_weights(str(tmp_path))
+    tuned = sample()
+    assert (tuned - plain).abs().mean() > 1e-4
+
+
+# ------------------------------------------------------------------ Ray
+
+
+def _ddp_loop(config):
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import save_file
+
+    from lbgen.config import Config, from_dict
+
+    cfg = from_dict(Config, config["cfg"])
+    ctx = ray.train.get_context()
+    ft = Finetuner(cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), wrap=ray.train.torch.prepare_model)
+    for step in range(3):
+        ft.train_step(step)
+    save_file(ft.lora_state_dict(), f"{config['out']}/rank{ctx.get_world_rank()}.safetensors")
+
+
+@pytest.mark.ray
+def test_two_workers_keep_identical_lora(ray_local, tiny_cfg, tmp_path):
+    import dataclasses
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = tiny_cfg(finetune=dict(lr=0.05))
+    TorchTrainer(
+        _ddp_loop,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="ddp"),
+    ).fit()
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)  # it did train
+
+
+def _weights(directory: Path) -> dict:
+    return {**load_file(directory / LORA_FILE), **{f"D.{k}": v for k, v in load_file(directory / DISC_FILE).items()}}
+
+
+@pytest.mark.ray
+def test_resumed_run_equals_uninterrupted_run(ray_local, tiny_cfg, tmp_path):
+    def run(output, steps):
+        return finetune(tiny_cfg(finetune=dict(output=str(output), max_steps=steps, checkpoint_every=2, lr=0.05)))
+
+    run(tmp_path / "a", 2)  # "stopped" after 2 steps
+    resumed = run(tmp_path / "a", 4)
+    straight = run(tmp_path / "b", 4)
+    a, b = _weights(resumed), _weights(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line).get("step") for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [None, 1, 2, 3, 4]  # warm-up line, then each step once
+    assert (resumed / "samples" / "step-000004.png").exists()
+
+
+@pytest.mark.ray
+def test_resume_refuses_other_settings(ray_local, tiny_cfg, tmp_path):
+    from lbgen.config import to_yaml
+
+    (tmp_path / "config.yaml").write_text(to_yaml(tiny_cfg(finetune=dict(lr=0.5, max_steps=99))))
+    with pytest.raises(ConfigError, match=r"\(finetune.lr: 0.5 -> 0.001\)"):
+        finetune(tiny_cfg(finetune=dict(output=str(tmp_path))))
+
+
+@pytest.mark.ray
+def test_cli_finetune_end_to_end(ray_local, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--preset", "tiny", "--output", str(out), "--max-steps", "2", "--sample-every", "1"]) == 0
+    for name in (LORA_FILE, DISC_FILE, "config.yaml", "metrics.jsonl", "samples/step-000000.png", "samples/step-000001.png"):
+        assert (out / name).exists(), name
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss_en", "loss_in", "loss_q", "loss_d", "d_acc_real", "d_acc_fake", "grad_norm", "step_time"):
+        assert key in record
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "classes.txt"
+    bad.write_text("a x\na y\n")
+    assert main(["finetune", "--classes", str(bad), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "duplicate class_id 'a'" in err[0] and str(bad) in err[0]
+    assert not (tmp_path / "o").exists()

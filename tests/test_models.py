@@ -1,0 +1,96 @@
+import time
+
+import pytest
+import torch
+
+from lbgen.models import ModelNotFoundError, create_clip, create_generator, create_iqa
+from lbgen.models.iqa import parse_score_range
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return create_generator("tiny", resolution=64)
+
+
+def _sample(pipe, seed=0):
+    return pipe(
+        ["tench", "church"], num_inference_steps=3, guidance_scale=2.0, height=64, width=64,
+        output_type="pt", generator=torch.Generator().manual_seed(seed),
+    ).images
+
+
+def test_tiny_tokenizer_distinguishes_prompts_and_matches_open_clip(tiny_pipe):
+    import open_clip
+
+    tok = tiny_pipe.tokenizer
+    a, b = tok(["a photo of a cat", "a dog"], padding="max_length", max_length=77).input_ids
+    assert a != b
+    reference = open_clip.get_tokenizer("ViT-B-32")(["a photo of a cat"])[0].tolist()
+    assert a[:7] == reference[:7]
+
+
+def test_tiny_generator_is_seeded(tiny_pipe):
+    again = create_generator("tiny", resolution=64)
+    assert torch.equal(_sample(tiny_pipe), _sample(again))
+    assert not torch.equal(_sample(tiny_pipe, 0), _sample(tiny_pipe, 1))
+
+
+def test_saved_pipeline_round_trips_through_the_local_loading_path(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "sd")
+    loaded = create_generator(str(tmp_path / "sd"))
+    assert torch.allclose(_sample(tiny_pipe), _sample(loaded), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "factory, args",
+    [
+        (create_generator, ("nobody-xyz/no-such-model",)),
+        (create_generator, ("/nonexistent/dir",)),
+        (create_clip, ("ViT-B-32", "openai")),
+        (create_clip, ("No-Such-Arch",)),
+        (create_clip, ("ViT-B-32", "/nonexistent/w.safetensors")),
+        (create_iqa, ("topiq_nr",)),
+        (create_iqa, ("no_such_metric",)),
+        (create_iqa, ("psnr",)),
+    ],
+)
+def test_missing_models_fail_fast_with_how_to(factory, args, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache, whatever this machine holds
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(ModelNotFoundError) as err:
+        factory(*args)
+    assert time.monotonic() - started < 20
+    assert args[-1] in str(err.value) or args[0] in str(err.value)
+
+
+def test_remote_code_metric_needs_explicit_trust():
+    with pytest.raises(PermissionError, match="trust-remote-code"):
+        create_iqa("qalign")
+
+
+def test_clip_preprocessing_is_differentiable_and_normalised():
+    clip = create_clip("tiny")
+    images = torch.rand(2, 3, 48, 48, requires_grad=True)  # resized to 64 inside
+    features = clip.encode_image(images)
+    assert features.shape == (2, clip.embed_dim)
+    assert torch.allclose(features.norm(dim=-1), torch.ones(2), atol=1e-5)
+    features.sum().backward()
+    assert images.grad.abs().sum() > 0
+    text = clip.encode_text(["photo of tench", "photo of church"])
+    assert text.shape == (2, clip.embed_dim) and not torch.allclose(text[0], text[1])
+    assert all(not p.requires_grad for p in clip.parameters())
+
+
+def test_iqa_scores_per_image_with_gradient():
+    iqa = create_iqa("tiny")
+    images = torch.rand(3, 3, 64, 64, requires_grad=True)
+    score = iqa(images)
+    assert score.shape == (3,)
+    score.sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_score_range_mapping():
+    assert parse_score_range("~0, ~1") == (0.0, 1.0)
+    assert parse_score_range("1, 5") == (1.0, 5.0)
