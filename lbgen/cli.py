@@ -63,9 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def root_cause(err: BaseException) -> BaseException:
-    """The innermost exception of a chain (Ray wraps worker errors)."""
-    while err.__cause__ is not None:
-        err = err.__cause__
+    """The innermost exception: Ray wraps worker errors (WorkerGroupError -> RayTaskError -> cause)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None)
+        inner = failures[min(failures)] if failures else getattr(err, "cause", None) or err.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
     return err
 
 

@@ -267,8 +267,9 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        """Append `record` with the wall-clock `time` it was written (throughput from the log)."""
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
 def export_lora(adapter_file: Path, output: Path) -> Path:
@@ -348,8 +349,8 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 def check_resumable(output: Path, cfg: Config) -> None:
     """Refuse to resume into `output` if it holds a run with different content-defining settings."""
     saved = output / "config.yaml"
-    if not saved.exists():
-        return
+    if not saved.exists() or not any((output / "checkpoints").glob("checkpoint_*")):
+        return  # nothing to resume: a run that failed before its first checkpoint binds nothing
     old = _flatten(dataclasses.asdict(from_dict(Config, load_yaml(saved), str(saved))))
     new = _flatten(dataclasses.asdict(cfg))
     changed = [

@@ -86,3 +86,12 @@ def test_missing_config_file_and_unknown_preset():
 def test_bool_is_not_an_int():
     with pytest.raises(ConfigError, match="expected int"):
         from_dict(Config, {"seed": True})
+
+
+def test_shipped_job_configs_resolve():
+    from pathlib import Path
+
+    jobs = sorted(Path(__file__).parent.parent.joinpath("jobs").glob("*.yaml"))
+    assert jobs
+    for path in jobs:
+        resolve("tiny" if "tiny" in path.name else "sd15-in1k", path)

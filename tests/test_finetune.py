@@ -182,6 +182,7 @@ def test_resume_refuses_other_settings(ray_local, tiny_cfg, tmp_path):
     from lbgen.config import to_yaml
 
     (tmp_path / "config.yaml").write_text(to_yaml(tiny_cfg(finetune=dict(lr=0.5, max_steps=99))))
+    (tmp_path / "checkpoints" / "checkpoint_2026-01-01").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"\(finetune.lr: 0.5 -> 0.001\)"):
         finetune(tiny_cfg(finetune=dict(output=str(tmp_path))))
 
@@ -204,3 +205,13 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "duplicate class_id 'a'" in err[0] and str(bad) in err[0]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.ray
+def test_cli_worker_error_is_one_clear_line(ray_local, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--generator", "nobody-xyz/no-such-model", "--output", str(out), "--max-steps", "1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lbgen finetune: error: generator 'nobody-xyz/no-such-model' was not found")
+    # The failed run binds nothing: the same output works with a valid generator.
+    assert main(["finetune", "--output", str(out), "--max-steps", "1", "--d-warmup-passes", "0"]) == 0
