@@ -23,11 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lbgen import runs
 from lbgen.classes import ClassTable, load_class_table
-from lbgen.config import Config, ConfigError, from_dict, load_yaml, to_yaml
+from lbgen.config import Config, from_dict, to_yaml
 from lbgen.losses import Discriminator, LbGenLoss, discriminator_loss, draw_real_classes
 from lbgen.models import create_clip, create_generator, create_iqa
 from lbgen.progress import MetricsProgress
+from lbgen.runs import MetricsLog
 from lbgen.sampler import TrainableSampler, gradient_step_indices, initial_latents
 from lbgen.seeds import derive_seed, seeded_generator
 
@@ -250,24 +252,6 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     save_image(images.float().cpu(), path, nrow=min(8, len(images)), padding=2)
 
 
-class MetricsLog:
-    """`metrics.jsonl`, one line per step; on resume, lines past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = Path(path)
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                record = json.loads(line)
-                if record.get("phase") == "warmup" or record.get("step", 0) <= resume_step:
-                    kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def export_lora(adapter_file: Path, output: Path) -> Path:
     """Peft-format LoRA -> diffusers' `pytorch_lora_weights.safetensors` in `output`."""
     from diffusers import StableDiffusionPipeline
@@ -334,21 +318,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def check_resumable(output: Path, cfg: Config) -> None:
     """Refuse to resume into `output` if it holds a run with different content-defining settings."""
-    saved = output / "config.yaml"
-    if not saved.exists():
-        return
-    old = dataclasses.asdict(from_dict(Config, load_yaml(saved), str(saved)))
-    new = dataclasses.asdict(cfg)
-    old["finetune"] = {k: v for k, v in old["finetune"].items() if k not in RESUMABLE_FIELDS}
-    new["finetune"] = {k: v for k, v in new["finetune"].items() if k not in RESUMABLE_FIELDS}
-    for section in ("classes", "seed", "model", "finetune"):
-        if old[section] != new[section]:
-            if isinstance(old[section], dict):
-                diff = [k for k in new[section] if old[section].get(k) != new[section][k]]
-                detail = ", ".join(f"{section}.{k}: {old[section].get(k)!r} -> {new[section][k]!r}" for k in diff)
-            else:
-                detail = f"{section}: {old[section]!r} -> {new[section]!r}"
-            raise ConfigError(f"{output} holds a fine-tuning run with other settings ({detail}); use another --output")
+    runs.check_resumable(output, cfg, "finetune", ("classes", "seed", "model", "finetune"), RESUMABLE_FIELDS, "fine-tuning")
 
 
 def finetune(cfg: Config) -> Path:
