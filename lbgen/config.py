@@ -152,8 +152,10 @@ class PretrainConfig:
     require_clip_agrees: bool = False
     # Leave out unreadable or schema-wrong shards with a warning instead of failing.
     skip_bad_shards: bool = False
-    # Rows per decode+augment task in Ray Data.
+    # Rows per decode+augment call in Ray Data.
     decode_batch_size: int = 64
+    # Rows per block read from a shard: small blocks let several CPUs decode before a shard is read whole.
+    read_block_rows: int = 512
     # Rows in each worker's local shuffle buffer (Ray Data streams; there is no global shuffle).
     shuffle_buffer: int = 10000
     # Ray Train workers (DDP ranks).
@@ -278,6 +280,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "crop_scale": [0.35, 1.0],
             "val_fraction": 0.1,
             "decode_batch_size": 32,
+            "read_block_rows": 64,
             "shuffle_buffer": 256,
             "use_gpu": False,
             # Half a CPU: on a 2-CPU machine Ray Data needs the rest (ENVIRONMENT: Train + Data deadlock).
@@ -440,6 +443,7 @@ def _validate_pretrain(pt: PretrainConfig) -> None:
         "pretrain.std": (len(pt.std) == 3 and all(v > 0 for v in pt.std), f"must have 3 values > 0, got {pt.std}"),
         "pretrain.val_fraction": (0 <= pt.val_fraction < 1, f"must be in [0, 1), got {pt.val_fraction}"),
         "pretrain.decode_batch_size": (pt.decode_batch_size > 0, f"must be > 0, got {pt.decode_batch_size}"),
+        "pretrain.read_block_rows": (pt.read_block_rows > 0, f"must be > 0, got {pt.read_block_rows}"),
         "pretrain.shuffle_buffer": (pt.shuffle_buffer >= 0, f"must be >= 0, got {pt.shuffle_buffer}"),
         "pretrain.workers": (pt.workers > 0, f"must be > 0, got {pt.workers}"),
         "pretrain.cpus_per_worker": (pt.cpus_per_worker > 0, f"must be > 0, got {pt.cpus_per_worker}"),

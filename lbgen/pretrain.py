@@ -42,7 +42,10 @@ TRAIN_STATE_FILE = "train_state.pt"  # optimiser, scheduler, scaler: loads with 
 STATE_FILE = "state.json"
 
 # Settings a resumed run may change; any other difference means a different run.
-RESUMABLE_FIELDS = {"output", "epochs", "workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "skip_bad_shards", "decode_batch_size", "shuffle_buffer"}
+RESUMABLE_FIELDS = {
+    "output", "epochs", "workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "skip_bad_shards",
+    "decode_batch_size", "read_block_rows", "shuffle_buffer",
+}
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,15 +63,20 @@ def image_transform(cfg: Config, train: bool) -> ImageTransform:
     return ImageTransform(pt.image_size, train, tuple(pt.crop_scale), tuple(pt.crop_ratio), pt.hflip, pt.crop_pct)
 
 
-def build_dataset(files: list[str], cfg: Config, split: str):
+def build_dataset(shards: ShardSet, cfg: Config, split: str):
     """The Ray Dataset of `split` ("train": augmented, file order shuffled per epoch; "val": eval crops)."""
     import ray.data
 
     rows = row_filter(cfg)
     train = split == "train"
     ds = ray.data.read_parquet(
-        files, columns=["image", "label", "index", *rows.score_columns()], include_paths=True, shuffle="files" if train else None
+        shards.files, columns=["image", "label", "index", *rows.score_columns()], include_paths=True, shuffle="files" if train else None
     )
+    # Blocks of about `read_block_rows` rows (this dataset's context only): Ray's defaults make one
+    # block per ~128 MiB, so a small shard would decode in one task and stream nothing until done.
+    block_bytes = max(1, int(cfg.pretrain.read_block_rows * shards.bytes_per_row()))
+    ds.context.target_min_block_size = min(ds.context.target_min_block_size or block_bytes, block_bytes)
+    ds.context.target_max_block_size = block_bytes
     return ds.map_batches(
         decode_batch,
         batch_format="pyarrow",
@@ -290,9 +298,9 @@ def pretrain(cfg: Config) -> Path:
     (output / "config.yaml").write_text(to_yaml(cfg))
     (output / "shards.json").write_text(json.dumps(dataclasses.asdict(shards), indent=2) + "\n")
 
-    datasets = {"train": build_dataset(shards.files, cfg, "train")}
+    datasets = {"train": build_dataset(shards, cfg, "train")}
     if shards.val_rows:
-        datasets["val"] = build_dataset(shards.files, cfg, "val")
+        datasets["val"] = build_dataset(shards, cfg, "val")
     use_gpu = pt.use_gpu if pt.use_gpu is not None else ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,

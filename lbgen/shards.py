@@ -95,6 +95,10 @@ class ShardSet:
     rows: int = 0
     train_rows: int = 0
     val_rows: int = 0
+    bytes: int = 0  # size of the usable files on disk
+
+    def bytes_per_row(self) -> float:
+        return self.bytes / max(self.rows, 1)
 
 
 def find_shards(data: Iterable[str]) -> list[str]:
@@ -175,6 +179,7 @@ def open_shards(data: Iterable[str], classes: ClassTable, row_filter: RowFilter,
             out.bad.append(str(err))
             continue
         out.files.append(path)
+        out.bytes += Path(path).stat().st_size
         out.rows += table.num_rows
         out.train_rows += int(row_filter.mask(table, "train").sum())
         out.val_rows += int(row_filter.mask(table, "val").sum())
