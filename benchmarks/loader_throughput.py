@@ -162,7 +162,7 @@ def main() -> None:
         ray_rate = loader_rates(lambda: dataset.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=2), args.epochs)
         spec = image_transform(cfg, True)
         baseline = FolderImages(folder, spec)
-        loader = lambda: torch.utils.data.DataLoader(baseline, batch_size=args.batch_size, shuffle=True, num_workers=args.loader_workers)  # noqa: E731
+        loader = lambda: torch.utils.data.DataLoader(baseline, batch_size=args.batch_size, shuffle=True, num_workers=args.loader_workers)
         folder_rate = loader_rates(loader, args.epochs)
 
         trainer = TorchTrainer(
@@ -179,8 +179,10 @@ def main() -> None:
 
     step_ratio = metrics["data_step_s"] / metrics["synthetic_step_s"]
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, Ray with {cpus} CPUs, torch {torch.__version__}, "
-        f"{args.images} JPEGs of {args.size} px -> random resized crop {args.crop} + flip, batch {args.batch_size}.",
+        (
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, Ray with {cpus} CPUs, torch {torch.__version__}, "
+            f"{args.images} JPEGs of {args.size} px -> random resized crop {args.crop} + flip, batch {args.batch_size}."
+        ),
         "",
         "| measure | shard path (Ray Data) | baseline | ratio | target |",
         "|---|---:|---:|---:|---|",

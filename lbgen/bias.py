@@ -8,8 +8,8 @@ measures how much a model leans on the background: lower is less biased.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 

@@ -11,12 +11,12 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from lbgen.classes import ClassTableError
-from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
 from lbgen.backbones import BackboneError
 from lbgen.bias import BiasDataError
+from lbgen.classes import ClassTableError
+from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
 from lbgen.downstream import DownstreamError
 from lbgen.models.hub import ModelNotFoundError
 from lbgen.shards import ShardError

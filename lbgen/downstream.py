@@ -124,6 +124,16 @@ def _class_hue(label: int) -> float:
     return label / len(SHAPE_CLASSES)
 
 
+def _own_background(label: int, rng: np.random.Generator) -> float:
+    """Hue of the class's own background (original/, mixed_same/)."""
+    return _class_hue(label)
+
+
+def _random_background(label: int, rng: np.random.Generator) -> float:
+    """Hue of a random class's background (mixed_rand/)."""
+    return _class_hue(int(rng.integers(len(SHAPE_CLASSES))))
+
+
 def make_downstream(kind: str, output: str | Path, *, train_per_class: int, test_per_class: int, size: int, seed: int = 0) -> Path:
     """Write the procedural dataset `kind` ("shapes" or "shapes-in9") under `output`; returns it."""
     output = Path(output)
@@ -132,8 +142,7 @@ def make_downstream(kind: str, output: str | Path, *, train_per_class: int, test
         # The shift: striped backgrounds and slightly smaller shapes at test time.
         _write_split(output / "test", test_per_class, size, seed, "test", striped=True, scale=(0.22, 0.38))
     elif kind == "shapes-in9":
-        same = lambda label, rng: _class_hue(label)  # noqa: E731  the class's own background
-        rand = lambda label, rng: _class_hue(int(rng.integers(len(SHAPE_CLASSES))))  # noqa: E731
+        same, rand = _own_background, _random_background
         _write_split(output / "original" / "train", train_per_class, size, seed, "in9-train", bg_hue=same)
         _write_split(output / "original" / "val", test_per_class, size, seed, "in9-original", bg_hue=same)
         _write_split(output / "mixed_same" / "val", test_per_class, size, seed, "in9-same", bg_hue=same)

@@ -18,8 +18,8 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file

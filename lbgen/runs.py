@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 from lbgen.config import Config, ConfigError, from_dict, load_yaml
 

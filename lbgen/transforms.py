@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,8 +56,8 @@ def random_resized_box(width: int, height: int, scale, ratio, rng: np.random.Gen
     for _ in range(10):
         target = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             left = int(rng.integers(0, width - w + 1))
             top = int(rng.integers(0, height - h + 1))
@@ -66,9 +65,9 @@ def random_resized_box(width: int, height: int, scale, ratio, rng: np.random.Gen
     # Fallback, as torchvision: the centre crop closest to the ratio range.
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
+        w, h = width, round(width / ratio[0])
     elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
+        h, w = height, round(height * ratio[1])
     else:
         w, h = width, height
     left, top = (width - w) // 2, (height - h) // 2
@@ -79,7 +78,7 @@ def center_box(width: int, height: int, crop_pct: float) -> tuple[int, int, int,
     """Centre square covering `crop_pct` of the shorter side (resize-then-centre-crop as one box)."""
     side = min(width, height) * crop_pct
     left, top = (width - side) / 2, (height - side) / 2
-    return int(round(left)), int(round(top)), int(round(left + side)), int(round(top + side))
+    return round(left), round(top), round(left + side), round(top + side)
 
 
 def transform_image(image: Image.Image, spec: ImageTransform, rng: np.random.Generator) -> np.ndarray:
@@ -96,7 +95,7 @@ def transform_image(image: Image.Image, spec: ImageTransform, rng: np.random.Gen
     return np.asarray(out, dtype=np.uint8)
 
 
-def normalize(images: "torch.Tensor", mean, std) -> "torch.Tensor":
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, normalised; runs where `images` lives."""
     import torch
 

@@ -128,7 +128,7 @@ def test_split_and_filters_select_rows_whatever_the_layout(tmp_path):
 
 
 def test_decode_batch_gives_uint8_crops_with_labels(shards):
-    table = pq.read_table(sorted((shards / "data").glob("*.parquet"))[0])
+    table = pq.read_table(min((shards / "data").glob("*.parquet")))
     cfg = tiny([shards], "unused", val_fraction=0.0)
     batch = decode_batch(table.slice(0, 16), image_transform(cfg, True), row_filter(cfg), "train")
     assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
@@ -169,7 +169,7 @@ def test_pretrain_learns_resumes_and_exports_loadable_weights(ray_local, shards,
     meta = json.loads((output / "model.json").read_text())
     assert meta["num_classes"] == len(TABLE) and meta["steps"] == 3 * steps
     exported = timm.create_model(meta["model"], pretrained=True, num_classes=meta["num_classes"], pretrained_cfg_overlay=meta["pretrained_cfg"])
-    checkpoint = sorted(p for p in (output / "checkpoints").glob("checkpoint_*") if p.is_dir())[-1]
+    checkpoint = max(p for p in (output / "checkpoints").glob("checkpoint_*") if p.is_dir())  # names carry the time
     reference = timm.create_model(meta["model"], num_classes=meta["num_classes"])
     reference.load_state_dict(load_file(checkpoint / "model.safetensors"))
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
