@@ -105,14 +105,16 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - mean) / std
 
 
-def decode_batch(table: pa.Table, spec: ImageTransform, rows: RowFilter, split: str) -> dict[str, np.ndarray]:
+def decode_batch(table: pa.Table, spec: ImageTransform, rows: RowFilter, split: str, seed=None) -> dict[str, np.ndarray]:
     """A Ray Data batch of shard rows -> {"image": (B, S, S, 3) uint8, "label": (B,) int64} of `split`'s rows.
 
-    A row whose image does not decode raises ShardError naming its file and index.
+    `seed` fixes the random crops (tests); None, as in Ray Data, draws fresh OS entropy per
+    batch so that workers never repeat each other's crops. A row whose image does not decode
+    raises ShardError naming its file and index.
     """
     table = table.filter(pa.array(rows.mask(table, split)))
     images = np.empty((table.num_rows, spec.size, spec.size, 3), dtype=np.uint8)
-    rng = np.random.default_rng()  # fresh OS entropy per batch: workers must not repeat each other's crops
+    rng = np.random.default_rng(seed)
     data = pc.struct_field(table.column("image"), "bytes").to_pylist()
     for i, blob in enumerate(data):
         try:

@@ -86,7 +86,10 @@ def _train_backbone(output: Path, shard_dir: Path, epochs: int) -> Path:
     trainer = Pretrainer(cfg, len(TABLE), steps)
     for epoch in range(epochs):
         shuffled = table.take(np.random.default_rng(epoch).permutation(table.num_rows))
-        batches = ({k: torch.from_numpy(v) for k, v in decode_batch(shuffled.slice(i * batch, batch), spec, rows, "train").items()} for i in range(steps))
+        batches = (
+            {k: torch.from_numpy(v) for k, v in decode_batch(shuffled.slice(i * batch, batch), spec, rows, "train", seed=[epoch, i]).items()}
+            for i in range(steps)
+        )
         trainer.train_epoch(batches)
     pt = cfg.pretrain
     return export_backbone(trainer.model, output, timm_name=pt.model, class_ids=TABLE.ids, class_names=TABLE.names,
@@ -106,7 +109,7 @@ def downstream(tmp_path_factory) -> Path:
 def test_trained_backbone_beats_random_init_under_the_linear_probe(ray_local, downstream, tmp_path):
     torch.set_num_threads(1)
     shards = write_shape_shards(tmp_path / "shards", TABLE, per_class=40, size=40)
-    backbone = _train_backbone(tmp_path / "backbone", shards, epochs=15)
+    backbone = _train_backbone(tmp_path / "backbone", shards, epochs=20)
     out = tmp_path / "eval"
     code = main([
         "evaluate", "--backbone", str(backbone), "random:test_resnet", "--downstream", str(downstream / "shapes"),
