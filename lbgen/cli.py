@@ -11,14 +11,21 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
+from lbgen.backbones import BackboneError
+from lbgen.bias import BiasDataError
 from lbgen.classes import ClassTableError, load_class_table
 from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
+from lbgen.downstream import DownstreamError
 from lbgen.models.hub import ModelNotFoundError
+from lbgen.shards import ShardError
 
 # Errors whose message is the whole story: printed as one line, no traceback.
-USER_ERRORS = (ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError,
+    ShardError, BackboneError, DownstreamError, BiasDataError,
+)
 
 
 def init_ray(address: str | None) -> None:
@@ -44,10 +51,38 @@ def run_finetune(cfg: Config) -> None:
     print(f"fine-tuned LoRA: {output / 'pytorch_lora_weights.safetensors'}")
 
 
+def run_pretrain(cfg: Config) -> None:
+    from lbgen.pretrain import pretrain
+
+    output = pretrain(cfg)
+    print(f"pre-trained backbone: {output / 'backbone.safetensors'} (+ model.json)")
+
+
+def run_evaluate(cfg: Config) -> None:
+    from lbgen.evaluate import evaluate
+
+    output = evaluate(cfg)
+    print(f"results: {output / 'results.md'}")
+
+
+def run_make_downstream(cfg: Config) -> None:
+    from lbgen.downstream import make_downstream
+
+    md = cfg.make_downstream
+    output = make_downstream(md.kind, md.output, train_per_class=md.train_per_class, test_per_class=md.test_per_class, size=md.size, seed=cfg.seed)
+    print(f"downstream dataset ({md.kind}): {output}")
+
+
 # Stage name -> (config sections its flags come from, function, help).
 COMMANDS: dict[str, tuple[tuple[str, ...], Callable[[Config], None], str]] = {
     "finetune": (("model", "finetune"), run_finetune, "fine-tune the generator with lbGen's losses (Ray Train)"),
+    "pretrain": (("pretrain",), run_pretrain, "pre-train a timm backbone on generated shards (Ray Train + Ray Data)"),
+    "evaluate": (("evaluate",), run_evaluate, "transfer of backbones to downstream sets: linear probe or fine-tune, bias metrics"),
+    "make-downstream": (("make_downstream",), run_make_downstream, "write a procedural downstream dataset (ImageFolder)"),
 }
+
+# Commands that need no Ray.
+LOCAL_COMMANDS = {"make-downstream"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(args.preset, args.config, overrides_from_args(args))
         load_class_table(cfg.classes)  # bad input fails before a cluster starts
-        init_ray(args.address)
+        if args.command not in LOCAL_COMMANDS:
+            init_ray(args.address)
         command(cfg)
     except USER_ERRORS as err:
         print(f"lbgen {args.command}: error: {err}", file=sys.stderr)

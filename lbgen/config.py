@@ -103,6 +103,127 @@ class FinetuneConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Stage 3, `pretrain`: a timm backbone trained on the generated shards (DESIGN 2.3).
+
+    Defaults are a real-scale ImageNet recipe for one GPU worker (SGD, cosine with warm-up,
+    label smoothing); `lr` is for the global batch (`batch_size` x `workers`).
+    """
+
+    # Shard directories (each holding `data/*.parquet` or `*.parquet`) or single shard files.
+    data: list[str] = field(default_factory=list)
+    # Output directory (local path); re-running with the same one resumes.
+    output: str = "runs/pretrain"
+    # Any timm model name.
+    model: str = "resnet50"
+    # Passes over the training rows.
+    epochs: int = 100
+    # Images per worker per step.
+    batch_size: int = 256
+    # Peak learning rate (for the global batch), reached after the warm-up.
+    lr: float = 0.1
+    # Optimiser, any `timm.optim.create_optimizer_v2` name ("sgd" uses Nesterov momentum 0.9).
+    opt: str = "sgd"
+    # Weight decay (not applied to biases and norm layers).
+    weight_decay: float = 1e-4
+    # Linear warm-up from `warmup_lr`, in epochs (fractions allowed), then cosine to `min_lr`.
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    # Cross-entropy label smoothing.
+    label_smoothing: float = 0.1
+    # Training crop side in pixels (evaluation resizes to image_size / crop_pct, then centre-crops).
+    image_size: int = 224
+    crop_pct: float = 0.875
+    # RandomResizedCrop area range and aspect-ratio range.
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    # Probability of a horizontal flip.
+    hflip: float = 0.5
+    # Normalisation applied on the training device (the loader ships uint8 pixels).
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Share of rows held out for accuracy, chosen by a hash of (seed, label, index): stable across runs.
+    val_fraction: float = 0.01
+    # Keep only rows whose CLIP score / IQA score reach these values (null: keep all).
+    min_clip_score: Optional[float] = None
+    min_iqa: Optional[float] = None
+    # Keep only rows where CLIP's zero-shot prediction agrees with the label.
+    require_clip_agrees: bool = False
+    # Leave out unreadable or schema-wrong shards with a warning instead of failing.
+    skip_bad_shards: bool = False
+    # Rows per decode+augment call in Ray Data.
+    decode_batch_size: int = 64
+    # Rows per block read from a shard: small blocks let several CPUs decode before a shard is read whole.
+    read_block_rows: int = 512
+    # Rows in each worker's local shuffle buffer (Ray Data streams; there is no global shuffle).
+    shuffle_buffer: int = 10000
+    # Ray Train workers (DDP ranks).
+    workers: int = 1
+    # Train on GPUs; null picks GPUs when the Ray cluster has any.
+    use_gpu: Optional[bool] = None
+    # CPUs reserved per worker; keep some free for Ray Data's decoding (a full reservation deadlocks it).
+    cpus_per_worker: float = 2.0
+    # Mixed precision on GPU: "bf16", "fp16" or "no" (CPU always runs fp32).
+    mixed_precision: str = "bf16"
+    # Save a resumable checkpoint every this many epochs (and at the end).
+    checkpoint_every: int = 1
+
+
+@dataclass
+class EvaluateConfig:
+    """Stage 4, `evaluate`: transfer of backbones to downstream classification sets (DESIGN 2.4)."""
+
+    # Backbones to compare: a pretrain output dir (model.json), `random:<timm name>` or `timm:<timm name>`.
+    backbone: list[str] = field(default_factory=list)
+    # Downstream sets: ImageFolder dirs with train/ and val/ or test/, or dirs of Parquet (image, label) with the same splits.
+    downstream: list[str] = field(default_factory=list)
+    # ImageNet-9-style dirs (original/, mixed_same/, mixed_rand/) for the background gap; empty: skipped.
+    bias: list[str] = field(default_factory=list)
+    # "linear": frozen features + logistic regression; "finetune": full fine-tuning.
+    protocol: str = "linear"
+    # Shares of each downstream training set (stratified, seeded subsets).
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2, 0.5, 1.0])
+    # Output directory: results.csv, results.md, accuracy_vs_fraction.png.
+    output: str = "runs/evaluate"
+    # Input side in pixels (resize to image_size / crop_pct, centre-crop); null: the backbone's own.
+    eval_image_size: Optional[int] = None
+    # Images per forward pass.
+    eval_batch_size: int = 256
+    # Share of each training subset held out to choose the regularisation (linear protocol).
+    probe_val_fraction: float = 0.2
+    # L2 penalties tried for the logistic regression (on standardised features).
+    probe_l2: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    # L-BFGS iterations per fit.
+    probe_max_iter: int = 200
+    # Fine-tune protocol recipe: AdamW, cosine, label smoothing 0.1, RandomResizedCrop + flip.
+    ft_epochs: int = 30
+    ft_lr: float = 1e-3
+    ft_weight_decay: float = 0.05
+    ft_batch_size: int = 64
+    # DataLoader processes per evaluation task.
+    loader_workers: int = 4
+    # Resources per (backbone, dataset) Ray task; null GPUs: one when the cluster has any.
+    task_cpus: float = 4.0
+    task_gpus: Optional[float] = None
+
+
+@dataclass
+class MakeDownstreamConfig:
+    """`make-downstream`: a procedural downstream set, so evaluation runs without downloads."""
+
+    # "shapes" (ImageFolder train/ + test/) or "shapes-in9" (original/ mixed_same/ mixed_rand/).
+    kind: str = "shapes"
+    # Where to write it.
+    output: str = "runs/downstream/shapes"
+    # Images per class in train/ and in test/.
+    train_per_class: int = 100
+    test_per_class: int = 50
+    # Side of the images in pixels.
+    size: int = 64
+
+
+@dataclass
 class Config:
     """Everything a run needs; stages read their own section."""
 
@@ -112,13 +233,20 @@ class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    make_downstream: MakeDownstreamConfig = field(default_factory=MakeDownstreamConfig)
 
 
 TINY_MODELS = {"generator": "tiny", "clip": "tiny", "clip_pretrained": None, "iqa": "tiny", "resolution": 64}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's ImageNet-1K setup: SD 1.5, CLIP ViT-L/14 (OpenAI), 8 GPUs x batch 4.
-    "sd15-in1k": {"finetune": {"workers": 8, "use_gpu": True}},
+    "sd15-in1k": {
+        "finetune": {"workers": 8, "use_gpu": True},
+        # 8 GPUs x 256 images: the linear scaling rule's lr 0.1 x 2048 / 256.
+        "pretrain": {"workers": 8, "use_gpu": True, "lr": 0.8, "cpus_per_worker": 8.0},
+    },
     # Seeded random small models, 10 classes: the whole machinery on 2 CPU cores in minutes.
     "tiny": {
         "classes": "tiny10",
@@ -138,6 +266,40 @@ PRESETS: dict[str, dict[str, Any]] = {
             "checkpoint_every": 5,
             "sample_every": 10,
         },
+        "pretrain": {
+            "output": "runs/tiny/pretrain",
+            # timm's 0.4M-parameter test ResNet: learns the procedural shapes in seconds at 32 px on CPU.
+            "model": "test_resnet",
+            "epochs": 2,
+            "batch_size": 32,
+            "opt": "adamw",
+            "lr": 3e-3,
+            "weight_decay": 0.05,
+            "warmup_epochs": 0.2,
+            "image_size": 32,
+            "crop_scale": [0.35, 1.0],
+            "val_fraction": 0.1,
+            "decode_batch_size": 32,
+            "read_block_rows": 64,
+            "shuffle_buffer": 256,
+            "use_gpu": False,
+            # Half a CPU: on a 2-CPU machine Ray Data needs the rest (ENVIRONMENT: Train + Data deadlock).
+            "cpus_per_worker": 0.5,
+        },
+        "evaluate": {
+            "output": "runs/tiny/evaluate",
+            "fractions": [0.1, 0.5, 1.0],
+            "eval_image_size": 32,
+            "eval_batch_size": 64,
+            "probe_max_iter": 100,
+            "ft_epochs": 3,
+            "ft_lr": 1e-3,
+            "ft_batch_size": 32,
+            "loader_workers": 0,
+            "task_cpus": 1.0,
+            "task_gpus": 0.0,
+        },
+        "make_downstream": {"output": "runs/tiny/downstream/shapes", "train_per_class": 40, "test_per_class": 20, "size": 32},
     },
 }
 
@@ -244,7 +406,78 @@ def validate(cfg: Config) -> Config:
     for name in ("prompt_template", "clip_template"):
         if "{name}" not in getattr(ft, name):
             raise ConfigError(f"finetune.{name} must contain '{{name}}', got {getattr(ft, name)!r}")
+    _validate_pretrain(cfg.pretrain)
+    _validate_evaluate(cfg.evaluate)
+    _validate_make_downstream(cfg.make_downstream)
     return cfg
+
+
+def _require(checks: dict[str, tuple[bool, str]]) -> None:
+    """Raise for the first failed (ok, requirement) pair; keys are field paths."""
+    for name, (ok, requirement) in checks.items():
+        if not ok:
+            raise ConfigError(f"{name} {requirement}")
+
+
+def _in_unit(values: list[float], low_open: bool = False) -> bool:
+    return all((0 < v if low_open else 0 <= v) and v <= 1 for v in values)
+
+
+def _validate_pretrain(pt: PretrainConfig) -> None:
+    _require({
+        "pretrain.model": (bool(pt.model.strip()), "must name a timm model"),
+        "pretrain.epochs": (pt.epochs > 0, f"must be > 0, got {pt.epochs}"),
+        "pretrain.batch_size": (pt.batch_size > 0, f"must be > 0, got {pt.batch_size}"),
+        "pretrain.lr": (pt.lr > 0, f"must be > 0, got {pt.lr}"),
+        "pretrain.weight_decay": (pt.weight_decay >= 0, f"must be >= 0, got {pt.weight_decay}"),
+        "pretrain.warmup_epochs": (0 <= pt.warmup_epochs < pt.epochs, f"must be in [0, epochs={pt.epochs}), got {pt.warmup_epochs}"),
+        "pretrain.min_lr": (0 <= pt.min_lr <= pt.lr, f"must be in [0, lr], got {pt.min_lr}"),
+        "pretrain.warmup_lr": (0 <= pt.warmup_lr <= pt.lr, f"must be in [0, lr], got {pt.warmup_lr}"),
+        "pretrain.label_smoothing": (0 <= pt.label_smoothing < 1, f"must be in [0, 1), got {pt.label_smoothing}"),
+        "pretrain.image_size": (pt.image_size >= 8, f"must be >= 8, got {pt.image_size}"),
+        "pretrain.crop_pct": (0 < pt.crop_pct <= 1, f"must be in (0, 1], got {pt.crop_pct}"),
+        "pretrain.crop_scale": (len(pt.crop_scale) == 2 and 0 < pt.crop_scale[0] <= pt.crop_scale[1] <= 1, f"must be [min, max] with 0 < min <= max <= 1, got {pt.crop_scale}"),
+        "pretrain.crop_ratio": (len(pt.crop_ratio) == 2 and 0 < pt.crop_ratio[0] <= pt.crop_ratio[1], f"must be [min, max] with 0 < min <= max, got {pt.crop_ratio}"),
+        "pretrain.hflip": (0 <= pt.hflip <= 1, f"must be in [0, 1], got {pt.hflip}"),
+        "pretrain.mean": (len(pt.mean) == 3, f"must have 3 values, got {pt.mean}"),
+        "pretrain.std": (len(pt.std) == 3 and all(v > 0 for v in pt.std), f"must have 3 values > 0, got {pt.std}"),
+        "pretrain.val_fraction": (0 <= pt.val_fraction < 1, f"must be in [0, 1), got {pt.val_fraction}"),
+        "pretrain.decode_batch_size": (pt.decode_batch_size > 0, f"must be > 0, got {pt.decode_batch_size}"),
+        "pretrain.read_block_rows": (pt.read_block_rows > 0, f"must be > 0, got {pt.read_block_rows}"),
+        "pretrain.shuffle_buffer": (pt.shuffle_buffer >= 0, f"must be >= 0, got {pt.shuffle_buffer}"),
+        "pretrain.workers": (pt.workers > 0, f"must be > 0, got {pt.workers}"),
+        "pretrain.cpus_per_worker": (pt.cpus_per_worker > 0, f"must be > 0, got {pt.cpus_per_worker}"),
+        "pretrain.mixed_precision": (pt.mixed_precision in ("bf16", "fp16", "no"), f"must be bf16, fp16 or no, got {pt.mixed_precision!r}"),
+        "pretrain.checkpoint_every": (pt.checkpoint_every > 0, f"must be > 0, got {pt.checkpoint_every}"),
+    })
+
+
+def _validate_evaluate(ev: EvaluateConfig) -> None:
+    _require({
+        "evaluate.protocol": (ev.protocol in ("linear", "finetune"), f"must be linear or finetune, got {ev.protocol!r}"),
+        "evaluate.fractions": (bool(ev.fractions) and _in_unit(ev.fractions, low_open=True), f"must be values in (0, 1], got {ev.fractions}"),
+        "evaluate.eval_image_size": (ev.eval_image_size is None or ev.eval_image_size >= 8, f"must be >= 8 or null, got {ev.eval_image_size}"),
+        "evaluate.eval_batch_size": (ev.eval_batch_size > 0, f"must be > 0, got {ev.eval_batch_size}"),
+        "evaluate.probe_val_fraction": (0 < ev.probe_val_fraction < 1, f"must be in (0, 1), got {ev.probe_val_fraction}"),
+        "evaluate.probe_l2": (bool(ev.probe_l2) and all(v >= 0 for v in ev.probe_l2), f"must be values >= 0, got {ev.probe_l2}"),
+        "evaluate.probe_max_iter": (ev.probe_max_iter > 0, f"must be > 0, got {ev.probe_max_iter}"),
+        "evaluate.ft_epochs": (ev.ft_epochs > 0, f"must be > 0, got {ev.ft_epochs}"),
+        "evaluate.ft_lr": (ev.ft_lr > 0, f"must be > 0, got {ev.ft_lr}"),
+        "evaluate.ft_weight_decay": (ev.ft_weight_decay >= 0, f"must be >= 0, got {ev.ft_weight_decay}"),
+        "evaluate.ft_batch_size": (ev.ft_batch_size > 0, f"must be > 0, got {ev.ft_batch_size}"),
+        "evaluate.loader_workers": (ev.loader_workers >= 0, f"must be >= 0, got {ev.loader_workers}"),
+        "evaluate.task_cpus": (ev.task_cpus > 0, f"must be > 0, got {ev.task_cpus}"),
+        "evaluate.task_gpus": (ev.task_gpus is None or ev.task_gpus >= 0, f"must be >= 0 or null, got {ev.task_gpus}"),
+    })
+
+
+def _validate_make_downstream(md: MakeDownstreamConfig) -> None:
+    _require({
+        "make_downstream.kind": (md.kind in ("shapes", "shapes-in9"), f"must be shapes or shapes-in9, got {md.kind!r}"),
+        "make_downstream.train_per_class": (md.train_per_class >= 2, f"must be >= 2, got {md.train_per_class}"),
+        "make_downstream.test_per_class": (md.test_per_class >= 1, f"must be >= 1, got {md.test_per_class}"),
+        "make_downstream.size": (md.size >= 16, f"must be >= 16, got {md.size}"),
+    })
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -298,11 +531,19 @@ def _parse_scalar(tp):
         if optional and text.lower() in ("none", "null"):
             return None
         if typing.get_origin(inner) is list:
-            return [s.strip() for s in text.split(",") if s.strip()]
+            (item,) = typing.get_args(inner)
+            return [item(s.strip()) for s in text.split(",") if s.strip()]
         return inner(text)
 
     parse.__name__ = getattr(inner, "__name__", "value")
     return parse
+
+
+class _FlattenList(argparse.Action):
+    """Store the items of a space- and/or comma-separated list flag as one flat list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [item for value in values for item in value])
 
 
 def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
@@ -322,6 +563,9 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...])
         kwargs: dict[str, Any] = dict(dest="cfg:" + ".".join(path), default=argparse.SUPPRESS)
         if inner is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(inner) is list:
+            # `--data a b` and `--data a,b` both give ["a", "b"].
+            kwargs.update(type=_parse_scalar(tp), nargs="+", action=_FlattenList, metavar=path[-1].upper())
         else:
             kwargs["type"] = _parse_scalar(tp)
             kwargs["metavar"] = path[-1].upper()

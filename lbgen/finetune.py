@@ -23,11 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lbgen import runs
 from lbgen.classes import ClassTable, load_class_table
-from lbgen.config import Config, ConfigError, from_dict, load_yaml, to_yaml
+from lbgen.config import Config, from_dict, to_yaml
 from lbgen.losses import Discriminator, LbGenLoss, discriminator_loss, draw_real_classes
 from lbgen.models import create_clip, create_generator, create_iqa
 from lbgen.progress import MetricsProgress
+from lbgen.runs import MetricsLog
 from lbgen.sampler import TrainableSampler, gradient_step_indices, initial_latents
 from lbgen.seeds import derive_seed, seeded_generator
 
@@ -39,9 +41,6 @@ STATE_FILE = "state.json"
 
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_FIELDS = {"output", "max_steps", "epochs", "workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "sample_every"}
-
-# Config keys (and prefixes) that make a fine-tuning run what it is; other stages' sections do not.
-FINETUNE_IDENTITY = ("classes", "seed", "model.", "finetune.")
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -253,25 +252,6 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     save_image(images.float().cpu(), path, nrow=min(8, len(images)), padding=2)
 
 
-class MetricsLog:
-    """`metrics.jsonl`, one line per step; on resume, lines past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = Path(path)
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                record = json.loads(line)
-                if record.get("phase") == "warmup" or record.get("step", 0) <= resume_step:
-                    kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        """Append `record` with the wall-clock `time` it was written (throughput from the log)."""
-        with self.path.open("a") as f:
-            f.write(json.dumps({**record, "time": time.time()}) + "\n")
-
-
 def export_lora(adapter_file: Path, output: Path) -> Path:
     """Peft-format LoRA -> diffusers' `pytorch_lora_weights.safetensors` in `output`."""
     from diffusers import StableDiffusionPipeline
@@ -336,30 +316,9 @@ def train_loop_per_worker(config: dict) -> None:
             _report(metrics, finetuner, done)
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resumable(output: Path, cfg: Config) -> None:
     """Refuse to resume into `output` if it holds a run with different content-defining settings."""
-    saved = output / "config.yaml"
-    if not saved.exists() or not any((output / "checkpoints").glob("checkpoint_*")):
-        return  # nothing to resume: a run that failed before its first checkpoint binds nothing
-    old = _flatten(dataclasses.asdict(from_dict(Config, load_yaml(saved), str(saved))))
-    new = _flatten(dataclasses.asdict(cfg))
-    changed = [
-        f"{key}: {old[key]!r} -> {new[key]!r}"
-        for key in new
-        if key.startswith(FINETUNE_IDENTITY) and key.split(".")[-1] not in RESUMABLE_FIELDS and old[key] != new[key]
-    ]
-    if changed:
-        raise ConfigError(f"{output} holds a fine-tuning run with other settings ({', '.join(changed)}); use another --output")
+    runs.check_resumable(output, cfg, "finetune", ("classes", "seed", "model", "finetune"), RESUMABLE_FIELDS, "fine-tuning")
 
 
 def finetune(cfg: Config) -> Path:

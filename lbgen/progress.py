@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 class MetricsProgress:
     """Context manager: a tqdm bar advanced by `key` in the last line of `path`."""
 
-    def __init__(self, path: Path, total: int, desc: str, key: str = "step", postfix: Callable[[dict], str] | None = None, interval: float = 0.5):
+    def __init__(self, path: Path, total: int, desc: str, key: str = "step", postfix: Callable[[dict], str] | None = None, interval: float = 0.5, unit: str | None = None):
         self.path, self.total, self.desc, self.key = Path(path), total, desc, key
+        self.unit = unit or key  # what the bar counts: "step", "epoch", ...
         self.postfix = postfix
         self.interval = interval
         self._stop = threading.Event()
@@ -54,7 +55,7 @@ class MetricsProgress:
             self._refresh()
 
     def __enter__(self) -> "MetricsProgress":
-        self.bar = tqdm(total=self.total, desc=self.desc, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, dynamic_ncols=True)
         self._thread.start()
         return self
 

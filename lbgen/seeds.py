@@ -8,8 +8,10 @@ resumed runs equal uninterrupted ones and lets any image be re-made alone.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads lazily: Ray Data's decode workers derive seeds without it
+    import torch
 
 
 def derive_seed(*key: int | str) -> int:
@@ -20,4 +22,6 @@ def derive_seed(*key: int | str) -> int:
 
 def seeded_generator(*key: int | str, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator on `device` seeded with `derive_seed(*key)`."""
+    import torch
+
     return torch.Generator(device=device).manual_seed(derive_seed(*key))

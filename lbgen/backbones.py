@@ -1,0 +1,147 @@
+"""Backbone weights as lbgen exports them, and the specs `evaluate` accepts.
+
+`export_backbone` writes `backbone.safetensors` (the whole timm state dict,
+classifier included) and `model.json` (timm name, class table, preprocessing,
+and the `pretrained_cfg` overlay that loads it). The export loads with plain timm:
+
+    meta = json.load(open("model.json"))
+    timm.create_model(meta["model"], pretrained=True, num_classes=meta["num_classes"],
+                      pretrained_cfg_overlay=meta["pretrained_cfg"])
+
+`num_classes=0` instead gives the pooled-feature backbone (timm drops the head).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lbgen.seeds import derive_seed
+
+WEIGHTS_FILE = "backbone.safetensors"
+META_FILE = "model.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneError(ValueError):
+    """A backbone spec cannot be loaded; the message names it."""
+
+
+@dataclass
+class Backbone:
+    """A feature extractor (timm model, head removed) and the preprocessing it was trained with."""
+
+    name: str  # how results tables show it
+    model: torch.nn.Module
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+
+
+def pretrained_cfg_overlay(weights: Path, num_classes: int, image_size: int, mean, std, crop_pct: float) -> dict:
+    """The overlay that makes `timm.create_model(..., pretrained=True)` load `weights`."""
+    return {
+        "file": str(weights),
+        "num_classes": num_classes,
+        "input_size": [3, image_size, image_size],
+        "mean": list(mean),
+        "std": list(std),
+        "crop_pct": crop_pct,
+    }
+
+
+def export_backbone(model: torch.nn.Module, directory: Path, *, timm_name: str, class_ids, class_names,
+                    image_size: int, mean, std, crop_pct: float, extra: dict | None = None) -> Path:
+    """Write `backbone.safetensors` + `model.json` for `model` into `directory`; returns `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_FILE
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, weights, metadata={"format": "pt", "timm_model": timm_name})
+    meta = {
+        "model": timm_name,
+        "num_classes": len(class_ids),
+        "classes": [{"class_id": i, "class_name": n} for i, n in zip(class_ids, class_names)],
+        "image_size": image_size,
+        "mean": list(mean),
+        "std": list(std),
+        "crop_pct": crop_pct,
+        "pretrained_cfg": pretrained_cfg_overlay(weights.resolve(), len(class_ids), image_size, mean, std, crop_pct),
+        **(extra or {}),
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def read_meta(path: Path) -> tuple[dict, Path]:
+    """`model.json` of an export (dir or file) and its weights file, which is looked up beside it."""
+    path = Path(path)
+    meta_file = path / META_FILE if path.is_dir() else path
+    if not meta_file.is_file():
+        raise BackboneError(f"backbone {path}: no {META_FILE} (expected a `lbgen pretrain` output)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise BackboneError(f"backbone {meta_file}: not valid JSON ({err})") from None
+    weights = meta_file.parent / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BackboneError(f"backbone {meta_file.parent}: {WEIGHTS_FILE} missing")
+    return meta, weights
+
+
+def load_exported(path: Path, num_classes: int | None = None) -> torch.nn.Module:
+    """The exported timm model; `num_classes=None` keeps its classifier, 0 removes it."""
+    import timm
+
+    meta, weights = read_meta(path)
+    overlay = dict(meta["pretrained_cfg"], file=str(weights))  # the dir may have moved since export
+    n = meta["num_classes"] if num_classes is None else num_classes
+    return timm.create_model(meta["model"], pretrained=True, num_classes=n, pretrained_cfg_overlay=overlay)
+
+
+def _from_export(spec: str, seed: int) -> Backbone:
+    meta, _ = read_meta(Path(spec))
+    return Backbone(spec, load_exported(Path(spec), num_classes=0), meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["crop_pct"])
+
+
+def _random(spec: str, seed: int) -> Backbone:
+    """`random:<timm name>`: random initialisation, seeded: the no-pre-training baseline."""
+    import timm
+
+    name = spec.split(":", 1)[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "random-backbone", name))
+        model = _create(timm, name, pretrained=False)
+    return Backbone(spec, model, 224, IMAGENET_MEAN, IMAGENET_STD, 0.875)
+
+
+def _timm(spec: str, seed: int) -> Backbone:
+    """`timm:<name>`: timm's own pretrained weights (hub or cache), e.g. the real-ImageNet reference."""
+    import timm
+
+    model = _create(timm, spec.split(":", 1)[1], pretrained=True)
+    cfg = model.pretrained_cfg
+    return Backbone(spec, model, cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("crop_pct", 0.875))
+
+
+def _create(timm, name: str, pretrained: bool) -> torch.nn.Module:
+    if not timm.is_model(name):
+        raise BackboneError(f"unknown timm model {name!r}")
+    return timm.create_model(name, pretrained=pretrained, num_classes=0)
+
+
+# Spec prefix -> loader; anything without a known prefix is a `lbgen pretrain` export.
+LOADERS = {"random": _random, "timm": _timm}
+
+
+def load_backbone(spec: str, seed: int = 0) -> Backbone:
+    """A feature backbone from `spec`: an export dir / model.json, `random:<timm name>` or `timm:<timm name>`."""
+    prefix = spec.split(":", 1)[0] if ":" in spec else None
+    loader = LOADERS.get(prefix, _from_export)
+    return loader(spec, seed)

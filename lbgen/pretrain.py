@@ -1,0 +1,341 @@
+"""Stage 3, `pretrain`: a timm backbone trained on the generated shards with Ray Train + Ray Data.
+
+Data path: `ray.data.read_parquet(shards)` -> `decode_batch` (row split and score
+filter, decode, random resized crop + flip, uint8 out) in Ray Data tasks on CPU ->
+`get_dataset_shard("train").iter_torch_batches` in each worker -> normalised on the
+training device. `Pretrainer` is one worker's model, optimiser and schedule in
+plain PyTorch; `train_loop_per_worker` is the thin Ray Train function around it;
+`pretrain(cfg)` is the driver. Outputs: `backbone.safetensors` + `model.json`
+(see `lbgen.backbones`), `metrics.jsonl` (one line per epoch), `config.yaml`,
+`shards.json` and Ray Train checkpoints (re-running the command resumes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lbgen import runs
+from lbgen.backbones import export_backbone
+from lbgen.classes import load_class_table
+from lbgen.config import Config, from_dict, to_yaml
+from lbgen.progress import MetricsProgress
+from lbgen.runs import MetricsLog
+from lbgen.seeds import derive_seed
+from lbgen.shards import RowFilter, ShardError, ShardSet, open_shards
+from lbgen.transforms import ImageTransform, decode_batch, normalize
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"  # inside checkpoints
+TRAIN_STATE_FILE = "train_state.pt"  # optimiser, scheduler, scaler: loads with weights_only=True
+STATE_FILE = "state.json"
+
+# Settings a resumed run may change; any other difference means a different run.
+RESUMABLE_FIELDS = {
+    "output", "epochs", "workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "skip_bad_shards",
+    "decode_batch_size", "read_block_rows", "shuffle_buffer",
+}
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------- data
+
+
+def row_filter(cfg: Config) -> RowFilter:
+    pt = cfg.pretrain
+    return RowFilter(cfg.seed, pt.val_fraction, pt.min_clip_score, pt.min_iqa, pt.require_clip_agrees)
+
+
+def image_transform(cfg: Config, train: bool) -> ImageTransform:
+    pt = cfg.pretrain
+    return ImageTransform(pt.image_size, train, tuple(pt.crop_scale), tuple(pt.crop_ratio), pt.hflip, pt.crop_pct)
+
+
+def build_dataset(shards: ShardSet, cfg: Config, split: str):
+    """The Ray Dataset of `split` ("train": augmented, file order shuffled per epoch; "val": eval crops)."""
+    import ray.data
+
+    rows = row_filter(cfg)
+    train = split == "train"
+    ds = ray.data.read_parquet(
+        shards.files, columns=["image", "label", "index", *rows.score_columns()], include_paths=True, shuffle="files" if train else None
+    )
+    # Blocks of about `read_block_rows` rows (this dataset's context only): Ray's defaults make one
+    # block per ~128 MiB, so a small shard would decode in one task and stream nothing until done.
+    block_bytes = max(1, int(cfg.pretrain.read_block_rows * shards.bytes_per_row()))
+    ds.context.target_min_block_size = min(ds.context.target_min_block_size or block_bytes, block_bytes)
+    ds.context.target_max_block_size = block_bytes
+    return ds.map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=cfg.pretrain.decode_batch_size,
+        fn_kwargs={"spec": image_transform(cfg, train), "rows": rows, "split": split},
+    )
+
+
+def steps_per_epoch(train_rows: int, cfg: Config) -> int:
+    """Optimiser steps per epoch: full global batches (the last partial one is dropped)."""
+    return train_rows // (cfg.pretrain.batch_size * cfg.pretrain.workers)
+
+
+# ---------------------------------------------------------------- the model
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    """Sum `values` over DDP ranks (identity in one process)."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class Pretrainer:
+    """One worker's pre-training state: timm model, optimiser, warm-up + cosine schedule; plain PyTorch."""
+
+    def __init__(self, cfg: Config, num_classes: int, steps_per_epoch: int, device="cpu", wrap: Callable = lambda m: m):
+        import timm
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+
+        pt = cfg.pretrain
+        self.cfg, self.device = cfg, torch.device(device)
+        on_gpu = self.device.type == "cuda"
+        self.amp_dtype = AMP_DTYPES.get(pt.mixed_precision) if on_gpu else None
+        self.memory_format = torch.channels_last if on_gpu else torch.contiguous_format
+        with torch.random.fork_rng(devices=[]):  # the same init on every rank and every run
+            torch.manual_seed(derive_seed(cfg.seed, "pretrain", pt.model))
+            self.model = timm.create_model(pt.model, pretrained=False, num_classes=num_classes)
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.model_ddp = wrap(self.model)
+        self.optimizer = create_optimizer_v2(self.model, opt=pt.opt, lr=pt.lr, weight_decay=pt.weight_decay)
+        warmup = round(pt.warmup_epochs * steps_per_epoch)
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=max(1, pt.epochs * steps_per_epoch - warmup), lr_min=pt.min_lr,
+            warmup_t=warmup, warmup_lr_init=pt.warmup_lr, warmup_prefix=True, t_in_epochs=False,
+        )
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=pt.label_smoothing)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=on_gpu and pt.mixed_precision == "fp16")
+        self.step = 0  # optimiser steps done, across resumes
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, S, S, 3) uint8 -> normalised (B, 3, S, S) float on the device."""
+        pt = self.cfg.pretrain
+        x = normalize(images.to(self.device, non_blocking=True), pt.mean, pt.std)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on a batch; returns the (detached) loss tensor without syncing the device."""
+        self.model_ddp.train()
+        with self._autocast():
+            loss = self.loss_fn(self.model_ddp(self._inputs(images)), labels.to(self.device, non_blocking=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.scheduler.step_update(self.step)
+        return loss.detach()
+
+    def train_epoch(self, batches: Iterable[dict]) -> dict:
+        """Train on every batch; returns loss and counts summed over ranks."""
+        started = time.perf_counter()
+        loss_sum, images = torch.zeros((), device=self.device), 0
+        for batch in batches:
+            loss_sum += self.train_step(batch["image"], batch["label"]) * len(batch["label"])
+            images += len(batch["label"])
+        total_loss, total_images = _all_reduce([float(loss_sum), images], self.device)
+        seconds = time.perf_counter() - started
+        return {"train_loss": total_loss / max(total_images, 1), "images": int(total_images), "epoch_time": seconds, "images_per_s": total_images / seconds}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict]) -> dict:
+        """Loss and top-1 accuracy over `batches` (the held-out split), summed over ranks."""
+        self.model_ddp.eval()
+        loss_sum = correct = count = 0.0
+        for batch in batches:
+            labels = batch["label"].to(self.device)
+            with self._autocast():
+                logits = self.model_ddp(self._inputs(batch["image"])).float()
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += float((logits.argmax(1) == labels).sum())
+            count += len(labels)
+        loss_sum, correct, count = _all_reduce([loss_sum, correct, count], self.device)
+        return {"val_loss": loss_sum / count, "val_acc": correct / count, "val_images": int(count)} if count else {}
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, directory: Path, epoch: int) -> None:
+        directory = Path(directory)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, directory / MODEL_FILE)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        torch.save(state, directory / TRAIN_STATE_FILE)
+        (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch, "step": self.step}))
+
+    def load(self, directory: Path) -> int:
+        """Restore a checkpoint written by `save`; returns the number of epochs done."""
+        directory = Path(directory)
+        self.model.load_state_dict(load_file(directory / MODEL_FILE, device=str(self.device)))
+        state = torch.load(directory / TRAIN_STATE_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        saved = json.loads((directory / STATE_FILE).read_text())
+        self.step = int(saved["step"])
+        self.scheduler.step_update(self.step)
+        return int(saved["epoch"])
+
+
+# ---------------------------------------------------------------- Ray Train
+
+
+def _report(metrics: dict, pretrainer: Pretrainer | None, epoch: int, rank: int) -> None:
+    """Report to Ray Train; rank 0 attaches a checkpoint when `pretrainer` is given."""
+    import ray.train
+
+    if pretrainer is None or rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        pretrainer.save(Path(tmp), epoch)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: restore if a checkpoint exists, then one train + held-out pass per epoch."""
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    cfg = from_dict(Config, config["cfg"])
+    pt = cfg.pretrain
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(max(1, int(pt.cpus_per_worker)))
+    trainer = Pretrainer(cfg, config["num_classes"], config["steps_per_epoch"], ray.train.torch.get_device(), ray.train.torch.prepare_model)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            start = trainer.load(Path(directory))
+    resumed_from = trainer.step
+    metrics_log = MetricsLog(Path(pt.output) / "metrics.jsonl", trainer.step) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    shuffle = pt.shuffle_buffer or None
+
+    if start >= pt.epochs:  # nothing left: hand the restored weights back for the export
+        _report({"epoch": start, "step": trainer.step}, trainer, start, rank)
+    for epoch in range(start, pt.epochs):
+        batches = train_shard.iter_torch_batches(batch_size=pt.batch_size, local_shuffle_buffer_size=shuffle, drop_last=True, prefetch_batches=2)
+        record = {"epoch": epoch + 1, **trainer.train_epoch(batches)}
+        if val_shard is not None:
+            record.update(trainer.evaluate(val_shard.iter_torch_batches(batch_size=pt.batch_size, prefetch_batches=2)))
+        record.update(step=trainer.step, lr=trainer.lr(), resumed_from_step=resumed_from)
+        if metrics_log:
+            metrics_log.write(record)
+        done = epoch + 1
+        last = done == pt.epochs or done % pt.checkpoint_every == 0
+        _report(record, trainer if last else None, done, rank)
+
+
+def _absolute(cfg: Config) -> Config:
+    """`cfg` with the output and data paths made absolute (workers may run elsewhere)."""
+    pt = cfg.pretrain
+    data = [str(Path(d).expanduser().resolve()) for d in pt.data]
+    output = str(Path(pt.output).expanduser().resolve())
+    return dataclasses.replace(cfg, pretrain=dataclasses.replace(pt, data=data, output=output))
+
+
+def check_data(cfg: Config) -> ShardSet:
+    """Check the shards of `cfg.pretrain.data` against the class table; count rows per split."""
+    pt = cfg.pretrain
+    table = load_class_table(cfg.classes)
+    shards = open_shards(pt.data, table, row_filter(cfg), skip_bad=pt.skip_bad_shards)
+    if shards.bad:
+        log.warning("%d bad shard(s) skipped (--skip-bad-shards); first: %s", len(shards.bad), shards.bad[0])
+    if steps_per_epoch(shards.train_rows, cfg) == 0:
+        raise ShardError(
+            f"{shards.train_rows} training rows after the split and score filters: fewer than one global batch "
+            f"({pt.batch_size} x {pt.workers} workers) in {', '.join(pt.data)}"
+        )
+    return shards
+
+
+def pretrain(cfg: Config) -> Path:
+    """Run (or resume) pre-training into `cfg.pretrain.output`; returns that directory."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = _absolute(cfg)
+    pt = cfg.pretrain
+    output = Path(pt.output)
+    table = load_class_table(cfg.classes)
+    shards = check_data(cfg)
+    output.mkdir(parents=True, exist_ok=True)
+    runs.check_resumable(output, cfg, "pretrain", ("classes", "seed", "pretrain"), RESUMABLE_FIELDS)
+    (output / "config.yaml").write_text(to_yaml(cfg))
+    (output / "shards.json").write_text(json.dumps(dataclasses.asdict(shards), indent=2) + "\n")
+
+    datasets = {"train": build_dataset(shards, cfg, "train")}
+    if shards.val_rows:
+        datasets["val"] = build_dataset(shards, cfg, "val")
+    use_gpu = pt.use_gpu if pt.use_gpu is not None else ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": dataclasses.asdict(cfg),
+            "num_classes": len(table),
+            "steps_per_epoch": steps_per_epoch(shards.train_rows, cfg),
+            "has_val": bool(shards.val_rows),
+        },
+        scaling_config=ScalingConfig(num_workers=pt.workers, use_gpu=use_gpu, resources_per_worker={"CPU": pt.cpus_per_worker}),
+        run_config=RunConfig(name="checkpoints", storage_path=str(output), checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+    )
+
+    def postfix(m: dict) -> str:
+        val = f" val_acc={m['val_acc']:.3f}" if "val_acc" in m else ""
+        return f"loss={m['train_loss']:.3f}{val} {m['images_per_s']:.0f} img/s"
+
+    with MetricsProgress(output / "metrics.jsonl", pt.epochs, "pretrain", key="epoch", postfix=postfix):
+        result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        export_checkpoint(Path(directory), cfg, output)
+    return output
+
+
+def export_checkpoint(checkpoint: Path, cfg: Config, output: Path) -> Path:
+    """Write `backbone.safetensors` + `model.json` into `output` from a training checkpoint."""
+    import timm
+
+    pt = cfg.pretrain
+    table = load_class_table(cfg.classes)
+    model = timm.create_model(pt.model, pretrained=False, num_classes=len(table))
+    model.load_state_dict(load_file(checkpoint / MODEL_FILE))
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    return export_backbone(
+        model, output, timm_name=pt.model, class_ids=table.ids, class_names=table.names, image_size=pt.image_size,
+        mean=pt.mean, std=pt.std, crop_pct=pt.crop_pct, extra={"epochs": state["epoch"], "steps": state["step"], "data": pt.data},
+    )

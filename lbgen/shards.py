@@ -1,0 +1,205 @@
+"""The Parquet shards that `generate` writes and `pretrain` reads: schema, discovery, checks.
+
+A shard is `DATA/data/train-00000-of-000NN.parquet` with one row per image (the
+Hugging Face `datasets` Image convention for the image column). Reading checks
+every shard before training starts: an unreadable file, a missing or mistyped
+column, or a label that disagrees with the class table is an error naming the
+file (or, with `skip_bad_shards`, a warning and a count), never a wrong label.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lbgen.classes import ClassTable
+from lbgen.seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+SHARD_SCHEMA = pa.schema([
+    ("image", IMAGE_TYPE),
+    ("label", pa.int64()),
+    ("class_id", pa.string()),
+    ("class_name", pa.string()),
+    ("prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("index", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("clip_score", pa.float32()),
+    ("clip_agrees", pa.bool_()),
+    ("iqa_score", pa.float32()),
+    ("generator", pa.string()),
+])
+
+# Columns pretrain needs, with the type family each must have; score columns only when filtered on.
+_KIND = {"integer": pa.types.is_integer, "floating": pa.types.is_floating, "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "boolean": pa.types.is_boolean}
+REQUIRED = {"label": "integer", "class_id": "string", "index": "integer"}
+SCORE_COLUMNS = {"clip_score": "floating", "iqa_score": "floating", "clip_agrees": "boolean"}
+
+
+class ShardError(ValueError):
+    """A shard cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Which rows of the shards a split uses: a seeded hash split plus optional score thresholds."""
+
+    seed: int = 0
+    val_fraction: float = 0.0
+    min_clip_score: float | None = None
+    min_iqa: float | None = None
+    require_clip_agrees: bool = False
+
+    def score_columns(self) -> list[str]:
+        wanted = {"clip_score": self.min_clip_score is not None, "iqa_score": self.min_iqa is not None, "clip_agrees": self.require_clip_agrees}
+        return [c for c, on in wanted.items() if on]
+
+    def mask(self, table: pa.Table, split: str) -> np.ndarray:
+        """(N,) bool: rows of `table` in `split` ("train" or "val") that pass the score thresholds.
+
+        A row's split depends only on (seed, label, index), so it is the same whatever the
+        shard layout, worker count or epoch.
+        """
+        labels = table.column("label").to_numpy(zero_copy_only=False)
+        indices = table.column("index").to_numpy(zero_copy_only=False)
+        buckets = np.fromiter((derive_seed(self.seed, "val", int(l), int(i)) % 1_000_000 for l, i in zip(labels, indices)), np.int64, len(labels))
+        in_val = buckets < round(self.val_fraction * 1_000_000)
+        keep = in_val if split == "val" else ~in_val
+        if self.min_clip_score is not None:
+            keep &= pc.fill_null(pc.greater_equal(table.column("clip_score"), self.min_clip_score), False).to_numpy(zero_copy_only=False)
+        if self.min_iqa is not None:
+            keep &= pc.fill_null(pc.greater_equal(table.column("iqa_score"), self.min_iqa), False).to_numpy(zero_copy_only=False)
+        if self.require_clip_agrees:
+            keep &= pc.fill_null(table.column("clip_agrees"), False).to_numpy(zero_copy_only=False)
+        return keep
+
+
+@dataclass
+class ShardSet:
+    """The usable shards of a `--data` list, with row counts per split after filtering."""
+
+    files: list[str]
+    bad: list[str] = field(default_factory=list)  # "path: reason" of each skipped shard
+    rows: int = 0
+    train_rows: int = 0
+    val_rows: int = 0
+    bytes: int = 0  # size of the usable files on disk
+
+    def bytes_per_row(self) -> float:
+        return self.bytes / max(self.rows, 1)
+
+
+def find_shards(data: Iterable[str]) -> list[str]:
+    """Parquet files of each entry: a file, `DIR/data/*.parquet`, or `DIR/*.parquet`; sorted per entry."""
+    files: list[str] = []
+    for entry in data:
+        path = Path(entry).expanduser()
+        if path.is_file():
+            files.append(str(path.resolve()))
+            continue
+        if not path.is_dir():
+            raise ShardError(f"--data {entry}: no such file or directory")
+        folder = path / "data" if (path / "data").is_dir() else path
+        found = sorted(folder.glob("*.parquet"))
+        if not found:
+            raise ShardError(f"--data {entry}: no .parquet shards in {folder}")
+        files.extend(str(f.resolve()) for f in found)
+    if not files:
+        raise ShardError("no shards given (--data DIR...)")
+    return files
+
+
+def check_schema(path: str, schema: pa.Schema, row_filter: RowFilter) -> None:
+    """Raise ShardError unless `schema` has the columns pretrain reads, with usable types."""
+    wanted = dict(REQUIRED)
+    wanted.update({c: SCORE_COLUMNS[c] for c in row_filter.score_columns()})
+    if "image" not in schema.names:
+        raise ShardError(f"{path}: no 'image' column (columns: {', '.join(schema.names)})")
+    image = schema.field("image").type
+    has_bytes = pa.types.is_struct(image) and image.get_field_index("bytes") >= 0
+    if not (has_bytes and (pa.types.is_binary(image.field("bytes").type) or pa.types.is_large_binary(image.field("bytes").type))):
+        raise ShardError(f"{path}: column 'image' is {image}, expected struct<bytes: binary, path: string>")
+    for name, kind in wanted.items():
+        if name not in schema.names:
+            raise ShardError(f"{path}: no {name!r} column (columns: {', '.join(schema.names)})")
+        if not _KIND[kind](schema.field(name).type):
+            raise ShardError(f"{path}: column {name!r} is {schema.field(name).type}, expected {kind}")
+
+
+def check_labels(path: str, table: pa.Table, classes: ClassTable) -> None:
+    """Raise ShardError unless every row's label is a row of `classes` whose id is the row's class_id."""
+    if table.column("label").null_count or table.column("index").null_count:
+        raise ShardError(f"{path}: null label or index")
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if bad.size:
+        raise ShardError(f"{path}: row {bad[0]}: label {labels[bad[0]]} outside the class table ({len(classes)} classes, {classes.source})")
+    expected = np.asarray(classes.ids, dtype=object)[labels]
+    ids = np.asarray(table.column("class_id").to_pylist(), dtype=object)
+    bad = np.flatnonzero(expected != ids)
+    if bad.size:
+        r = bad[0]
+        raise ShardError(f"{path}: row {r}: label {labels[r]} is {expected[r]!r} in the class table but the row says {ids[r]!r}")
+
+
+def open_shards(data: Iterable[str], classes: ClassTable, row_filter: RowFilter, skip_bad: bool = False) -> ShardSet:
+    """Check every shard of `data` (schema, labels against `classes`) and count rows per split.
+
+    Reads only the small columns (labels, ids, scores), never the image bytes.
+    """
+    out = ShardSet(files=[])
+    columns = list(REQUIRED) + row_filter.score_columns()
+    for path in find_shards(data):
+        try:
+            try:
+                shard = pq.ParquetFile(path)
+                check_schema(path, shard.schema_arrow, row_filter)
+                table = shard.read(columns=columns)
+            except ShardError:
+                raise
+            except Exception as err:  # pyarrow raises several types for a damaged file
+                raise ShardError(f"{path}: not a readable Parquet shard ({type(err).__name__}: {err})") from None
+            check_labels(path, table, classes)
+        except ShardError as err:
+            if not skip_bad:
+                raise
+            log.warning("skipping bad shard: %s", err)
+            out.bad.append(str(err))
+            continue
+        out.files.append(path)
+        out.bytes += Path(path).stat().st_size
+        out.rows += table.num_rows
+        out.train_rows += int(row_filter.mask(table, "train").sum())
+        out.val_rows += int(row_filter.mask(table, "val").sum())
+    if not out.files:
+        raise ShardError(f"no usable shards ({len(out.bad)} bad): {out.bad[0] if out.bad else ''}")
+    return out
+
+
+def image_bytes(pil_image, fmt: str = "JPEG", quality: int = 90) -> bytes:
+    """Encode a PIL image for the `image.bytes` column."""
+    buffer = io.BytesIO()
+    pil_image.save(buffer, format=fmt, quality=quality)
+    return buffer.getvalue()
+
+
+def write_shard(path: str | Path, rows: list[dict]) -> Path:
+    """Write `rows` (dicts with SHARD_SCHEMA's keys) as one shard; the file appears only when whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,127 @@
+"""Image decode and augmentation shared by the pretrain loader, the benchmarks and evaluation.
+
+One per-image function, `transform_image`, is the whole recipe (random resized
+crop + flip for training; resize + centre crop for evaluation) on PIL images, and
+returns uint8 pixels: normalisation happens on the training device
+(`normalize`), so the loader ships a quarter of the bytes that float32 would take.
+Random draws come from a numpy Generator passed in, never from a global RNG
+(torch's global seed is the same in every fresh Ray worker process). The module
+imports no torch at load time: Ray Data's decode workers start without it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from lbgen.shards import RowFilter, ShardError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Train (`train=True`) or eval preprocessing to a square `size` x `size` crop."""
+
+    size: int
+    train: bool
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    crop_pct: float = 0.875
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded bytes (JPEG/PNG/WEBP) -> RGB PIL image; raises ValueError when they do not decode."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as err:  # PIL raises OSError, SyntaxError, ... for damaged data
+        raise ValueError(f"image bytes do not decode ({type(err).__name__}: {err})") from None
+    return image.convert("RGB")
+
+
+def random_resized_box(width: int, height: int, scale, ratio, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a random crop: torchvision's RandomResizedCrop.get_params, seeded by `rng`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    # Fallback, as torchvision: the centre crop closest to the ratio range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def center_box(width: int, height: int, crop_pct: float) -> tuple[int, int, int, int]:
+    """Centre square covering `crop_pct` of the shorter side (resize-then-centre-crop as one box)."""
+    side = min(width, height) * crop_pct
+    left, top = (width - side) / 2, (height - side) / 2
+    return round(left), round(top), round(left + side), round(top + side)
+
+
+def transform_image(image: Image.Image, spec: ImageTransform, rng: np.random.Generator) -> np.ndarray:
+    """PIL RGB image -> (size, size, 3) uint8 after the train or eval recipe of `spec`."""
+    width, height = image.size
+    if spec.train:
+        box = random_resized_box(width, height, spec.crop_scale, spec.crop_ratio, rng)
+    else:
+        box = center_box(width, height, spec.crop_pct)
+    # PIL crops and resamples in one pass (what torchvision's resized_crop does on PIL, without the copy).
+    out = image.resize((spec.size, spec.size), Image.BILINEAR, box=box)
+    if spec.train and rng.random() < spec.hflip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, normalised; runs where `images` lives."""
+    import torch
+
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def decode_batch(table: pa.Table, spec: ImageTransform, rows: RowFilter, split: str, seed=None) -> dict[str, np.ndarray]:
+    """A Ray Data batch of shard rows -> {"image": (B, S, S, 3) uint8, "label": (B,) int64} of `split`'s rows.
+
+    `seed` fixes the random crops (tests); None, as in Ray Data, draws fresh OS entropy per
+    batch so that workers never repeat each other's crops. A row whose image does not decode
+    raises ShardError naming its file and index.
+    """
+    table = table.filter(pa.array(rows.mask(table, split)))
+    images = np.empty((table.num_rows, spec.size, spec.size, 3), dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    data = pc.struct_field(table.column("image"), "bytes").to_pylist()
+    for i, blob in enumerate(data):
+        try:
+            if blob is None:
+                raise ValueError("image bytes are null")
+            images[i] = transform_image(decode_image(blob), spec, rng)
+        except ValueError as err:
+            where = table.column("path")[i].as_py() if "path" in table.column_names else "shard"
+            raise ShardError(f"{where}: row index {table.column('index')[i].as_py()}: {err}") from None
+    return {"image": images, "label": table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)}

@@ -1,0 +1,154 @@
+"""evaluate: subsets, the linear probe, the background gap, make-downstream, and the stage end to end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from shape_shards import write_shape_shards
+
+from lbgen.backbones import export_backbone, load_backbone
+from lbgen.bias import background_gap
+from lbgen.classes import load_class_table
+from lbgen.cli import main
+from lbgen.config import resolve
+from lbgen.downstream import SHAPE_CLASSES, open_downstream
+from lbgen.evaluate import fit_probe, stratified_subset
+from lbgen.pretrain import Pretrainer, image_transform, row_filter
+from lbgen.transforms import decode_batch
+
+TABLE = load_class_table("tiny10")
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_background_gap_on_a_constructed_case():
+    targets = np.arange(10) % 3
+    wrong = (targets + 1) % 3
+    same = np.where(np.arange(10) < 9, targets, wrong)  # 9 of 10 right
+    rand = np.where(np.arange(10) < 6, targets, wrong)  # 6 of 10 right
+    gap = background_gap({"original": (targets, targets), "mixed_same": (same, targets), "mixed_rand": (rand, targets)})
+    assert gap == pytest.approx({"original": 100.0, "mixed_same": 90.0, "mixed_rand": 60.0, "bg_gap": 30.0})
+    with pytest.raises(ValueError, match="mixed_rand"):
+        background_gap({"mixed_same": (same, targets)})
+
+
+def test_stratified_subsets_are_per_class_seeded_and_nested():
+    targets = np.repeat(np.arange(4), [50, 30, 10, 2])
+    small, large = stratified_subset(targets, 0.1, seed=0), stratified_subset(targets, 0.5, seed=0)
+    assert np.bincount(targets[small]).tolist() == [5, 3, 1, 1]  # at least one per class
+    assert np.bincount(targets[large]).tolist() == [25, 15, 5, 1]
+    assert set(small) <= set(large)
+    assert np.array_equal(small, stratified_subset(targets, 0.1, seed=0))
+    assert not np.array_equal(large, stratified_subset(targets, 0.5, seed=1))
+
+
+def test_linear_probe_separates_separable_features_and_picks_l2_from_the_grid():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 3
+    y = torch.arange(300) % 3
+    x = centres[y] + torch.randn(300, 16, generator=g)
+    probe = fit_probe(x[:200], y[:200], 3, [1e-4, 1e-2, 1.0], max_iter=50, val_fraction=0.2, seed=0)
+    assert probe.l2 in (1e-4, 1e-2, 1.0)
+    assert (probe.predict(x[200:]) == y[200:].numpy()).mean() > 0.95
+    # Labels with no relation to x: held-out accuracy near chance.
+    shuffled = y[torch.randperm(300, generator=g)]
+    noise = fit_probe(x[:200], shuffled[:200], 3, [1e-4, 1e-2, 1.0], max_iter=50, val_fraction=0.2, seed=0)
+    assert (noise.predict(x[200:]) == shuffled[200:].numpy()).mean() < 0.55
+
+
+def test_make_downstream_writes_a_seeded_image_folder(tmp_path):
+    args = ["make-downstream", "--train-per-class", "3", "--test-per-class", "2", "--size", "32"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    assert main([*args, "--output", str(tmp_path / "b")]) == 0
+    train, test = open_downstream(tmp_path / "a")
+    assert len(train.classes) == len(SHAPE_CLASSES) and len(train.targets) == 30 and len(test.targets) == 20
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert (tmp_path / "a" / files[0]).read_bytes() != (tmp_path / "a" / files[1]).read_bytes()
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def _train_backbone(output: Path, shard_dir: Path, epochs: int) -> Path:
+    """A backbone trained on the shapes shards with the pretrain stage's own core, exported as pretrain does."""
+    cfg = resolve("tiny", overrides={"pretrain": {"epochs": epochs, "val_fraction": 0.0}})
+    table = pq.read_table(shard_dir / "data")
+    spec, rows, batch = image_transform(cfg, True), row_filter(cfg), cfg.pretrain.batch_size
+    steps = table.num_rows // batch
+    torch.manual_seed(0)
+    trainer = Pretrainer(cfg, len(TABLE), steps)
+    for epoch in range(epochs):
+        shuffled = table.take(np.random.default_rng(epoch).permutation(table.num_rows))
+        batches = (
+            {k: torch.from_numpy(v) for k, v in decode_batch(shuffled.slice(i * batch, batch), spec, rows, "train", seed=[epoch, i]).items()}
+            for i in range(steps)
+        )
+        trainer.train_epoch(batches)
+    pt = cfg.pretrain
+    return export_backbone(trainer.model, output, timm_name=pt.model, class_ids=TABLE.ids, class_names=TABLE.names,
+                           image_size=pt.image_size, mean=pt.mean, std=pt.std, crop_pct=pt.crop_pct)
+
+
+@pytest.fixture(scope="module")
+def downstream(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("downstream")
+    assert main(["make-downstream", "--output", str(root / "shapes"), "--train-per-class", "30", "--test-per-class", "20", "--size", "32"]) == 0
+    assert main(["make-downstream", "--kind", "shapes-in9", "--output", str(root / "in9"), "--train-per-class", "20", "--test-per-class", "10", "--size", "32"]) == 0
+    return root
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trained_backbone_beats_random_init_under_the_linear_probe(ray_local, downstream, tmp_path):
+    torch.set_num_threads(1)
+    shards = write_shape_shards(tmp_path / "shards", TABLE, per_class=40, size=40)
+    backbone = _train_backbone(tmp_path / "backbone", shards, epochs=20)
+    out = tmp_path / "eval"
+    code = main([
+        "evaluate", "--backbone", str(backbone), "random:test_resnet", "--downstream", str(downstream / "shapes"),
+        "--bias", str(downstream / "in9"), "--fractions", "0.2,1.0", "--output", str(out),
+    ])
+    assert code == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["backbone"], r["fraction"]) for r in rows] == [(str(backbone), "0.2"), (str(backbone), "1.0"), ("random:test_resnet", "0.2"), ("random:test_resnet", "1.0")]
+    acc = {(r["backbone"], r["fraction"]): float(r["accuracy"]) for r in rows}
+    assert acc[(str(backbone), "1.0")] > acc[("random:test_resnet", "1.0")] + 15, acc
+    assert acc[(str(backbone), "0.2")] > acc[("random:test_resnet", "0.2")], acc
+    report = (out / "results.md").read_text()
+    assert report.count("| shapes |") == 4 and "## Average over datasets" in report and "BG_Gap" in report
+    assert (out / "accuracy_vs_fraction.png").stat().st_size > 1000
+    bias = list(csv.DictReader((out / "bias.csv").open()))
+    assert len(bias) == 2
+    for r in bias:
+        assert float(r["bg_gap"]) == pytest.approx(float(r["mixed_same"]) - float(r["mixed_rand"]), abs=0.02)
+
+
+@pytest.mark.ray
+def test_finetune_protocol_trains_and_reports(ray_local, downstream, tmp_path):
+    out = tmp_path / "eval"
+    code = main([
+        "evaluate", "--backbone", "random:test_resnet", "--downstream", str(downstream / "shapes"), "--protocol", "finetune",
+        "--fractions", "0.5", "--ft-epochs", "2", "--output", str(out),
+    ])
+    assert code == 0
+    (row,) = list(csv.DictReader((out / "results.csv").open()))
+    assert row["protocol"] == "finetune" and row["train_images"] == "150" and 0 <= float(row["accuracy"]) <= 100
+
+
+def test_missing_backbone_is_a_one_line_error(downstream, tmp_path, capsys):
+    code = main(["evaluate", "--backbone", str(tmp_path / "nope"), "--downstream", str(downstream / "shapes"), "--output", str(tmp_path / "o")])
+    assert code == 2 and "no model.json" in capsys.readouterr().err
+
+
+def test_random_backbone_is_seeded():
+    a, b = load_backbone("random:test_resnet", seed=3), load_backbone("random:test_resnet", seed=3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a.model.eval()(x), b.model.eval()(x))

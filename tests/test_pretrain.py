@@ -1,0 +1,189 @@
+"""pretrain: shard checks, the decode path, and a real Ray Train run (loss, resume, export)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from shape_shards import shape_rows, write_shape_shards
+
+from lbgen.classes import load_class_table
+from lbgen.cli import main
+from lbgen.config import ConfigError, resolve
+from lbgen.pretrain import check_data, image_transform, pretrain, row_filter
+from lbgen.shards import ShardError, write_shard
+from lbgen.transforms import decode_batch
+
+TABLE = load_class_table("tiny10")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """400 images (10 classes x 40) at 40 px in two shards."""
+    return write_shape_shards(tmp_path_factory.mktemp("shards") / "shapes", TABLE, per_class=40, size=40)
+
+
+def tiny(data, output, **pretrain_overrides):
+    return resolve("tiny", overrides={"pretrain": {"data": [str(d) for d in data], "output": str(output), **pretrain_overrides}})
+
+
+def read_metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- bad shards
+
+
+def _bad_copy(shards: Path, tmp_path: Path, damage) -> tuple[Path, Path]:
+    """A copy of `shards` whose second shard `damage(path)` spoils; returns (dir, spoiled file)."""
+    target = tmp_path / "data"
+    target.mkdir()
+    files = sorted((shards / "data").glob("*.parquet"))
+    for f in files:
+        (target / f.name).write_bytes(f.read_bytes())
+    spoiled = target / files[1].name
+    damage(spoiled)
+    return tmp_path, spoiled
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _label_as_string(path: Path) -> None:
+    table = pq.read_table(path)
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array([str(v) for v in table.column("label").to_pylist()]))
+    pq.write_table(table, path)
+
+
+def _wrong_class_id(path: Path) -> None:
+    table = pq.read_table(path)
+    ids = table.column("class_id").to_pylist()
+    ids[3] = TABLE.ids[(TABLE.ids.index(ids[3]) + 1) % len(TABLE)]
+    pq.write_table(table.set_column(table.schema.get_field_index("class_id"), "class_id", pa.array(ids)), path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [(_truncate, "not a readable Parquet shard"), (_label_as_string, "column 'label' is string"), (_wrong_class_id, "row 3: label")],
+)
+def test_bad_shard_is_an_error_naming_the_file(shards, tmp_path, damage, message):
+    data, spoiled = _bad_copy(shards, tmp_path, damage)
+    with pytest.raises(ShardError, match=message) as err:
+        check_data(tiny([data], tmp_path / "out"))
+    assert str(spoiled) in str(err.value)
+
+
+def test_skip_bad_shards_warns_and_counts(shards, tmp_path, caplog):
+    data, spoiled = _bad_copy(shards, tmp_path, _truncate)
+    with caplog.at_level(logging.WARNING, logger="lbgen"):
+        found = check_data(tiny([data], tmp_path / "out", skip_bad_shards=True))
+    assert len(found.bad) == 1 and str(spoiled) in found.bad[0]
+    assert found.rows == 200  # the other shard only
+    assert any("1 bad shard(s) skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_names_the_bad_shard(ray_local, shards, tmp_path, capsys):
+    data, spoiled = _bad_copy(shards, tmp_path, _label_as_string)
+    assert main(["pretrain", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lbgen pretrain: error:") and str(spoiled) in err
+
+
+def test_undecodable_image_names_file_and_row(tmp_path):
+    rows = shape_rows(TABLE, per_class=2, size=16)
+    rows[5]["image"] = {"bytes": b"not an image", "path": None}
+    path = write_shard(tmp_path / "data" / "train-00000-of-00001.parquet", rows)
+    table = pq.read_table(path).append_column("path", pa.array([str(path)] * len(rows)))
+    cfg = tiny([tmp_path], tmp_path / "out", val_fraction=0.0)
+    with pytest.raises(ShardError, match=rf"{path}: row index {rows[5]['index']}: image bytes do not decode"):
+        decode_batch(table, image_transform(cfg, True), row_filter(cfg), "train")
+
+
+# ---------------------------------------------------------------- rows and pixels
+
+
+def test_split_and_filters_select_rows_whatever_the_layout(tmp_path):
+    one = write_shape_shards(tmp_path / "one", TABLE, per_class=20, size=16, num_shards=1)
+    three = write_shape_shards(tmp_path / "three", TABLE, per_class=20, size=16, num_shards=3)
+
+    def val_keys(root):
+        table = pq.read_table(root / "data")
+        mask = row_filter(tiny([root], tmp_path / "o")).mask(table, "val")
+        return {(l, i) for l, i, m in zip(table.column("label").to_pylist(), table.column("index").to_pylist(), mask) if m}
+
+    assert val_keys(one) == val_keys(three) and 0 < len(val_keys(one)) < 200
+    # clip_score = (index % 10) / 10 in the helper: a threshold of 0.5 keeps half the rows.
+    found = check_data(tiny([one], tmp_path / "o", min_clip_score=0.5, val_fraction=0.0))
+    assert (found.rows, found.train_rows) == (200, 100)
+    agree = check_data(tiny([one], tmp_path / "o", require_clip_agrees=True, val_fraction=0.0))
+    assert agree.train_rows == 100
+
+
+def test_decode_batch_gives_uint8_crops_with_labels(shards):
+    table = pq.read_table(min((shards / "data").glob("*.parquet")))
+    cfg = tiny([shards], "unused", val_fraction=0.0)
+    batch = decode_batch(table.slice(0, 16), image_transform(cfg, True), row_filter(cfg), "train")
+    assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].tolist() == table.column("label").to_pylist()[:16]
+    assert batch["image"].std() > 10  # real pixels, not a blank canvas
+
+
+def test_pretrain_config_is_validated():
+    with pytest.raises(ConfigError, match="pretrain.warmup_epochs"):
+        resolve("tiny", overrides={"pretrain": {"epochs": 2, "warmup_epochs": 2.0}})
+    with pytest.raises(ConfigError, match="pretrain.crop_scale"):
+        resolve("tiny", overrides={"pretrain": {"crop_scale": [0.5, 0.2]}})
+
+
+# ---------------------------------------------------------------- Ray Train
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pretrain_learns_resumes_and_exports_loadable_weights(ray_local, shards, tmp_path):
+    import timm
+
+    output = tmp_path / "run"
+    pretrain(tiny([shards], output, epochs=2))
+    first = read_metrics(output)
+    assert [r["epoch"] for r in first] == [1, 2]
+    assert first[1]["train_loss"] < first[0]["train_loss"], first
+    steps = first[0]["step"]
+    assert steps == 360 // 32 and first[1]["step"] == 2 * steps  # 90 % of 400 rows train, batch 32
+    assert first[1]["val_images"] > 0 and 0 <= first[1]["val_acc"] <= 1
+
+    # Same output, one more epoch: resumes from the checkpoint of epoch 2.
+    pretrain(tiny([shards], output, epochs=3))
+    records = read_metrics(output)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[2]["resumed_from_step"] == 2 * steps and records[2]["step"] == 3 * steps
+
+    meta = json.loads((output / "model.json").read_text())
+    assert meta["num_classes"] == len(TABLE) and meta["steps"] == 3 * steps
+    exported = timm.create_model(meta["model"], pretrained=True, num_classes=meta["num_classes"], pretrained_cfg_overlay=meta["pretrained_cfg"])
+    checkpoint = max(p for p in (output / "checkpoints").glob("checkpoint_*") if p.is_dir())  # names carry the time
+    reference = timm.create_model(meta["model"], num_classes=meta["num_classes"])
+    reference.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported.eval()(x), reference.eval()(x))
+        untrained = timm.create_model(meta["model"], num_classes=meta["num_classes"]).eval()
+        assert not torch.allclose(exported(x), untrained(x))
+
+
+def test_resume_with_other_settings_is_refused(ray_local, shards, tmp_path):
+    output = tmp_path / "run"
+    output.mkdir()
+    from lbgen.config import to_yaml
+
+    (output / "config.yaml").write_text(to_yaml(tiny([shards], output, lr=0.1)))
+    with pytest.raises(ConfigError, match="pretrain.lr"):
+        pretrain(tiny([shards], output))
