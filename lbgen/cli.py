@@ -14,11 +14,12 @@ import sys
 from typing import Callable
 
 from lbgen.classes import ClassTableError
+from lbgen.dataset import DatasetError
 from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
 from lbgen.models.hub import ModelNotFoundError
 
 # Errors whose message is the whole story: printed as one line, no traceback.
-USER_ERRORS = (ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError, DatasetError)
 
 
 def init_ray(address: str | None) -> None:
@@ -44,9 +45,33 @@ def run_finetune(cfg: Config) -> None:
     print(f"fine-tuned LoRA: {output / 'pytorch_lora_weights.safetensors'}")
 
 
+def run_generate(cfg: Config) -> None:
+    from lbgen.generate import generate, summary_text
+
+    manifest = generate(cfg)
+    print(summary_text(manifest))
+    print(f"dataset: {cfg.generate.output}")
+
+
+def inspect_command(directory: str) -> int:
+    """`lbgen inspect DIR`: print the summary and every defect; 1 if any defect."""
+    from lbgen.dataset import format_summary, inspect_dataset
+
+    found = inspect_dataset(directory)
+    if found.summary:
+        summary = dict(found.summary)
+        extra = {k: summary.pop(k) for k in ("shards", "bytes", "generator")}
+        print(format_summary(summary, extra))
+    for defect in found.defects:
+        print(f"DEFECT {defect}", file=sys.stderr)
+    print(f"{directory}: {'valid' if found.ok else f'{len(found.defects)} defect(s)'}")
+    return 0 if found.ok else 1
+
+
 # Stage name -> (config sections its flags come from, function, help).
 COMMANDS: dict[str, tuple[tuple[str, ...], Callable[[Config], None], str]] = {
     "finetune": (("model", "finetune"), run_finetune, "fine-tune the generator with lbGen's losses (Ray Train)"),
+    "generate": (("model", "generate"), run_generate, "generate the labelled dataset as Parquet shards (Ray Data)"),
 }
 
 
@@ -59,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="YAML file overriding the preset")
         p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
         add_config_flags(p, sections)
+    p = sub.add_parser("inspect", help="validate a generated dataset and print its summary")
+    p.add_argument("dir", help="dataset directory written by `lbgen generate`")
     return parser
 
 
@@ -71,6 +98,12 @@ def root_cause(err: BaseException) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        try:
+            return inspect_command(args.dir)
+        except DatasetError as err:
+            print(f"lbgen inspect: error: {err}", file=sys.stderr)
+            return 2
     _, command, _ = COMMANDS[args.command]
     try:
         cfg = resolve(args.preset, args.config, overrides_from_args(args))
