@@ -13,6 +13,7 @@ completion marker that resume relies on. `inspect_dataset` re-checks all of it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import uuid
@@ -47,6 +48,9 @@ COLUMNS: dict[str, tuple[pa.DataType, dict]] = {
     "generator": (pa.string(), {"dtype": "string", "_type": "Value"}),
 }
 
+# image_format -> (PIL format, file extension)
+PIL_FORMATS = {"jpeg": ("JPEG", "jpg"), "png": ("PNG", "png"), "webp": ("WEBP", "webp")}
+
 # Columns the summary and inspection read (never the image bytes).
 STAT_COLUMNS = ["label", "index", "clip_score", "clip_agrees", "iqa_score"]
 
@@ -76,6 +80,26 @@ def schema(names: Sequence[str]) -> pa.Schema:
 
 def shard_name(shard: int, num_shards: int) -> str:
     return f"train-{shard:05d}-of-{num_shards:05d}.parquet"
+
+
+def encode_images(batch: dict, image_format: str, quality: int) -> dict:
+    """`pixels` -> encoded `image_bytes` and a file name `image_path` (then drops `pixels`)."""
+    import numpy as np
+    from PIL import Image
+
+    pil_format, ext = PIL_FORMATS[image_format]
+    options = {} if pil_format == "PNG" else {"quality": quality}
+    blobs, paths = [], []
+    for pixels, class_id, index in zip(batch["pixels"], batch["class_id"], batch["index"]):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=pil_format, **options)
+        blobs.append(buffer.getvalue())
+        paths.append(f"{class_id}_{int(index):05d}.{ext}")
+    out = {k: v for k, v in batch.items() if k != "pixels"}
+    shape = batch["pixels"].shape  # (B, H, W, 3)
+    out.update(image_bytes=np.array(blobs, dtype=object), image_path=np.array(paths, dtype=object),
+               height=np.full(shape[0], shape[1], np.int32), width=np.full(shape[0], shape[2], np.int32))
+    return out
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

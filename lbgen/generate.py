@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
-import math
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -33,14 +30,13 @@ import torch
 from lbgen.classes import ClassTable, load_class_table
 from lbgen.config import Config, ConfigError, from_dict, to_yaml
 from lbgen.dataset import (
-    DATA_DIR, FORMAT, MANIFEST, CARD, DatasetError, format_summary, label_names, read_manifest,
+    DATA_DIR, FORMAT, MANIFEST, CARD, DatasetError, encode_images, format_summary, label_names, read_manifest,
     read_stats, schema, sha256_file, shard_name, summarize, write_card, write_json_atomic, write_shard,
 )
-from lbgen.seeds import derive_seed
+from lbgen.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what finetune writes; `pipe.load_lora_weights(dir)` reads it
 GPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-PIL_FORMATS = {"jpeg": ("JPEG", "jpg"), "png": ("PNG", "png"), "webp": ("WEBP", "webp")}
 # Settings that do not change a single row: a resumed run may change them.
 RESUMABLE_FIELDS = {"output", "batch_size", "workers", "cpus_per_worker", "use_gpu", "overwrite"}
 # Share of a GPU per scoring actor; generation actors take the rest, so both fit on one GPU.
@@ -49,42 +45,6 @@ SCORE_GPU_SHARE = 0.25
 
 class LoraError(ConfigError):
     """A LoRA directory cannot be used; the message names it."""
-
-
-# ---------------------------------------------------------------- plan
-
-
-def num_shards(num_classes: int, cfg: Config) -> int:
-    return math.ceil(num_classes * cfg.generate.images_per_class / cfg.generate.rows_per_shard)
-
-
-def shard_rows(item: dict, *, names: tuple[str, ...], ids: tuple[str, ...], cfg: Config) -> list[dict]:
-    """Plan rows of shard `item["shard"]`: rows are numbered label-major, shard k holds rows [k*R, (k+1)*R).
-
-    Labels follow table rows (never names), so repeated names keep distinct labels.
-    """
-    gen = cfg.generate
-    total = len(names) * gen.images_per_class
-    start = item["shard"] * gen.rows_per_shard
-    rows = []
-    for position in range(start, min(start + gen.rows_per_shard, total)):
-        label, index = divmod(position, gen.images_per_class)
-        rows.append({
-            "label": label,
-            "class_id": ids[label],
-            "class_name": names[label],
-            "index": index,
-            "seed": derive_seed(cfg.seed, label, index),
-            "prompt": gen.prompt_template.format(name=names[label]),
-            "shard": item["shard"],
-        })
-    return rows
-
-
-def plan(table: ClassTable, cfg: Config) -> list[dict]:
-    """Every row of the dataset, in shard order (for tests and small runs; the pipeline plans per shard)."""
-    plan_shard = partial(shard_rows, names=table.names, ids=table.ids, cfg=cfg)
-    return [row for k in range(num_shards(len(table), cfg)) for row in plan_shard({"shard": k})]
 
 
 # ---------------------------------------------------------------- models
@@ -207,25 +167,6 @@ class ScoreBatch:
             "clip_agrees": (own >= sims.max(dim=1).values).cpu().numpy(),
             "iqa_score": self.quality(images)[:rows].cpu().numpy().astype(np.float32),
         }
-
-
-def encode_images(batch: dict[str, np.ndarray], image_format: str, quality: int) -> dict[str, np.ndarray]:
-    """`pixels` -> encoded `image_bytes` and a file name `image_path` (then drops `pixels`)."""
-    from PIL import Image
-
-    pil_format, ext = PIL_FORMATS[image_format]
-    options = {} if pil_format == "PNG" else {"quality": quality}
-    blobs, paths = [], []
-    for pixels, class_id, index in zip(batch["pixels"], batch["class_id"], batch["index"]):
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format=pil_format, **options)
-        blobs.append(buffer.getvalue())
-        paths.append(f"{class_id}_{int(index):05d}.{ext}")
-    out = {k: v for k, v in batch.items() if k != "pixels"}
-    shape = batch["pixels"].shape  # (B, H, W, 3)
-    out.update(image_bytes=np.array(blobs, dtype=object), image_path=np.array(paths, dtype=object),
-               height=np.full(shape[0], shape[1], np.int32), width=np.full(shape[0], shape[2], np.int32))
-    return out
 
 
 # ---------------------------------------------------------------- output directory
@@ -362,7 +303,9 @@ def build_pipeline(cfg: Config, table: ClassTable, shards: list[int]):
     device = "cuda" if gpu else "cpu"
     light = 0.25  # CPUs for planning/encoding tasks and the scoring actor: they must fit beside the actors
     ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=max(1, len(shards)))
-    ds = ds.flat_map(partial(shard_rows, names=table.names, ids=table.ids, cfg=cfg), num_cpus=light)
+    # Few light task workers: each new Ray worker process costs an interpreter start.
+    ds = ds.flat_map(partial(shard_rows, names=table.names, ids=table.ids, cfg=cfg), num_cpus=light,
+                     compute=ray.data.TaskPoolStrategy(size=1))
     ds = ds.map_batches(
         GenerateBatch, fn_constructor_kwargs={"config": config, "device": device}, batch_size=gen.batch_size,
         compute=ray.data.ActorPoolStrategy(size=gen.workers), num_cpus=gen.cpus_per_worker,
@@ -374,7 +317,8 @@ def build_pipeline(cfg: Config, table: ClassTable, shards: list[int]):
         num_gpus=SCORE_GPU_SHARE if gpu else 0, batch_format="numpy",
     )
     return ds.map_batches(encode_images, fn_kwargs={"image_format": gen.image_format, "quality": gen.image_quality},
-                          batch_size=gen.batch_size, num_cpus=light, batch_format="numpy")
+                          batch_size=gen.batch_size, num_cpus=light, batch_format="numpy",
+                          compute=ray.data.TaskPoolStrategy(size=max(1, gen.workers)))
 
 
 def generate(cfg: Config, *, show_progress: bool = True) -> dict:

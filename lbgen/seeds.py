@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
-
 
 def derive_seed(*key: int | str) -> int:
     """A 63-bit seed from a tuple of ints/strings (stable across processes and Python versions)."""
@@ -20,4 +18,6 @@ def derive_seed(*key: int | str) -> int:
 
 def seeded_generator(*key: int | str, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator on `device` seeded with `derive_seed(*key)`."""
+    import torch  # lazily: the torch-free plan tasks of `generate` derive seeds too
+
     return torch.Generator(device=device).manual_seed(derive_seed(*key))
