@@ -14,8 +14,8 @@ import sys
 from typing import Callable
 
 from lbgen.classes import ClassTableError
-from lbgen.dataset import DatasetError
 from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
+from lbgen.dataset import DatasetError
 from lbgen.models.hub import ModelNotFoundError
 
 # Errors whose message is the whole story: printed as one line, no traceback.

@@ -18,9 +18,9 @@ import json
 import os
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -183,7 +183,7 @@ def summarize(stats: pa.Table, names: Sequence[str]) -> dict:
     count = np.bincount(labels, minlength=len(names))
     hits = np.bincount(labels, weights=agrees, minlength=len(names))
     per_class = {names[i]: round(float(hits[i] / count[i]), 4) for i in range(len(names)) if count[i]}
-    mean = lambda col: round(float(stats.column(col).to_numpy().mean()), 4) if stats.num_rows else None  # noqa: E731
+    mean = lambda col: round(float(stats.column(col).to_numpy().mean()), 4) if stats.num_rows else None
     return {
         "rows": stats.num_rows,
         "clip_score_mean": mean("clip_score"),
@@ -198,7 +198,7 @@ def format_summary(summary: dict, extra: dict | None = None, show_classes: int =
     lines = [" ".join(f"{k}={v}" for k, v in {**(extra or {}), **{k: v for k, v in summary.items() if k != "per_class_agreement"}}.items())]
     per_class = sorted(summary["per_class_agreement"].items(), key=lambda kv: kv[1])
     if per_class:
-        fmt = lambda items: ", ".join(f"{n}: {a:.2f}" for n, a in items)  # noqa: E731
+        fmt = lambda items: ", ".join(f"{n}: {a:.2f}" for n, a in items)
         if len(per_class) <= 2 * show_classes:
             lines.append("per-class CLIP agreement: " + fmt(per_class))
         else:
@@ -229,7 +229,7 @@ def _check_shard(path: Path, entry: dict | None, expected: pa.Schema, defects: l
     try:
         meta = pq.read_metadata(path)
         got = pq.read_schema(path)
-    except Exception as err:  # pyarrow raises several types for a corrupt file
+    except Exception as err:  # noqa: BLE001  pyarrow raises several types for a corrupt file
         defects.append(f"{path.name}: not readable Parquet ({err})")
         return False
     if not got.remove_metadata().equals(expected.remove_metadata()):

@@ -30,8 +30,23 @@ import torch
 from lbgen.classes import ClassTable, load_class_table
 from lbgen.config import Config, ConfigError, from_dict, to_yaml
 from lbgen.dataset import (
-    DATA_DIR, FORMAT, MANIFEST, CARD, DatasetError, encode_images, format_summary, label_names, read_manifest,
-    read_stats, schema, sha256_file, shard_name, summarize, write_card, write_json_atomic, write_shard,
+    CARD,
+    DATA_DIR,
+    FORMAT,
+    MANIFEST,
+    DatasetError,
+    encode_images,
+    format_summary,
+    label_names,
+    read_manifest,
+    read_stats,
+    schema,
+    sha256_file,
+    shard_name,
+    summarize,
+    write_card,
+    write_json_atomic,
+    write_shard,
 )
 from lbgen.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
 
@@ -65,7 +80,7 @@ def check_lora(directory: str | None) -> str | None:
                 raise LoraError(f"LoRA file {path} holds no tensors")
     except LoraError:
         raise
-    except Exception as err:  # safetensors raises its own error types for a corrupt header
+    except Exception as err:  # noqa: BLE001  safetensors raises its own error types for a corrupt header
         raise LoraError(f"LoRA file {path} is unreadable: {err}") from None
     return sha256_file(path)
 
@@ -103,7 +118,7 @@ class GenerateBatch:
             try:
                 pipe.load_lora_weights(str(Path(gen.lora).expanduser()))
                 pipe.fuse_lora()  # merged once: no adapter overhead per step
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001  diffusers/peft raise many types for a mismatched LoRA
                 raise LoraError(f"LoRA {gen.lora} cannot be loaded into {cfg.model.generator}: {err}") from None
         self.pipe = pipe.to(self.device, dtype)
         self.scheduler = create_scheduler(gen.scheduler, pipe.scheduler.config)
@@ -209,6 +224,8 @@ def prepare_output(output: Path, content: dict, overwrite: bool) -> dict | None:
 
     Refuses (DatasetError), touching nothing, when it holds other content, unless `overwrite`.
     """
+    if output.exists() and not output.is_dir():
+        raise DatasetError(f"output {output} exists and is not a directory")
     manifest = read_manifest(output) if output.is_dir() else None
     if manifest is not None and manifest["content_hash"] != settings_hash(content):
         if not overwrite:

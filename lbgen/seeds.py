@@ -8,6 +8,10 @@ resumed runs equal uninterrupted ones and lets any image be re-made alone.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def derive_seed(*key: int | str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,8 +12,18 @@ import pytest
 from PIL import Image
 
 from lbgen.dataset import (
-    COLUMNS, DatasetError, encode_images, features, inspect_dataset, label_names, read_manifest, schema,
-    sha256_file, shard_name, write_card, write_shard,
+    COLUMNS,
+    DatasetError,
+    encode_images,
+    features,
+    inspect_dataset,
+    label_names,
+    read_manifest,
+    schema,
+    sha256_file,
+    shard_name,
+    write_card,
+    write_shard,
 )
 
 
@@ -46,7 +57,7 @@ def test_write_shard_is_atomic(tmp_path, monkeypatch):
     assert pq.ParquetFile(final).metadata.num_row_groups == 3
 
     def broken(table, where, **kwargs):  # dies half-way, after creating the file
-        open(where, "wb").write(b"PAR1 partial")
+        Path(where).write_bytes(b"PAR1 partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(pq, "write_table", broken)

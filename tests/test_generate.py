@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from lbgen.classes import ClassTableError, load_class_table
+from lbgen.classes import ClassTable, ClassTableError, load_class_table
 from lbgen.cli import main as cli_main
 from lbgen.config import Config, ConfigError, resolve
 from lbgen.dataset import DatasetError, inspect_dataset, label_names
-from lbgen.generate import GenerateBatch, LoraError, ScoreBatch, encode_images, generate, plan
+from lbgen.generate import GenerateBatch, LoraError, ScoreBatch, check_lora, encode_images, generate, generator_id, plan
+from lbgen.plan import num_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray"]
@@ -89,6 +92,18 @@ def test_plan_keeps_imagenet_duplicate_names_apart():
     names = label_names(table.ids, table.names)
     assert len(set(names)) == 1000  # HF ClassLabel needs unique names
     assert names[rows[0]["label"]] == table.names[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(classes=st.integers(1, 7), per_class=st.integers(1, 9), per_shard=st.integers(1, 25))
+def test_plan_property_every_image_once_in_order(classes, per_class, per_shard):
+    table = ClassTable(ids=tuple(f"c{i}" for i in range(classes)), names=("same",) * classes, source="mem")
+    cfg = resolve("tiny", overrides={"generate": {"images_per_class": per_class, "rows_per_shard": per_shard}})
+    rows = plan(table, cfg)
+    assert [(r["label"], r["index"]) for r in rows] == [(c, i) for c in range(classes) for i in range(per_class)]
+    sizes = Counter(r["shard"] for r in rows)
+    assert sorted(sizes) == list(range(num_shards(classes, cfg)))
+    assert all(n == per_shard for k, n in sizes.items() if k < len(sizes) - 1) and 0 < sizes[len(sizes) - 1] <= per_shard
 
 
 def test_seeds_do_not_depend_on_sharding():
@@ -166,6 +181,8 @@ def test_lora_is_applied(generator, table_file, tmp_path):
     rows = batch_of(plan(load_class_table(str(table_file)), cfg)[:2])
     with_lora = GenerateBatch(dataclasses.asdict(lora_cfg))(rows)["pixels"]
     assert not np.array_equal(with_lora, gen(rows)["pixels"])
+    sha = check_lora(lora_cfg.generate.lora)
+    assert generator_id(lora_cfg, sha) == f"tiny+lora:sha256:{sha}" and len(sha) == 64
 
 
 # ---------------------------------------------------------------- Ray Data runs
@@ -203,7 +220,7 @@ def test_image_remade_alone_equals_full_run(full_run, generator, table_file):
 
 
 def test_two_actors_batch_four_equals_one_actor_batch_two(full_run, table_file, tmp_path):
-    output, manifest = full_run
+    output, _ = full_run
     generate(tiny_cfg(table_file, tmp_path / "ds", workers=2, batch_size=4), show_progress=False)
     a, b = read_rows(output), read_rows(tmp_path / "ds")
     assert a.keys() == b.keys()
@@ -217,7 +234,7 @@ def test_rerun_skips_finished_shards(full_run, table_file):
     assert again["throughput"]["images_this_run"] == 0 and again["shards"] == manifest["shards"]
 
 
-def test_load_dataset_gives_pil_images_and_int_labels(full_run):
+def test_load_dataset_gives_pil_images_and_int_labels(full_run, ray_local):
     datasets = pytest.importorskip("datasets")
     output, _ = full_run
     for ds in (datasets.load_dataset("parquet", data_dir=str(output))["train"], datasets.load_dataset(str(output))["train"]):
@@ -225,6 +242,8 @@ def test_load_dataset_gives_pil_images_and_int_labels(full_run):
         assert isinstance(ds[0]["image"], Image.Image) and ds[0]["image"].size == (64, 64)
         assert isinstance(ds[0]["label"], int)
         assert ds.features["label"].names == CLASSES
+    assert ray_local.data.read_parquet(str(output / "data")).count() == 24
+    assert __import__("pandas").read_parquet(output / "data").shape == (24, 13)
 
 
 def test_interrupted_run_resumes_to_the_same_dataset(full_run, table_file, tmp_path, ray_local):
@@ -252,7 +271,9 @@ def test_interrupted_run_resumes_to_the_same_dataset(full_run, table_file, tmp_p
     assert 2 <= len(seen) < 12, f"expected an interrupted run, saw {len(seen)} shards"
     assert not inspect_dataset(output).ok  # an incomplete dataset is reported as such
 
-    generate(tiny_cfg(table_file, output), show_progress=False)
+    survived = len(list((output / "data").glob("train-*.parquet")))
+    resumed = generate(tiny_cfg(table_file, output), show_progress=False)
+    assert resumed["throughput"]["images_this_run"] == 24 - 2 * survived  # only the missing shards
     assert not list((output / "data").glob(".*"))  # no temp shard left behind
     a, b = read_rows(full_run[0]), read_rows(output)
     assert a.keys() == b.keys()
@@ -368,6 +389,6 @@ def test_sd15_shape_preset_builds_the_real_architectures():
     with torch.device("meta"):
         pipe = GENERATOR_BUILDERS[cfg.model.generator](resolution=512)
         clip = open_clip.CLIP(**open_clip.get_model_config(cfg.model.clip))
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert (count(pipe.unet), count(pipe.vae), count(pipe.text_encoder)) == (859_520_964, 83_653_863, 123_060_480)
     assert count(clip) == 427_616_513
