@@ -392,3 +392,13 @@ def test_sd15_shape_preset_builds_the_real_architectures():
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert (count(pipe.unet), count(pipe.vae), count(pipe.text_encoder)) == (859_520_964, 83_653_863, 123_060_480)
     assert count(clip) == 427_616_513
+
+
+def test_overwrite_replaces_only_what_generate_wrote(full_run, table_file, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(full_run[0], copy)
+    (copy / "notes.txt").write_text("keep me")
+    manifest = generate(tiny_cfg(table_file, copy, images_per_class=1, overwrite=True), show_progress=False)
+    assert manifest["totals"]["rows"] == len(CLASSES) and manifest["images_per_class"] == 1
+    assert sorted(p.name for p in (copy / "data").iterdir()) == [f"train-{k:05d}-of-00003.parquet" for k in range(3)]
+    assert (copy / "notes.txt").read_text() == "keep me" and inspect_dataset(copy).ok
