@@ -4,7 +4,8 @@ Same model, scheduler (DDPM), steps, CFG, batch size and resolution everywhere:
 
   (a) lbgen, 1 actor x 1 torch thread   vs  a bare diffusers loop (1 thread) that only samples    target >= 0.90
   (b) lbgen, 2 actors x 1 thread each   vs  the authors' style: per-class loop, one PNG file per
-                                            image, synchronous, torch's default threads           target >= 1.2
+                                            image, synchronous; the faster of 1 thread and
+                                            torch's default threads (all cores)                   target >= 1.2
   (c) lbgen 2 actors / 1 actor, 1 torch thread each                                               target >= 1.7
   (d) peak memory of lbgen at N and at 4N images (summed PSS: RSS with shared pages split
       between the processes mapping them, so the object store is not counted once per process) ratio <= 1.2
@@ -154,17 +155,22 @@ def main() -> None:
         two = [run_lbgen(cfg, k, 2, root) for k in (n, n4)]
         torch.set_num_threads(1)
         bare = bare_loop(cfg, n4, device)
-        torch.set_num_threads(os.cpu_count())
-        authors = authors_style(cfg, n4, device, root)
+        authors_1 = authors_style(cfg, n4, device, root)
+        torch.set_num_threads(os.cpu_count())  # what the authors' script gets by default
+        authors_all = authors_style(cfg, n4, device, root)
     rate = {"lbgen_1actor": marginal(*one), "lbgen_2actors": marginal(*two),
-            "bare_loop_1thread": bare["images"] / bare["seconds"], "authors_style": authors["images"] / authors["seconds"],
+            "bare_loop_1thread": bare["images"] / bare["seconds"],
+            "authors_style_1thread": authors_1["images"] / authors_1["seconds"],
+            "authors_style_all_threads": authors_all["images"] / authors_all["seconds"],
             "lbgen_1actor_end_to_end_4N": one[1]["images"] / one[1]["seconds"],
             "lbgen_2actors_end_to_end_4N": two[1]["images"] / two[1]["seconds"]}
     results["images_per_s"] = {k: round(v, 3) for k, v in rate.items()}
-    results["runs"] = {"lbgen_1actor": one, "lbgen_2actors": two, "bare": bare, "authors": authors}
+    results["runs"] = {"lbgen_1actor": one, "lbgen_2actors": two, "bare": bare,
+                       "authors_1thread": authors_1, "authors_all_threads": authors_all}
+    authors = max(rate["authors_style_1thread"], rate["authors_style_all_threads"])
     results["ratios"] = {
         "a_lbgen_over_bare (>=0.90)": round(rate["lbgen_1actor"] / rate["bare_loop_1thread"], 3),
-        "b_lbgen_over_authors (>=1.2)": round(rate["lbgen_2actors"] / rate["authors_style"], 3),
+        "b_lbgen_over_authors (>=1.2)": round(rate["lbgen_2actors"] / authors, 3),
         "c_2actors_over_1actor (>=1.7)": round(rate["lbgen_2actors"] / rate["lbgen_1actor"], 3),
         "d_peak_memory_4N_over_N (<=1.2)": round(one[1]["peak_pss_gib"] / one[0]["peak_pss_gib"], 3),
     }
