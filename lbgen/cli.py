@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="YAML file overriding the preset")
         p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
         add_config_flags(p, sections)
+        if name == "generate":  # Ray Data's word for the actor count
+            p.add_argument("--concurrency", dest="cfg:generate.workers", type=int, default=argparse.SUPPRESS,
+                           metavar="WORKERS", help="alias of --workers")
     p = sub.add_parser("inspect", help="validate a generated dataset and print its summary")
     p.add_argument("dir", help="dataset directory written by `lbgen generate`")
     return parser

@@ -365,6 +365,8 @@ def test_cli_flags_reach_the_generate_config():
     gen = cfg.generate
     assert (cfg.seed, gen.lora, gen.images_per_class, gen.output, gen.workers, gen.batch_size, gen.steps,
             gen.scheduler, gen.guidance, gen.image_format, gen.overwrite) == (5, "L", 3, "O", 2, 3, 7, "ddim", 1.5, "webp", True)
+    args = build_parser().parse_args(["generate", "--concurrency", "3"])
+    assert resolve(args.preset, None, overrides_from_args(args)).generate.workers == 3
 
 
 def test_paper_defaults_and_validation():
