@@ -347,12 +347,13 @@ def generate(cfg: Config, *, show_progress: bool = True) -> dict:
     import ray
     from tqdm.auto import tqdm
 
-    from lbgen.models.generator import SCHEDULERS
+    from lbgen.models.generator import SCHEDULERS, check_generator
 
     gen = cfg.generate
     table = load_class_table(cfg.classes)
     if gen.scheduler not in SCHEDULERS:
         raise ConfigError(f"generate.scheduler: unknown {gen.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    check_generator(cfg.model.generator)  # here, not deep inside a Ray actor
     lora_sha = check_lora(gen.lora)
     output = Path(gen.output).expanduser().resolve()
     content = content_settings(cfg, table, lora_sha)

@@ -304,7 +304,7 @@ def snapshot(directory: Path) -> dict:
     return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_malformed_class_table(tmp_path, capsys):
+def test_malformed_class_table(tmp_path, capsys, ray_local):  # the CLI attaches to the test's Ray
     bad = tmp_path / "bad.txt"
     bad.write_text("n01 tench\nlonely\n")
     with pytest.raises(ClassTableError, match=r"bad.txt:2"):
@@ -314,7 +314,7 @@ def test_malformed_class_table(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content", [None, b"not a safetensors file"])
-def test_unreadable_lora(tmp_path, table_file, content, capsys):
+def test_unreadable_lora(tmp_path, table_file, content, capsys, ray_local):
     lora = tmp_path / "lora"
     lora.mkdir()
     if content is not None:
@@ -340,6 +340,18 @@ def test_output_holding_another_dataset_is_refused(full_run, table_file, tmp_pat
     with pytest.raises(DatasetError, match="holds no manifest.json"):
         generate(tiny_cfg(table_file, foreign))
     assert snapshot(foreign) == {Path("notes.txt"): b"keep me"}
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/sd15", "nobody-xyz/no-such-model"])
+def test_missing_generator_fails_fast_before_writing(tmp_path, table_file, name, capsys, monkeypatch, ray_local):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub id must not be fetched: answer at once
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    assert cli_main(["generate", "--classes", str(table_file), "--generator", name, "--output", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - start < 10
+    assert f"generator {name!r} was not found" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_non_positive_images_per_class(tmp_path, capsys):

@@ -204,6 +204,25 @@ HOW_TO_PROVIDE = (
 )
 
 
+def check_generator(name_or_path: str) -> None:
+    """Fail fast, without loading weights, if `create_generator(name_or_path)` cannot find the model.
+
+    For drivers that load the model elsewhere (Ray actors), where a failure would surface late
+    and wrapped. A hub id passes when the hub answers (the load downloads) or when it is cached.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    if name_or_path in GENERATOR_BUILDERS:
+        return
+    if is_local_path(name_or_path):
+        if not os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "model_index.json")):
+            raise not_found("generator", name_or_path, f"A local generator must be a directory holding model_index.json. {HOW_TO_PROVIDE}")
+        return
+    with hub_access() as online:
+        if not online and not isinstance(try_to_load_from_cache(name_or_path, "model_index.json"), str):
+            raise not_found("generator", name_or_path, HOW_TO_PROVIDE)
+
+
 def create_generator(
     name_or_path: str,
     *,
