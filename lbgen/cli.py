@@ -18,13 +18,14 @@ from lbgen.bias import BiasDataError
 from lbgen.classes import ClassTableError, load_class_table
 from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
 from lbgen.downstream import DownstreamError
+from lbgen.dataset import DatasetError
 from lbgen.models.hub import ModelNotFoundError
 from lbgen.shards import ShardError
 
 # Errors whose message is the whole story: printed as one line, no traceback.
 USER_ERRORS = (
     ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError,
-    ShardError, BackboneError, DownstreamError, BiasDataError,
+    ShardError, BackboneError, DownstreamError, BiasDataError, DatasetError,
 )
 
 
@@ -49,6 +50,29 @@ def run_finetune(cfg: Config) -> None:
 
     output = finetune(cfg)
     print(f"fine-tuned LoRA: {output / 'pytorch_lora_weights.safetensors'}")
+
+
+def run_generate(cfg: Config) -> None:
+    from lbgen.generate import generate, summary_text
+
+    manifest = generate(cfg)
+    print(summary_text(manifest))
+    print(f"dataset: {cfg.generate.output}")
+
+
+def inspect_command(directory: str) -> int:
+    """`lbgen inspect DIR`: print the summary and every defect; 1 if any defect."""
+    from lbgen.dataset import format_summary, inspect_dataset
+
+    found = inspect_dataset(directory)
+    if found.summary:
+        summary = dict(found.summary)
+        extra = {k: summary.pop(k) for k in ("shards", "bytes", "generator")}
+        print(format_summary(summary, extra))
+    for defect in found.defects:
+        print(f"DEFECT {defect}", file=sys.stderr)
+    print(f"{directory}: {'valid' if found.ok else f'{len(found.defects)} defect(s)'}")
+    return 0 if found.ok else 1
 
 
 def run_pretrain(cfg: Config) -> None:
@@ -76,6 +100,7 @@ def run_make_downstream(cfg: Config) -> None:
 # Stage name -> (config sections its flags come from, function, help).
 COMMANDS: dict[str, tuple[tuple[str, ...], Callable[[Config], None], str]] = {
     "finetune": (("model", "finetune"), run_finetune, "fine-tune the generator with lbGen's losses (Ray Train)"),
+    "generate": (("model", "generate"), run_generate, "generate the labelled dataset as Parquet shards (Ray Data)"),
     "pretrain": (("pretrain",), run_pretrain, "pre-train a timm backbone on generated shards (Ray Train + Ray Data)"),
     "evaluate": (("evaluate",), run_evaluate, "transfer of backbones to downstream sets: linear probe or fine-tune, bias metrics"),
     "make-downstream": (("make_downstream",), run_make_downstream, "write a procedural downstream dataset (ImageFolder)"),
@@ -94,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="YAML file overriding the preset")
         p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
         add_config_flags(p, sections)
+        if name == "generate":  # Ray Data's word for the actor count
+            p.add_argument("--concurrency", dest="cfg:generate.workers", type=int, default=argparse.SUPPRESS,
+                           metavar="WORKERS", help="alias of --workers")
+    p = sub.add_parser("inspect", help="validate a generated dataset and print its summary")
+    p.add_argument("dir", help="dataset directory written by `lbgen generate`")
     return parser
 
 
@@ -112,6 +142,12 @@ def root_cause(err: BaseException) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        try:
+            return inspect_command(args.dir)
+        except DatasetError as err:
+            print(f"lbgen inspect: error: {err}", file=sys.stderr)
+            return 2
     _, command, _ = COMMANDS[args.command]
     try:
         cfg = resolve(args.preset, args.config, overrides_from_args(args))

@@ -224,6 +224,50 @@ class MakeDownstreamConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """The `generate` stage (DESIGN 2.2): class table -> scored, resumable Parquet shards."""
+
+    # Output dataset directory (local path); re-running with the same one resumes.
+    output: str = "runs/generate"
+    # Directory holding a diffusers LoRA (`pytorch_lora_weights.safetensors`, e.g. from finetune), or null.
+    lora: Optional[str] = None
+    # Images per class (N); the paper's ImageNet-1K setup makes 1300.
+    images_per_class: int = 1300
+    # Denoising steps per image.
+    steps: int = 50
+    # Sampler: a key of lbgen.models.generator.SCHEDULERS (the paper trains and generates with DDPM).
+    scheduler: str = "ddpm"
+    # Classifier-free guidance scale (negative prompt = empty prompt).
+    guidance: float = 2.0
+    # Generator prompt for a class.
+    prompt_template: str = "{name}"
+    # CLIP text that `clip_score` and `clip_agrees` compare each image with.
+    score_template: str = "photo of {name}"
+    # Images per generation call on one actor (does not change any image).
+    batch_size: int = 8
+    # Generation actors (one model copy each; one per GPU on a cluster).
+    workers: int = 1
+    # CPUs reserved per generation actor; fractions leave CPUs for Ray Data's read/encode tasks.
+    cpus_per_worker: float = 1.0
+    # torch intra-op threads per actor on CPU; pixels are bitwise reproducible only at equal thread counts.
+    threads: int = 1
+    # Generate on GPUs; null picks GPUs when the Ray cluster has any.
+    use_gpu: Optional[bool] = None
+    # Weight dtype on GPU: "fp16", "bf16" or "fp32" (CPU always runs fp32).
+    dtype: str = "fp16"
+    # Stored image encoding: "jpeg", "png" or "webp".
+    image_format: str = "jpeg"
+    # Encoder quality for jpeg/webp (ignored for png).
+    image_quality: int = 95
+    # Rows per Parquet shard (shards are whole units of resume).
+    rows_per_shard: int = 1000
+    # Rows per Parquet row group (small groups keep image viewers responsive).
+    row_group_rows: int = 100
+    # Replace a dataset in `output` made with other settings instead of refusing.
+    overwrite: bool = False
+
+
+@dataclass
 class Config:
     """Everything a run needs; stages read their own section."""
 
@@ -236,7 +280,13 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     make_downstream: MakeDownstreamConfig = field(default_factory=MakeDownstreamConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
+
+# SD 1.5's UNet/VAE/text encoder and CLIP ViT-L/14 with random weights: the real workload's
+# shapes (speed, memory) without a download. The IQA stays the tiny CNNIQA: pyiqa's NR metrics
+# cannot be built without their weights.
+SD15_SHAPE_MODELS = {"generator": "sd15-shape", "clip": "ViT-L-14", "clip_pretrained": None, "iqa": "tiny", "resolution": 512}
 
 TINY_MODELS = {"generator": "tiny", "clip": "tiny", "clip_pretrained": None, "iqa": "tiny", "resolution": 64}
 
@@ -300,6 +350,24 @@ PRESETS: dict[str, dict[str, Any]] = {
             "task_gpus": 0.0,
         },
         "make_downstream": {"output": "runs/tiny/downstream/shapes", "train_per_class": 40, "test_per_class": 20, "size": 32},
+        "generate": {
+            "output": "runs/tiny/generate",
+            "use_gpu": False,
+            "images_per_class": 8,
+            "steps": 4,
+            "batch_size": 4,
+            "cpus_per_worker": 0.5,
+            "image_format": "png",
+            "rows_per_shard": 20,
+            "row_group_rows": 10,
+        },
+    },
+    # The real SD 1.5 / CLIP ViT-L/14 architectures, random weights: figures of the real workload.
+    "sd15-shape": {
+        "classes": "tiny10",
+        "model": SD15_SHAPE_MODELS,
+        "finetune": {"output": "runs/sd15-shape/finetune", "max_steps": 2},
+        "generate": {"output": "runs/sd15-shape/generate", "images_per_class": 8},
     },
 }
 
@@ -406,6 +474,7 @@ def validate(cfg: Config) -> Config:
     for name in ("prompt_template", "clip_template"):
         if "{name}" not in getattr(ft, name):
             raise ConfigError(f"finetune.{name} must contain '{{name}}', got {getattr(ft, name)!r}")
+    _validate_generate(cfg.generate)
     _validate_pretrain(cfg.pretrain)
     _validate_evaluate(cfg.evaluate)
     _validate_make_downstream(cfg.make_downstream)
@@ -478,6 +547,36 @@ def _validate_make_downstream(md: MakeDownstreamConfig) -> None:
         "make_downstream.test_per_class": (md.test_per_class >= 1, f"must be >= 1, got {md.test_per_class}"),
         "make_downstream.size": (md.size >= 16, f"must be >= 16, got {md.size}"),
     })
+
+
+IMAGE_FORMATS = ("jpeg", "png", "webp")
+
+
+def _validate_generate(gen: GenerateConfig) -> None:
+    positive = {
+        "generate.images_per_class": gen.images_per_class,
+        "generate.steps": gen.steps,
+        "generate.batch_size": gen.batch_size,
+        "generate.workers": gen.workers,
+        "generate.cpus_per_worker": gen.cpus_per_worker,
+        "generate.threads": gen.threads,
+        "generate.rows_per_shard": gen.rows_per_shard,
+        "generate.row_group_rows": gen.row_group_rows,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    if gen.guidance < 0:
+        raise ConfigError(f"generate.guidance must be >= 0, got {gen.guidance}")
+    if gen.image_format not in IMAGE_FORMATS:
+        raise ConfigError(f"generate.image_format must be one of {', '.join(IMAGE_FORMATS)}, got {gen.image_format!r}")
+    if not 1 <= gen.image_quality <= 100:
+        raise ConfigError(f"generate.image_quality must be in 1..100, got {gen.image_quality}")
+    if gen.dtype not in ("fp16", "bf16", "fp32"):
+        raise ConfigError(f"generate.dtype must be fp16, bf16 or fp32, got {gen.dtype!r}")
+    for name in ("prompt_template", "score_template"):
+        if "{name}" not in getattr(gen, name):
+            raise ConfigError(f"generate.{name} must contain '{{name}}', got {getattr(gen, name)!r}")
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -185,5 +185,6 @@ def test_resume_with_other_settings_is_refused(ray_local, shards, tmp_path):
     from lbgen.config import to_yaml
 
     (output / "config.yaml").write_text(to_yaml(tiny([shards], output, lr=0.1)))
+    (output / "checkpoints" / "checkpoint_2026-01-01").mkdir(parents=True)  # a run to resume
     with pytest.raises(ConfigError, match="pretrain.lr"):
         pretrain(tiny([shards], output))

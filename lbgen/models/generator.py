@@ -124,12 +124,103 @@ def build_tiny(resolution: int = 64, seed: int = 0):
     return _assemble(unet, vae, text_encoder, tokenizer)
 
 
-GENERATOR_BUILDERS: dict[str, Callable[..., object]] = {"tiny": build_tiny}
+def build_sd15_shape(resolution: int = 512, seed: int = 0):
+    """Stable Diffusion 1.5's UNet, VAE and CLIP ViT-L/14 text encoder from their configs, random weights.
+
+    The real workload's parameter counts and activations (UNet ~860 M, VAE ~84 M, text encoder
+    ~123 M parameters), so speed and memory figures match SD 1.5 although no weights are downloaded.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(  # SD 1.5 unet/config.json
+            sample_size=resolution // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(  # SD 1.5 vae/config.json
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=resolution,
+        )
+        tokenizer = clip_bpe_tokenizer()
+        text_encoder = CLIPTextModel(  # SD 1.5 text_encoder/config.json (CLIP ViT-L/14 text tower)
+            CLIPTextConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    return _assemble(unet, vae, text_encoder, tokenizer)
+
+
+GENERATOR_BUILDERS: dict[str, Callable[..., object]] = {"tiny": build_tiny, "sd15-shape": build_sd15_shape}
+
+# Sampler name -> diffusers scheduler class name; all are built from the model's own scheduler config.
+SCHEDULERS: dict[str, str] = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+
+
+def create_scheduler(name: str, config):
+    """A fresh diffusers scheduler `name` (a key of SCHEDULERS) from a pipeline's scheduler config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 HOW_TO_PROVIDE = (
     "Pass a local directory written by `StableDiffusionPipeline.save_pretrained`, or download the "
     "model on a machine with network (`huggingface-cli download ID`) into $HF_HOME, or use --generator tiny."
 )
+
+
+def check_generator(name_or_path: str) -> None:
+    """Fail fast, without loading weights, if `create_generator(name_or_path)` cannot find the model.
+
+    For drivers that load the model elsewhere (Ray actors), where a failure would surface late
+    and wrapped. A hub id passes when the hub answers (the load downloads) or when it is cached.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    if name_or_path in GENERATOR_BUILDERS:
+        return
+    if is_local_path(name_or_path):
+        if not os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "model_index.json")):
+            raise not_found("generator", name_or_path, f"A local generator must be a directory holding model_index.json. {HOW_TO_PROVIDE}")
+        return
+    with hub_access() as online:
+        if not online and not isinstance(try_to_load_from_cache(name_or_path, "model_index.json"), str):
+            raise not_found("generator", name_or_path, HOW_TO_PROVIDE)
 
 
 def create_generator(

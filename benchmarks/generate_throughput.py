@@ -1,0 +1,184 @@
+"""Throughput and memory of `lbgen generate`, side by side with two baselines, in one run.
+
+Same model, scheduler (DDPM), steps, CFG, batch size and resolution everywhere:
+
+  (a) lbgen, 1 actor x 1 torch thread   vs  a bare diffusers loop (1 thread) that only samples    target >= 0.90
+  (b) lbgen, 2 actors x 1 thread each   vs  the authors' style: per-class loop, one PNG file per
+                                            image, synchronous; the faster of 1 thread and
+                                            torch's default threads (all cores)                   target >= 1.2
+  (c) lbgen 2 actors / 1 actor, 1 torch thread each                                               target >= 1.7
+  (d) peak memory of lbgen at N and at 4N images (summed PSS: RSS with shared pages split
+      between the processes mapping them, so the object store is not counted once per process) ratio <= 1.2
+
+lbgen's rate is its marginal rate, (4N - N) images / (t(4N) - t(N)): fixed costs (actor start,
+model load) cancel, as they do for the baselines, which load their model before the clock starts.
+End-to-end rates are printed too. Usage:
+
+    python benchmarks/generate_throughput.py --preset tiny --per-class 4
+    python benchmarks/generate_throughput.py --preset sd15-shape --per-class 2 --steps 50   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from lbgen.classes import load_class_table
+from lbgen.config import Config, resolve
+from lbgen.generate import GPU_DTYPES, generate
+from lbgen.models import create_generator
+from lbgen.models.generator import create_scheduler
+from lbgen.seeds import seeded_generator
+
+
+class PeakMemory:
+    """Samples the summed PSS of this process and all its descendants (Ray's raylet, GCS, workers)."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except psutil.Error:
+                pass  # a process that just exited
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._sample())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_lbgen(cfg: Config, per_class: int, workers: int, root: Path) -> dict:
+    gen = dataclasses.replace(cfg.generate, images_per_class=per_class, workers=workers, threads=1,
+                              output=str(root / f"lbgen-w{workers}-n{per_class}"))
+    import ray
+
+    # A fresh local Ray per run: idle workers kept from an earlier run would count as memory here.
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            manifest = generate(dataclasses.replace(cfg, generate=gen), show_progress=False)
+            seconds = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return {"images": manifest["totals"]["rows"], "seconds": seconds, "peak_pss_gib": memory.peak / 2**30}
+
+
+def load_pipe(cfg: Config, device: str):
+    dtype = GPU_DTYPES[cfg.generate.dtype] if device == "cuda" else torch.float32
+    pipe = create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed, device=device, torch_dtype=dtype)
+    pipe.scheduler = create_scheduler(cfg.generate.scheduler, pipe.scheduler.config)
+    return pipe
+
+
+def bare_loop(cfg: Config, per_class: int, device: str) -> dict:
+    """Only sampling: the diffusers pipeline called on batches of prompts, images kept as arrays."""
+    pipe, gen = load_pipe(cfg, device), cfg.generate
+    names = load_class_table(cfg.classes).names
+    prompts = [gen.prompt_template.format(name=n) for n in names for _ in range(per_class)]
+    start = time.perf_counter()
+    for i in range(0, len(prompts), gen.batch_size):
+        chunk = prompts[i : i + gen.batch_size]
+        generators = [seeded_generator(cfg.seed, i + j, device=device) for j in range(len(chunk))]
+        pipe(chunk, num_inference_steps=gen.steps, guidance_scale=gen.guidance, generator=generators,
+             height=cfg.model.resolution, width=cfg.model.resolution, output_type="np")
+    return {"images": len(prompts), "seconds": time.perf_counter() - start}
+
+
+def authors_style(cfg: Config, per_class: int, device: str, root: Path) -> dict:
+    """The authors' generator: for each class, batches of one prompt, each image saved as its own PNG, in turn."""
+    pipe, gen = load_pipe(cfg, device), cfg.generate
+    names = load_class_table(cfg.classes).names
+    start, count = time.perf_counter(), 0
+    for label, name in enumerate(names):
+        folder = root / "authors" / f"{label:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for first in range(0, per_class, gen.batch_size):
+            n = min(gen.batch_size, per_class - first)
+            images = pipe(gen.prompt_template.format(name=name), num_images_per_prompt=n, num_inference_steps=gen.steps,
+                          guidance_scale=gen.guidance, generator=seeded_generator(cfg.seed, label, first, device=device),
+                          height=cfg.model.resolution, width=cfg.model.resolution).images
+            for k, image in enumerate(images):
+                image.save(folder / f"{first + k:06d}.png")
+                count += 1
+    return {"images": count, "seconds": time.perf_counter() - start}
+
+
+def marginal(small: dict, large: dict) -> float:
+    return (large["images"] - small["images"]) / (large["seconds"] - small["seconds"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "sd15-shape"])
+    parser.add_argument("--per-class", type=int, default=4, help="images per class at N (4N runs 4x as many)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per generation call (default: the preset's)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    overrides = {"generate": {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v}}
+    cfg = resolve(args.preset, overrides=overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n, n4 = args.per_class, 4 * args.per_class
+    results: dict = {"preset": args.preset, "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{os.cpu_count()}",
+                     "steps": cfg.generate.steps, "batch_size": cfg.generate.batch_size, "resolution": cfg.model.resolution,
+                     "classes": len(load_class_table(cfg.classes))}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        one = [run_lbgen(cfg, k, 1, root) for k in (n, n4)]
+        two = [run_lbgen(cfg, k, 2, root) for k in (n, n4)]
+        torch.set_num_threads(1)
+        bare = bare_loop(cfg, n4, device)
+        authors_1 = authors_style(cfg, n4, device, root)
+        torch.set_num_threads(os.cpu_count())  # what the authors' script gets by default
+        authors_all = authors_style(cfg, n4, device, root)
+    rate = {"lbgen_1actor": marginal(*one), "lbgen_2actors": marginal(*two),
+            "bare_loop_1thread": bare["images"] / bare["seconds"],
+            "authors_style_1thread": authors_1["images"] / authors_1["seconds"],
+            "authors_style_all_threads": authors_all["images"] / authors_all["seconds"],
+            "lbgen_1actor_end_to_end_4N": one[1]["images"] / one[1]["seconds"],
+            "lbgen_2actors_end_to_end_4N": two[1]["images"] / two[1]["seconds"]}
+    results["images_per_s"] = {k: round(v, 3) for k, v in rate.items()}
+    results["runs"] = {"lbgen_1actor": one, "lbgen_2actors": two, "bare": bare,
+                       "authors_1thread": authors_1, "authors_all_threads": authors_all}
+    authors = max(rate["authors_style_1thread"], rate["authors_style_all_threads"])
+    results["ratios"] = {
+        "a_lbgen_over_bare (>=0.90)": round(rate["lbgen_1actor"] / rate["bare_loop_1thread"], 3),
+        "b_lbgen_over_authors (>=1.2)": round(rate["lbgen_2actors"] / authors, 3),
+        "c_2actors_over_1actor (>=1.7)": round(rate["lbgen_2actors"] / rate["lbgen_1actor"], 3),
+        "d_peak_memory_4N_over_N (<=1.2)": round(one[1]["peak_pss_gib"] / one[0]["peak_pss_gib"], 3),
+    }
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Stage 2, `generate`: a class table -> scored, resumable Parquet shards, on Ray Data.
+
+Pipeline (each stage streams; memory does not grow with the dataset size):
+
+    shard ids -> flat_map(shard_rows)          plan: one row per image (label, index, seed, ...)
+              -> map_batches(GenerateBatch)    diffusion (+ LoRA) on actors: pixels (B, H, W, 3) uint8
+              -> map_batches(ScoreBatch)       CLIP score / zero-shot agreement, IQA score on actors
+              -> map_batches(encode_images)    PNG/JPEG/WebP bytes, CPU tasks
+              -> driver: ShardAssembler        whole shards written atomically (lbgen.dataset)
+
+An image's seed is a pure function of (run seed, label, index) and every image draws
+its noise from its own generator, so batch size, actor count and resume never change
+an image. `GenerateBatch` is the one generation code path: tests call it on a batch
+dict, Ray Data calls it inside `map_batches`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lbgen.classes import ClassTable, load_class_table
+from lbgen.config import Config, ConfigError, from_dict, to_yaml
+from lbgen.dataset import (
+    CARD,
+    DATA_DIR,
+    FORMAT,
+    MANIFEST,
+    DatasetError,
+    encode_images,
+    format_summary,
+    label_names,
+    read_manifest,
+    read_stats,
+    schema,
+    sha256_file,
+    shard_name,
+    summarize,
+    write_card,
+    write_json_atomic,
+    write_shard,
+)
+from lbgen.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what finetune writes; `pipe.load_lora_weights(dir)` reads it
+GPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Settings that do not change a single row: a resumed run may change them.
+RESUMABLE_FIELDS = {"output", "batch_size", "workers", "cpus_per_worker", "use_gpu", "overwrite"}
+# Share of a GPU per scoring actor; generation actors take the rest, so both fit on one GPU.
+SCORE_GPU_SHARE = 0.25
+
+
+class LoraError(ConfigError):
+    """A LoRA directory cannot be used; the message names it."""
+
+
+# ---------------------------------------------------------------- models
+
+
+def check_lora(directory: str | None) -> str | None:
+    """sha256 of the LoRA file in `directory` (None without LoRA); an unusable LoRA -> LoraError."""
+    if directory is None:
+        return None
+    path = Path(directory).expanduser() / LORA_FILE
+    if not path.is_file():
+        raise LoraError(f"LoRA directory {directory} holds no {LORA_FILE} (finetune writes one)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise LoraError(f"LoRA file {path} holds no tensors")
+    except LoraError:
+        raise
+    except Exception as err:  # noqa: BLE001  safetensors raises its own error types for a corrupt header
+        raise LoraError(f"LoRA file {path} is unreadable: {err}") from None
+    return sha256_file(path)
+
+
+def generator_id(cfg: Config, lora_sha: str | None) -> str:
+    """What made the images: the model id, plus the LoRA's sha256."""
+    return cfg.model.generator + (f"+lora:sha256:{lora_sha}" if lora_sha else "")
+
+
+def _pad_rows(values: list, minimum: int = 2) -> list:
+    """Repeat the last row up to `minimum` rows.
+
+    With one row, CPU kernels take other code paths (matrix-vector) whose rounding
+    differs; batches of >= 2 rows give each image bitwise the same pixels.
+    """
+    return values + values[-1:] * (minimum - len(values))
+
+
+class GenerateBatch:
+    """Ray Data callable: plan rows -> the same rows + `pixels` (B, H, W, 3) uint8.
+
+    Loads the generator (and LoRA) once, in `__init__`; `__call__` is pure given the rows.
+    """
+
+    def __init__(self, config: dict, device: str = "cpu"):
+        from lbgen.models.generator import create_generator, create_scheduler
+
+        cfg = from_dict(Config, config)
+        gen = cfg.generate
+        self.cfg, self.device = cfg, torch.device(device)
+        torch.set_num_threads(gen.threads)  # equal thread counts keep CPU results bitwise equal
+        dtype = GPU_DTYPES[gen.dtype] if self.device.type == "cuda" else torch.float32
+        pipe = create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed)
+        if gen.lora:
+            try:
+                pipe.load_lora_weights(str(Path(gen.lora).expanduser()))
+                pipe.fuse_lora()  # merged once: no adapter overhead per step
+            except Exception as err:  # noqa: BLE001  diffusers/peft raise many types for a mismatched LoRA
+                raise LoraError(f"LoRA {gen.lora} cannot be loaded into {cfg.model.generator}: {err}") from None
+        self.pipe = pipe.to(self.device, dtype)
+        self.scheduler = create_scheduler(gen.scheduler, pipe.scheduler.config)
+        self.uncond = self._encode([""])  # (1, L, D): the empty negative prompt
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return self.pipe.text_encoder(ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from lbgen.sampler import decode, denoise, initial_latents
+
+        gen, rows = self.cfg.generate, len(batch["seed"])
+        seeds = _pad_rows([int(s) for s in batch["seed"]])
+        prompts = _pad_rows([str(p) for p in batch["prompt"]])
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]  # one per image
+        unet, vae = self.pipe.unet, self.pipe.vae
+        latents = initial_latents(len(seeds), unet, self.pipe.vae_scale_factor, self.cfg.model.resolution,
+                                  self.scheduler, generators, self.device).to(unet.dtype)
+        cond = self._encode(prompts)  # (B, L, D)
+        latents = denoise(unet, self.scheduler, latents, cond, self.uncond.expand(len(seeds), -1, -1),
+                          num_steps=gen.steps, guidance=gen.guidance, generator=generators)
+        images = decode(vae, latents)[:rows]  # (B, 3, H, W) in [0, 1]
+        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return {**batch, "pixels": pixels}
+
+
+class ScoreBatch:
+    """Ray Data callable: adds `clip_score`, `clip_agrees`, `iqa_score` to rows holding `pixels`.
+
+    `clip_score` is the cosine between the image and its own class text; `clip_agrees` is
+    CLIP zero-shot over the whole table ranking the own label first (ties count, so a
+    repeated name does not lose to its twin).
+    """
+
+    def __init__(self, config: dict, device: str = "cpu"):
+        from lbgen.models import create_clip, create_iqa
+
+        cfg = from_dict(Config, config)
+        self.device = torch.device(device)
+        torch.set_num_threads(cfg.generate.threads)
+        table = load_class_table(cfg.classes)
+        self.clip = create_clip(cfg.model.clip, cfg.model.clip_pretrained, device=self.device, seed=cfg.seed)
+        self.quality = create_iqa(cfg.model.iqa, device=self.device, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
+        self.text = self.clip.encode_text(table.prompts(cfg.generate.score_template))  # (C, D)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(batch["label"])
+        pixels = np.concatenate([batch["pixels"], batch["pixels"][-1:].repeat(max(0, 2 - rows), 0)])
+        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
+        sims = (self.clip.encode_image(images) @ self.text.T)[:rows]  # (B, C)
+        labels = torch.as_tensor(batch["label"], device=self.device).long()
+        own = sims.gather(1, labels[:, None])[:, 0]
+        return {
+            **batch,
+            "clip_score": own.cpu().numpy().astype(np.float32),
+            "clip_agrees": (own >= sims.max(dim=1).values).cpu().numpy(),
+            "iqa_score": self.quality(images)[:rows].cpu().numpy().astype(np.float32),
+        }
+
+
+# ---------------------------------------------------------------- output directory
+
+
+def content_settings(cfg: Config, table: ClassTable, lora_sha: str | None) -> dict:
+    """Every setting that defines a row's content; two runs with equal settings make equal rows."""
+    gen = {k: v for k, v in dataclasses.asdict(cfg.generate).items() if k not in RESUMABLE_FIELDS | {"lora"}}
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "trust_remote_code"}
+    table_sha = hashlib.sha256(json.dumps([table.ids, table.names]).encode()).hexdigest()
+    return {"seed": cfg.seed, "classes_sha256": table_sha, "num_classes": len(table), "model": model,
+            "lora_sha256": lora_sha, "generate": gen}
+
+
+def settings_hash(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _remove_dataset(output: Path) -> None:
+    """Delete what a generate run writes (shards, temp shards, manifest, card, config) and nothing else."""
+    for path in (output / DATA_DIR).glob("*train-*.parquet*"):
+        path.unlink()
+    for name in (MANIFEST, CARD, "config.yaml"):
+        (output / name).unlink(missing_ok=True)
+
+
+def prepare_output(output: Path, content: dict, overwrite: bool) -> dict | None:
+    """Check that `output` is empty or holds this very dataset; returns its manifest (None if new).
+
+    Refuses (DatasetError), touching nothing, when it holds other content, unless `overwrite`.
+    """
+    if output.exists() and not output.is_dir():
+        raise DatasetError(f"output {output} exists and is not a directory")
+    manifest = read_manifest(output) if output.is_dir() else None
+    if manifest is not None and manifest["content_hash"] != settings_hash(content):
+        if not overwrite:
+            detail = "; ".join(_differences(manifest["content"], content)[:6])
+            raise DatasetError(f"{output} holds a dataset made with other settings ({detail}); "
+                               "use another --output, or --overwrite to replace it")
+        _remove_dataset(output)
+        return None
+    if manifest is None and output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise DatasetError(f"{output} is not empty and holds no {MANIFEST}: refusing to write a dataset into it "
+                               "(use an empty or new --output, or --overwrite)")
+        _remove_dataset(output)
+    if manifest is not None:
+        for tmp in (output / DATA_DIR).glob(".train-*.tmp-*"):
+            tmp.unlink()  # left by an interrupted run; never visible under a final name
+    return manifest
+
+
+def finished_shards(output: Path, manifest: dict, expected_rows: list[int]) -> dict[str, dict]:
+    """Manifest entries of the shards already whole on disk (a shard renamed just before a crash is re-hashed)."""
+    import pyarrow.parquet as pq
+
+    done = {}
+    for k, rows in enumerate(expected_rows):
+        name = shard_name(k, len(expected_rows))
+        path = output / DATA_DIR / name
+        if not path.exists():
+            continue
+        entry = manifest["shards"].get(name)
+        if entry is None and pq.read_metadata(path).num_rows == rows:
+            entry = {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        if entry is not None:
+            done[name] = entry
+    return done
+
+
+class ShardAssembler:
+    """Driver side: gathers encoded rows per shard and writes each shard once it is whole.
+
+    Rows arrive in order (the pipeline preserves it), so at most about one shard is buffered.
+    """
+
+    def __init__(self, output: Path, cfg: Config, names: list[str], expected_rows: list[int], generator: str, on_shard):
+        self.output, self.cfg, self.generator = output, cfg, generator
+        self.schema = schema(names)
+        self.expected_rows = expected_rows
+        self.pending: dict[int, list[dict]] = {}
+        self.on_shard = on_shard
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for i, shard in enumerate(batch["shard"]):
+            rows = self.pending.setdefault(int(shard), [])
+            rows.append({k: v[i] for k, v in batch.items()})
+            if len(rows) == self.expected_rows[int(shard)]:
+                self._write(int(shard), self.pending.pop(int(shard)))
+
+    def _write(self, shard: int, rows: list[dict]) -> None:
+        import pyarrow as pa
+
+        rows.sort(key=lambda r: (int(r["label"]), int(r["index"])))
+        columns = {
+            "image": [{"bytes": r["image_bytes"], "path": r["image_path"]} for r in rows],
+            "generator": [self.generator] * len(rows),
+        }
+        for col in self.schema.names:
+            if col not in columns:
+                columns[col] = [r[col].item() if hasattr(r[col], "item") else r[col] for r in rows]
+        table = pa.Table.from_pydict(columns, schema=self.schema)
+        name = shard_name(shard, len(self.expected_rows))
+        entry = write_shard(table, self.output / DATA_DIR / name, self.cfg.generate.row_group_rows)
+        self.on_shard(name, entry)
+
+
+# ---------------------------------------------------------------- Ray Data pipeline
+
+
+def use_gpus(cfg: Config) -> bool:
+    import ray
+
+    if cfg.generate.use_gpu is not None:
+        return cfg.generate.use_gpu
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_pipeline(cfg: Config, table: ClassTable, shards: list[int]):
+    """The lazy Ray Data dataset of encoded rows for `shards` (see the module docstring)."""
+    import ray
+
+    gen, config = cfg.generate, dataclasses.asdict(cfg)
+    gpu = use_gpus(cfg)
+    device = "cuda" if gpu else "cpu"
+    light = 0.25  # CPUs for planning/encoding tasks and the scoring actor: they must fit beside the actors
+    ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=max(1, len(shards)))
+    # Few light task workers: each new Ray worker process costs an interpreter start.
+    ds = ds.flat_map(partial(shard_rows, names=table.names, ids=table.ids, cfg=cfg), num_cpus=light,
+                     compute=ray.data.TaskPoolStrategy(size=1))
+    ds = ds.map_batches(
+        GenerateBatch, fn_constructor_kwargs={"config": config, "device": device}, batch_size=gen.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=gen.workers), num_cpus=gen.cpus_per_worker,
+        num_gpus=(1 - SCORE_GPU_SHARE) if gpu else 0, batch_format="numpy",
+    )
+    ds = ds.map_batches(
+        ScoreBatch, fn_constructor_kwargs={"config": config, "device": device}, batch_size=gen.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=max(1, gen.workers // 4)), num_cpus=light,
+        num_gpus=SCORE_GPU_SHARE if gpu else 0, batch_format="numpy",
+    )
+    return ds.map_batches(encode_images, fn_kwargs={"image_format": gen.image_format, "quality": gen.image_quality},
+                          batch_size=gen.batch_size, num_cpus=light, batch_format="numpy",
+                          compute=ray.data.TaskPoolStrategy(size=max(1, gen.workers)))
+
+
+def generate(cfg: Config, *, show_progress: bool = True) -> dict:
+    """Generate (or resume) the dataset of `cfg` into `cfg.generate.output`; returns the manifest.
+
+    Raises ClassTableError, LoraError, ConfigError or DatasetError before touching the
+    output when the class table, LoRA, settings or output directory are unusable.
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    from lbgen.models.generator import SCHEDULERS, check_generator
+
+    gen = cfg.generate
+    table = load_class_table(cfg.classes)
+    if gen.scheduler not in SCHEDULERS:
+        raise ConfigError(f"generate.scheduler: unknown {gen.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    check_generator(cfg.model.generator)  # here, not deep inside a Ray actor
+    lora_sha = check_lora(gen.lora)
+    output = Path(gen.output).expanduser().resolve()
+    content = content_settings(cfg, table, lora_sha)
+    manifest = prepare_output(output, content, gen.overwrite)
+
+    names = label_names(table.ids, table.names)
+    n = num_shards(len(table), cfg)
+    expected = [len(shard_rows({"shard": k}, names=table.names, ids=table.ids, cfg=cfg)) for k in range(n)]
+    manifest = {
+        "format": FORMAT, "content_hash": settings_hash(content), "content": content,
+        "config": dataclasses.asdict(cfg), "generator": generator_id(cfg, lora_sha),
+        "num_classes": len(table), "images_per_class": gen.images_per_class, "label_names": names,
+        "num_shards": n, "shards": finished_shards(output, manifest, expected) if manifest else {},
+    }
+    (output / DATA_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output / MANIFEST, manifest)  # first: it claims the directory for this dataset
+    (output / "config.yaml").write_text(to_yaml(cfg))
+    write_card(output, names, f"Images generated by lbgen from {len(table)} class names "
+               f"({table.source}), {gen.images_per_class} per class, with {manifest['generator']}.")
+
+    todo = [k for k in range(n) if shard_name(k, n) not in manifest["shards"]]
+    start, made = time.perf_counter(), sum(expected[k] for k in todo)
+    if todo:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # rows arrive shard by shard: bounded buffering
+        ctx.enable_progress_bars = False  # lbgen draws its own bar
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+        def on_shard(name: str, entry: dict) -> None:
+            manifest["shards"][name] = entry
+            write_json_atomic(output / MANIFEST, manifest)  # a shard is recorded only once whole
+
+        assembler = ShardAssembler(output, cfg, names, expected, manifest["generator"], on_shard)
+        with tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
+            for batch in build_pipeline(cfg, table, todo).iter_batches(batch_size=None, batch_format="numpy"):
+                assembler.add(batch)
+                bar.update(len(batch["label"]))
+    seconds = time.perf_counter() - start
+    stats = read_stats([output / DATA_DIR / name for name in sorted(manifest["shards"])])
+    manifest["totals"] = {"rows": stats.num_rows, "shards": len(manifest["shards"]),
+                          "bytes": sum(e["bytes"] for e in manifest["shards"].values())}
+    manifest["throughput"] = {"images_this_run": made, "seconds": round(seconds, 3),
+                              "images_per_s": round(made / seconds, 3) if made else None}
+    manifest["summary"] = summarize(stats, names)
+    write_json_atomic(output / MANIFEST, manifest)
+    return manifest
+
+
+def summary_text(manifest: dict) -> str:
+    """The final terminal summary of a run."""
+    extra = {"shards": f"{manifest['totals']['shards']}/{manifest['num_shards']}",
+             "made": manifest["throughput"]["images_this_run"], "images/s": manifest["throughput"]["images_per_s"]}
+    return format_summary(manifest["summary"], extra)

@@ -1,0 +1,48 @@
+"""The plan of a dataset: one row per image, assigned to shards; torch-free so Ray's plan tasks start fast.
+
+Rows are numbered label-major (label 0's images first); shard k holds rows
+[k*R, (k+1)*R) with R = `generate.rows_per_shard`. An image's seed is
+`derive_seed(run seed, label, index)`: no batching, sharding or worker count changes it.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+from lbgen.classes import ClassTable
+from lbgen.config import Config
+from lbgen.seeds import derive_seed
+
+
+def num_shards(num_classes: int, cfg: Config) -> int:
+    return math.ceil(num_classes * cfg.generate.images_per_class / cfg.generate.rows_per_shard)
+
+
+def shard_rows(item: dict, *, names: tuple[str, ...], ids: tuple[str, ...], cfg: Config) -> list[dict]:
+    """Plan rows of shard `item["shard"]`.
+
+    Labels follow table rows (never names), so repeated names keep distinct labels.
+    """
+    gen = cfg.generate
+    total = len(names) * gen.images_per_class
+    start = item["shard"] * gen.rows_per_shard
+    rows = []
+    for position in range(start, min(start + gen.rows_per_shard, total)):
+        label, index = divmod(position, gen.images_per_class)
+        rows.append({
+            "label": label,
+            "class_id": ids[label],
+            "class_name": names[label],
+            "index": index,
+            "seed": derive_seed(cfg.seed, label, index),
+            "prompt": gen.prompt_template.format(name=names[label]),
+            "shard": item["shard"],
+        })
+    return rows
+
+
+def plan(table: ClassTable, cfg: Config) -> list[dict]:
+    """Every row of the dataset, in shard order (for tests and small runs; the pipeline plans per shard)."""
+    plan_shard = partial(shard_rows, names=table.names, ids=table.ids, cfg=cfg)
+    return [row for k in range(num_shards(len(table), cfg)) for row in plan_shard({"shard": k})]

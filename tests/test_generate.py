@@ -1,0 +1,418 @@
+"""`lbgen generate` on the tiny preset: plan, one generation code path, Ray Data runs, resume, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from lbgen.classes import ClassTable, ClassTableError, load_class_table
+from lbgen.cli import main as cli_main
+from lbgen.config import Config, ConfigError, resolve
+from lbgen.dataset import DatasetError, inspect_dataset, label_names
+from lbgen.generate import GenerateBatch, LoraError, ScoreBatch, check_lora, encode_images, generate, generator_id, plan
+from lbgen.plan import num_shards
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray"]
+PER_CLASS = 4  # 6 classes x 4 = 24 rows; 2 rows per shard = 12 shards
+
+
+@pytest.fixture(scope="module")
+def table_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("classes") / "six.txt"
+    path.write_text("".join(f"n{i:08d} {name}\n" for i, name in enumerate(CLASSES)))
+    return path
+
+
+def tiny_cfg(table: Path | str, output: Path, **generate) -> Config:
+    settings = {"images_per_class": PER_CLASS, "rows_per_shard": 2, "row_group_rows": 2, "output": str(output),
+                "batch_size": 2, **generate}
+    return resolve("tiny", overrides={"classes": str(table), "generate": settings})
+
+
+def read_rows(output: Path) -> dict:
+    """(label, index) -> row dict with decoded pixels, from all shards."""
+    table = pq.read_table(output / "data")
+    rows = {}
+    for row in table.to_pylist():
+        row["pixels"] = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])))
+        rows[(row["label"], row["index"])] = row
+    return rows
+
+
+SCORES = ("clip_score", "iqa_score")
+
+
+def assert_same_row(a: dict, b: dict) -> None:
+    """Same pixels and metadata; scores equal up to float rounding (CLIP/IQA kernels vary with batch size)."""
+    np.testing.assert_array_equal(a["pixels"], b["pixels"])
+    skip = ("pixels", "image") + SCORES
+    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+    np.testing.assert_allclose([a[k] for k in SCORES], [b[k] for k in SCORES], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- plan (no models)
+
+
+def test_plan_has_every_label_index_once_and_labels_follow_rows():
+    cfg = resolve("tiny", overrides={"generate": {"images_per_class": 3, "rows_per_shard": 7}})
+    table = load_class_table(cfg.classes)
+    rows = plan(table, cfg)
+    assert len(rows) == len(table) * 3
+    assert sorted((r["label"], r["index"]) for r in rows) == [(c, i) for c in range(len(table)) for i in range(3)]
+    for r in rows:
+        assert r["class_name"] == table.names[r["label"]] and r["class_id"] == table.ids[r["label"]]
+        assert r["prompt"] == r["class_name"]
+    # Shards: deterministic contiguous blocks of 7 rows, the last one shorter.
+    assert [r["shard"] for r in rows] == [p // 7 for p in range(len(rows))]
+
+
+def test_plan_keeps_imagenet_duplicate_names_apart():
+    cfg = resolve("tiny", overrides={"classes": "imagenet1k", "generate": {"images_per_class": 1}})
+    table = load_class_table("imagenet1k")
+    rows = plan(table, cfg)
+    for name in ("missile", "sunglasses"):
+        twins = [r for r in rows if r["class_name"] == name]
+        assert len(twins) == 2 and twins[0]["label"] != twins[1]["label"]
+        assert twins[0]["class_id"] != twins[1]["class_id"] and twins[0]["seed"] != twins[1]["seed"]
+    names = label_names(table.ids, table.names)
+    assert len(set(names)) == 1000  # HF ClassLabel needs unique names
+    assert names[rows[0]["label"]] == table.names[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(classes=st.integers(1, 7), per_class=st.integers(1, 9), per_shard=st.integers(1, 25))
+def test_plan_property_every_image_once_in_order(classes, per_class, per_shard):
+    table = ClassTable(ids=tuple(f"c{i}" for i in range(classes)), names=("same",) * classes, source="mem")
+    cfg = resolve("tiny", overrides={"generate": {"images_per_class": per_class, "rows_per_shard": per_shard}})
+    rows = plan(table, cfg)
+    assert [(r["label"], r["index"]) for r in rows] == [(c, i) for c in range(classes) for i in range(per_class)]
+    sizes = Counter(r["shard"] for r in rows)
+    assert sorted(sizes) == list(range(num_shards(classes, cfg)))
+    assert all(n == per_shard for k, n in sizes.items() if k < len(sizes) - 1) and 0 < sizes[len(sizes) - 1] <= per_shard
+
+
+def test_seeds_do_not_depend_on_sharding():
+    table = load_class_table("tiny10")
+    a = {(r["label"], r["index"]): r["seed"] for r in plan(table, resolve("tiny", overrides={"generate": {"rows_per_shard": 3}}))}
+    b = {(r["label"], r["index"]): r["seed"] for r in plan(table, resolve("tiny", overrides={"generate": {"rows_per_shard": 50}}))}
+    assert a == b and len(set(a.values())) == len(a)
+    c = plan(table, resolve("tiny", overrides={"seed": 1, "generate": {"rows_per_shard": 3}}))
+    assert all(a[(r["label"], r["index"])] != r["seed"] for r in c)
+
+
+# ---------------------------------------------------------------- the generation callable, called directly
+
+
+@pytest.fixture(scope="module")
+def generator(table_file, tmp_path_factory):
+    cfg = tiny_cfg(table_file, tmp_path_factory.mktemp("unused"))
+    return cfg, GenerateBatch(dataclasses.asdict(cfg))
+
+
+def batch_of(rows: list[dict]) -> dict:
+    return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_generate_batch_pixels_do_not_depend_on_batching(generator, table_file):
+    cfg, gen = generator
+    rows = plan(load_class_table(str(table_file)), cfg)[:4]
+    four = gen(batch_of(rows))["pixels"]
+    assert four.shape == (4, 64, 64, 3) and four.dtype == np.uint8
+    two = np.concatenate([gen(batch_of(rows[:2]))["pixels"], gen(batch_of(rows[2:]))["pixels"]])
+    alone = np.stack([gen(batch_of([r]))["pixels"][0] for r in rows])
+    np.testing.assert_array_equal(four, two)
+    np.testing.assert_array_equal(four, alone)
+    assert not np.array_equal(four[0], four[1])  # different seeds, different images
+
+
+def test_score_and_encode(generator, table_file):
+    cfg, gen = generator
+    rows = plan(load_class_table(str(table_file)), cfg)[:3]
+    scored = ScoreBatch(dataclasses.asdict(cfg))(gen(batch_of(rows)))
+    assert scored["clip_score"].shape == (3,) and np.all(np.abs(scored["clip_score"]) <= 1.0001)
+    assert scored["clip_agrees"].dtype == bool and np.isfinite(scored["iqa_score"]).all()
+    for fmt in ("png", "jpeg", "webp"):
+        out = encode_images(dict(scored), fmt, 90)
+        decoded = np.asarray(Image.open(io.BytesIO(out["image_bytes"][0])))
+        assert decoded.shape == (64, 64, 3) and "pixels" not in out and out["image_path"][0].endswith((fmt, "jpg"))
+        if fmt == "png":
+            np.testing.assert_array_equal(decoded, scored["pixels"][0])
+
+
+def make_lora(directory: Path) -> Path:
+    """A diffusers-format LoRA for the tiny UNet with non-zero weights (peft's gaussian init leaves B = 0)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from lbgen.models import create_generator
+
+    pipe = create_generator("tiny", resolution=64)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True)
+    return directory
+
+
+def test_lora_is_applied(generator, table_file, tmp_path):
+    cfg, gen = generator
+    lora_cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, lora=str(make_lora(tmp_path))))
+    rows = batch_of(plan(load_class_table(str(table_file)), cfg)[:2])
+    with_lora = GenerateBatch(dataclasses.asdict(lora_cfg))(rows)["pixels"]
+    assert not np.array_equal(with_lora, gen(rows)["pixels"])
+    sha = check_lora(lora_cfg.generate.lora)
+    assert generator_id(lora_cfg, sha) == f"tiny+lora:sha256:{sha}" and len(sha) == 64
+
+
+# ---------------------------------------------------------------- Ray Data runs
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_local, table_file, tmp_path_factory):
+    """One uninterrupted run: 1 actor, batch 2."""
+    output = tmp_path_factory.mktemp("full") / "ds"
+    manifest = generate(tiny_cfg(table_file, output, workers=1, batch_size=2), show_progress=False)
+    return output, manifest
+
+
+def test_full_run_rows_and_manifest(full_run, table_file):
+    output, manifest = full_run
+    rows = read_rows(output)
+    assert len(rows) == len(CLASSES) * PER_CLASS == manifest["totals"]["rows"]
+    assert set(rows) == {(c, i) for c in range(len(CLASSES)) for i in range(PER_CLASS)}
+    assert all(r["class_name"] == CLASSES[r["label"]] and r["generator"] == "tiny" for r in rows.values())
+    names = sorted(p.name for p in (output / "data").iterdir())
+    assert names == [f"train-{k:05d}-of-00012.parquet" for k in range(12)]
+    assert pq.ParquetFile(output / "data" / names[0]).metadata.num_row_groups == 1
+    assert manifest["throughput"]["images_this_run"] == 24
+    found = inspect_dataset(output)
+    assert found.ok, found.defects
+    assert found.summary["rows"] == 24
+
+
+def test_image_remade_alone_equals_full_run(full_run, generator, table_file):
+    output, _ = full_run
+    cfg, gen = generator
+    rows = read_rows(output)
+    for row in plan(load_class_table(str(table_file)), cfg)[5:8]:
+        np.testing.assert_array_equal(gen(batch_of([row]))["pixels"][0], rows[(row["label"], row["index"])]["pixels"])
+
+
+def test_two_actors_batch_four_equals_one_actor_batch_two(full_run, table_file, tmp_path):
+    output, _ = full_run
+    generate(tiny_cfg(table_file, tmp_path / "ds", workers=2, batch_size=4), show_progress=False)
+    a, b = read_rows(output), read_rows(tmp_path / "ds")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert_same_row(a[key], b[key])
+
+
+def test_rerun_skips_finished_shards(full_run, table_file):
+    output, manifest = full_run
+    again = generate(tiny_cfg(table_file, output), show_progress=False)
+    assert again["throughput"]["images_this_run"] == 0 and again["shards"] == manifest["shards"]
+
+
+def test_load_dataset_gives_pil_images_and_int_labels(full_run, ray_local):
+    datasets = pytest.importorskip("datasets")
+    output, _ = full_run
+    for ds in (datasets.load_dataset("parquet", data_dir=str(output))["train"], datasets.load_dataset(str(output))["train"]):
+        assert len(ds) == 24
+        assert isinstance(ds[0]["image"], Image.Image) and ds[0]["image"].size == (64, 64)
+        assert isinstance(ds[0]["label"], int)
+        assert ds.features["label"].names == CLASSES
+    assert ray_local.data.read_parquet(str(output / "data")).count() == 24
+    assert __import__("pandas").read_parquet(output / "data").shape == (24, 13)
+
+
+def test_interrupted_run_resumes_to_the_same_dataset(full_run, table_file, tmp_path, ray_local):
+    """Kill a real `lbgen generate` process mid-run; shards visible under final names are whole; resume completes it."""
+    output = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "lbgen.cli", "generate", "--preset", "tiny", "--classes", str(table_file),
+           "--images-per-class", str(PER_CLASS), "--rows-per-shard", "2", "--row-group-rows", "2", "--batch-size", "2",
+           "--output", str(output), "--address", ray_local.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    seen, deadline = set(), time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            for path in (output / "data").glob("train-*.parquet") if (output / "data").exists() else ():
+                if path.name not in seen:
+                    assert pq.read_metadata(path).num_rows == 2  # whole the moment it is visible
+                    seen.add(path.name)
+            if len(seen) >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert 2 <= len(seen) < 12, f"expected an interrupted run, saw {len(seen)} shards"
+    assert not inspect_dataset(output).ok  # an incomplete dataset is reported as such
+
+    survived = len(list((output / "data").glob("train-*.parquet")))
+    resumed = generate(tiny_cfg(table_file, output), show_progress=False)
+    assert resumed["throughput"]["images_this_run"] == 24 - 2 * survived  # only the missing shards
+    assert not list((output / "data").glob(".*"))  # no temp shard left behind
+    a, b = read_rows(full_run[0]), read_rows(output)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert_same_row(a[key], b[key])
+    assert inspect_dataset(output).ok
+
+
+def test_inspect_reports_defects(full_run, tmp_path, capsys):
+    copy = tmp_path / "ds"
+    shutil.copytree(full_run[0], copy)
+    assert cli_main(["inspect", str(copy)]) == 0
+    shard = copy / "data" / "train-00003-of-00012.parquet"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (copy / "data" / "train-00005-of-00012.parquet").unlink()
+    assert cli_main(["inspect", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "train-00003-of-00012.parquet: sha256" in err and "train-00005-of-00012.parquet: missing" in err
+    assert "class(es) without 4 images" in err
+
+
+# ---------------------------------------------------------------- bad input: clear errors, nothing overwritten
+
+
+def snapshot(directory: Path) -> dict:
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_malformed_class_table(tmp_path, capsys, ray_local):  # the CLI attaches to the test's Ray
+    bad = tmp_path / "bad.txt"
+    bad.write_text("n01 tench\nlonely\n")
+    with pytest.raises(ClassTableError, match=r"bad.txt:2"):
+        generate(tiny_cfg(bad, tmp_path / "out"))
+    assert cli_main(["generate", "--classes", str(bad), "--output", str(tmp_path / "out")]) == 2
+    assert "bad.txt:2" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [None, b"not a safetensors file"])
+def test_unreadable_lora(tmp_path, table_file, content, capsys, ray_local):
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    if content is not None:
+        (lora / "pytorch_lora_weights.safetensors").write_bytes(content)
+    with pytest.raises(LoraError, match="LoRA"):
+        generate(tiny_cfg(table_file, tmp_path / "out", lora=str(lora)))
+    assert cli_main(["generate", "--classes", str(table_file), "--lora", str(lora), "--output", str(tmp_path / "out")]) == 2
+    assert str(lora) in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_output_holding_another_dataset_is_refused(full_run, table_file, tmp_path):
+    output = full_run[0]
+    before = snapshot(output)
+    with pytest.raises(DatasetError, match=r"other settings.*seed: 0 -> 7"):
+        generate(dataclasses.replace(tiny_cfg(table_file, output), seed=7))
+    with pytest.raises(DatasetError, match="images_per_class: 4 -> 5"):
+        generate(tiny_cfg(table_file, output, images_per_class=5))
+    assert snapshot(output) == before
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="holds no manifest.json"):
+        generate(tiny_cfg(table_file, foreign))
+    assert snapshot(foreign) == {Path("notes.txt"): b"keep me"}
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/sd15", "nobody-xyz/no-such-model"])
+def test_missing_generator_fails_fast_before_writing(tmp_path, table_file, name, capsys, monkeypatch, ray_local):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub id must not be fetched: answer at once
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    assert cli_main(["generate", "--classes", str(table_file), "--generator", name, "--output", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - start < 10
+    assert f"generator {name!r} was not found" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_non_positive_images_per_class(tmp_path, capsys):
+    for n in (0, -3):
+        with pytest.raises(ConfigError, match="generate.images_per_class must be > 0"):
+            resolve("tiny", overrides={"generate": {"images_per_class": n}})
+        assert cli_main(["generate", "--images-per-class", str(n), "--output", str(tmp_path / "out")]) == 2
+    assert "images_per_class must be > 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- config, CLI, presets
+
+
+def test_cli_flags_reach_the_generate_config():
+    from lbgen.cli import build_parser
+    from lbgen.config import overrides_from_args
+
+    args = build_parser().parse_args(
+        ["generate", "--classes", "tiny10", "--lora", "L", "--images-per-class", "3", "--output", "O", "--seed", "5",
+         "--workers", "2", "--batch-size", "3", "--steps", "7", "--scheduler", "ddim", "--guidance", "1.5",
+         "--image-format", "webp", "--overwrite"])
+    cfg = resolve(args.preset, None, overrides_from_args(args))
+    gen = cfg.generate
+    assert (cfg.seed, gen.lora, gen.images_per_class, gen.output, gen.workers, gen.batch_size, gen.steps,
+            gen.scheduler, gen.guidance, gen.image_format, gen.overwrite) == (5, "L", 3, "O", 2, 3, 7, "ddim", 1.5, "webp", True)
+    args = build_parser().parse_args(["generate", "--concurrency", "3"])
+    assert resolve(args.preset, None, overrides_from_args(args)).generate.workers == 3
+
+
+def test_paper_defaults_and_validation():
+    gen = Config().generate
+    assert (gen.images_per_class, gen.steps, gen.guidance, gen.scheduler, gen.prompt_template) == (1300, 50, 2.0, "ddpm", "{name}")
+    assert Config().model.resolution == 512
+    for field, value, message in [("image_format", "gif", "image_format"), ("steps", 0, "steps must be > 0"),
+                                  ("prompt_template", "a photo", "must contain"), ("dtype", "int8", "dtype")]:
+        with pytest.raises(ConfigError, match=message):
+            resolve("tiny", overrides={"generate": {field: value}})
+
+
+def test_sd15_shape_preset_builds_the_real_architectures():
+    """SD 1.5 UNet/VAE/text encoder and CLIP ViT-L/14 parameter counts, built on the meta device (no memory)."""
+    import open_clip
+    import torch
+
+    from lbgen.models.generator import GENERATOR_BUILDERS
+
+    cfg = resolve("sd15-shape")
+    assert (cfg.model.generator, cfg.model.clip, cfg.model.clip_pretrained, cfg.model.resolution) == ("sd15-shape", "ViT-L-14", None, 512)
+    with torch.device("meta"):
+        pipe = GENERATOR_BUILDERS[cfg.model.generator](resolution=512)
+        clip = open_clip.CLIP(**open_clip.get_model_config(cfg.model.clip))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert (count(pipe.unet), count(pipe.vae), count(pipe.text_encoder)) == (859_520_964, 83_653_863, 123_060_480)
+    assert count(clip) == 427_616_513
+
+
+def test_overwrite_replaces_only_what_generate_wrote(full_run, table_file, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(full_run[0], copy)
+    (copy / "notes.txt").write_text("keep me")
+    manifest = generate(tiny_cfg(table_file, copy, images_per_class=1, overwrite=True), show_progress=False)
+    assert manifest["totals"]["rows"] == len(CLASSES) and manifest["images_per_class"] == 1
+    assert sorted(p.name for p in (copy / "data").iterdir()) == [f"train-{k:05d}-of-00003.parquet" for k in range(3)]
+    assert (copy / "notes.txt").read_text() == "keep me" and inspect_dataset(copy).ok
