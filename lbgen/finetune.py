@@ -14,8 +14,8 @@ import dataclasses
 import json
 import logging
 import math
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,7 @@ from lbgen.losses import Discriminator, LbGenLoss, discriminator_loss, draw_real
 from lbgen.models import create_clip, create_generator, create_iqa
 from lbgen.progress import MetricsProgress
 from lbgen.runs import MetricsLog
-from lbgen.sampler import TrainableSampler, gradient_step_indices, initial_latents
+from lbgen.sampler import TrainableSampler, encode_prompts, gradient_step_indices, initial_latents
 from lbgen.seeds import derive_seed, seeded_generator
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: `pipe.load_lora_weights(dir)`
@@ -122,7 +122,7 @@ class Finetuner:
         self.g_opt = torch.optim.AdamW(self.lora_params, lr=ft.lr, betas=(0.9, 0.999), weight_decay=ft.weight_decay)
         self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=ft.d_lr, betas=(0.0, 0.999))
         self.scaler = torch.amp.GradScaler("cuda", enabled=on_gpu and ft.mixed_precision == "fp16")
-        self.uncond = self._encode([""])  # (1, L, D): the empty negative prompt
+        self.uncond = encode_prompts(self.pipe, [""], self.device)  # (1, L, D): the empty negative prompt
 
     # ------------------------------------------------------------ pieces
 
@@ -131,16 +131,9 @@ class Finetuner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.pipe.tokenizer(
-            prompts, padding="max_length", max_length=self.pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        return self.pipe.text_encoder(ids.to(self.device))[0]
-
     def _prompt_states(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         names = [self.table.names[i] for i in labels.tolist()]
-        cond = self._encode([self.cfg.finetune.prompt_template.format(name=n) for n in names])
+        cond = encode_prompts(self.pipe, [self.cfg.finetune.prompt_template.format(name=n) for n in names], self.device)
         return cond, self.uncond.expand(len(names), -1, -1)
 
     def _latents(self, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -265,18 +258,6 @@ def export_lora(adapter_file: Path, output: Path) -> Path:
 # ---------------------------------------------------------------- Ray Train
 
 
-def _report(metrics: dict, finetuner: Finetuner | None, step: int) -> None:
-    """Report to Ray Train; rank 0 attaches a checkpoint when `finetuner` is given."""
-    import ray.train
-
-    if finetuner is None or finetuner.rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        finetuner.save(Path(tmp), step)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: restore or warm up, then train; checkpoint every `checkpoint_every` steps."""
     import ray.train
@@ -313,7 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and (done == steps or (ft.sample_every and done % ft.sample_every == 0)):
             save_grid(finetuner.sample_grid(), output / "samples" / f"step-{done:06d}.png")
         if done == steps or done % ft.checkpoint_every == 0:
-            _report(metrics, finetuner, done)
+            runs.report(metrics, partial(finetuner.save, step=done) if rank == 0 else None)
 
 
 def check_resumable(output: Path, cfg: Config) -> None:

@@ -107,6 +107,7 @@ class GenerateBatch:
 
     def __init__(self, config: dict, device: str = "cpu"):
         from lbgen.models.generator import create_generator, create_scheduler
+        from lbgen.sampler import encode_prompts
 
         cfg = from_dict(Config, config)
         gen = cfg.generate
@@ -122,17 +123,11 @@ class GenerateBatch:
                 raise LoraError(f"LoRA {gen.lora} cannot be loaded into {cfg.model.generator}: {err}") from None
         self.pipe = pipe.to(self.device, dtype)
         self.scheduler = create_scheduler(gen.scheduler, pipe.scheduler.config)
-        self.uncond = self._encode([""])  # (1, L, D): the empty negative prompt
-
-    @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-        return self.pipe.text_encoder(ids.to(self.device))[0]
+        self.uncond = encode_prompts(self.pipe, [""], self.device)  # (1, L, D): the empty negative prompt
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from lbgen.sampler import decode, denoise, initial_latents
+        from lbgen.sampler import decode, denoise, encode_prompts, initial_latents
 
         gen, rows = self.cfg.generate, len(batch["seed"])
         seeds = _pad_rows([int(s) for s in batch["seed"]])
@@ -141,7 +136,7 @@ class GenerateBatch:
         unet, vae = self.pipe.unet, self.pipe.vae
         latents = initial_latents(len(seeds), unet, self.pipe.vae_scale_factor, self.cfg.model.resolution,
                                   self.scheduler, generators, self.device).to(unet.dtype)
-        cond = self._encode(prompts)  # (B, L, D)
+        cond = encode_prompts(self.pipe, prompts, self.device)  # (B, L, D)
         latents = denoise(unet, self.scheduler, latents, cond, self.uncond.expand(len(seeds), -1, -1),
                           num_steps=gen.steps, guidance=gen.guidance, generator=generators)
         images = decode(vae, latents)[:rows]  # (B, 3, H, W) in [0, 1]

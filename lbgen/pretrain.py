@@ -16,9 +16,9 @@ import contextlib
 import dataclasses
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -208,18 +208,6 @@ class Pretrainer:
 # ---------------------------------------------------------------- Ray Train
 
 
-def _report(metrics: dict, pretrainer: Pretrainer | None, epoch: int, rank: int) -> None:
-    """Report to Ray Train; rank 0 attaches a checkpoint when `pretrainer` is given."""
-    import ray.train
-
-    if pretrainer is None or rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        pretrainer.save(Path(tmp), epoch)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: restore if a checkpoint exists, then one train + held-out pass per epoch."""
     import ray.train
@@ -245,7 +233,7 @@ def train_loop_per_worker(config: dict) -> None:
     shuffle = pt.shuffle_buffer or None
 
     if start >= pt.epochs:  # nothing left: hand the restored weights back for the export
-        _report({"epoch": start, "step": trainer.step}, trainer, start, rank)
+        runs.report({"epoch": start, "step": trainer.step}, partial(trainer.save, epoch=start) if rank == 0 else None)
     for epoch in range(start, pt.epochs):
         batches = train_shard.iter_torch_batches(batch_size=pt.batch_size, local_shuffle_buffer_size=shuffle, drop_last=True, prefetch_batches=2)
         record = {"epoch": epoch + 1, **trainer.train_epoch(batches)}
@@ -256,7 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics_log.write(record)
         done = epoch + 1
         last = done == pt.epochs or done % pt.checkpoint_every == 0
-        _report(record, trainer if last else None, done, rank)
+        runs.report(record, partial(trainer.save, epoch=done) if rank == 0 and last else None)
 
 
 def _absolute(cfg: Config) -> Config:

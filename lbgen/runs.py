@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from lbgen.config import Config, ConfigError, from_dict, load_yaml
@@ -72,3 +73,16 @@ def check_resumable(
     ]
     if changed:
         raise ConfigError(f"{output} holds a {what or stage} run with other settings ({', '.join(changed)}); use another --output")
+
+
+def report(metrics: dict, save: Callable[[Path], None] | None) -> None:
+    """`ray.train.report` on every rank (it is collective); the rank passing `save` attaches a
+    checkpoint that `save(directory)` writes."""
+    import ray.train
+
+    if save is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save(Path(tmp))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -33,6 +33,14 @@ def initial_latents(batch: int, unet: nn.Module, vae_scale_factor: int, resoluti
     return latents * scheduler.init_noise_sigma
 
 
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str], device) -> torch.Tensor:
+    """(len(prompts), L, D) text-encoder states, padded/truncated to the tokenizer's context."""
+    tok = pipe.tokenizer
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(device))[0]
+
+
 def guided_noise(unet: nn.Module, latents: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
     """One CFG UNet call on the stacked [uncond, cond] batch: (B, C, h, w) noise prediction."""
     model_in = torch.cat([latents, latents])
