@@ -433,52 +433,60 @@ def from_dict(cls, data: dict, where: str = "config"):
 
 def validate(cfg: Config) -> Config:
     """Refuse values the stages cannot run with; the message names the field."""
-    ft = cfg.finetune
-    positive = {
-        "finetune.workers": ft.workers,
-        "finetune.batch_size": ft.batch_size,
-        "finetune.num_steps": ft.num_steps,
-        "finetune.grad_steps": ft.grad_steps,
-        "finetune.lora_rank": ft.lora_rank,
-        "finetune.d_hidden": ft.d_hidden,
-        "finetune.checkpoint_every": ft.checkpoint_every,
-        "finetune.cpus_per_worker": ft.cpus_per_worker,
-        "finetune.epochs": ft.epochs,
-        "model.resolution": cfg.model.resolution,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
-    non_negative = {
-        "finetune.lr": ft.lr,
-        "finetune.d_lr": ft.d_lr,
-        "finetune.w_en": ft.w_en,
-        "finetune.w_in": ft.w_in,
-        "finetune.lambda_q": ft.lambda_q,
-        "finetune.weight_decay": ft.weight_decay,
-        "finetune.grad_clip": ft.grad_clip,
-        "finetune.d_grad_clip": ft.d_grad_clip,
-        "finetune.d_warmup_passes": ft.d_warmup_passes,
-        "finetune.sample_every": ft.sample_every,
-        "finetune.sample_classes": ft.sample_classes,
-    }
-    for name, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value}")
-    if ft.max_steps is not None and ft.max_steps <= 0:
-        raise ConfigError(f"finetune.max_steps must be > 0 or null, got {ft.max_steps}")
-    if ft.grad_steps > ft.num_steps:
-        raise ConfigError(f"finetune.grad_steps ({ft.grad_steps}) must not exceed finetune.num_steps ({ft.num_steps})")
-    if ft.mixed_precision not in ("bf16", "fp16", "no"):
-        raise ConfigError(f"finetune.mixed_precision must be bf16, fp16 or no, got {ft.mixed_precision!r}")
-    for name in ("prompt_template", "clip_template"):
-        if "{name}" not in getattr(ft, name):
-            raise ConfigError(f"finetune.{name} must contain '{{name}}', got {getattr(ft, name)!r}")
+    _validate_finetune(cfg.finetune, cfg.model)
     _validate_generate(cfg.generate)
     _validate_pretrain(cfg.pretrain)
     _validate_evaluate(cfg.evaluate)
     _validate_make_downstream(cfg.make_downstream)
     return cfg
+
+
+def _positive(fields: dict[str, float]) -> dict[str, tuple[bool, str]]:
+    return {name: (value > 0, f"must be > 0, got {value}") for name, value in fields.items()}
+
+
+def _non_negative(fields: dict[str, float]) -> dict[str, tuple[bool, str]]:
+    return {name: (value >= 0, f"must be >= 0, got {value}") for name, value in fields.items()}
+
+
+def _has_name_slot(section: str, obj, names: tuple[str, ...]) -> dict[str, tuple[bool, str]]:
+    return {f"{section}.{n}": ("{name}" in getattr(obj, n), f"must contain '{{name}}', got {getattr(obj, n)!r}") for n in names}
+
+
+def _validate_finetune(ft: FinetuneConfig, model: ModelConfig) -> None:
+    _require({
+        **_positive({
+            "finetune.workers": ft.workers,
+            "finetune.batch_size": ft.batch_size,
+            "finetune.num_steps": ft.num_steps,
+            "finetune.lora_rank": ft.lora_rank,
+            "finetune.d_hidden": ft.d_hidden,
+            "finetune.checkpoint_every": ft.checkpoint_every,
+            "finetune.cpus_per_worker": ft.cpus_per_worker,
+            "finetune.epochs": ft.epochs,
+            "model.resolution": model.resolution,
+        }),
+        "finetune.grad_steps": (
+            0 < ft.grad_steps <= ft.num_steps,
+            f"must be > 0 and must not exceed finetune.num_steps ({ft.num_steps}), got {ft.grad_steps}",
+        ),
+        **_non_negative({
+            "finetune.lr": ft.lr,
+            "finetune.d_lr": ft.d_lr,
+            "finetune.w_en": ft.w_en,
+            "finetune.w_in": ft.w_in,
+            "finetune.lambda_q": ft.lambda_q,
+            "finetune.weight_decay": ft.weight_decay,
+            "finetune.grad_clip": ft.grad_clip,
+            "finetune.d_grad_clip": ft.d_grad_clip,
+            "finetune.d_warmup_passes": ft.d_warmup_passes,
+            "finetune.sample_every": ft.sample_every,
+            "finetune.sample_classes": ft.sample_classes,
+        }),
+        "finetune.max_steps": (ft.max_steps is None or ft.max_steps > 0, f"must be > 0 or null, got {ft.max_steps}"),
+        "finetune.mixed_precision": (ft.mixed_precision in ("bf16", "fp16", "no"), f"must be bf16, fp16 or no, got {ft.mixed_precision!r}"),
+        **_has_name_slot("finetune", ft, ("prompt_template", "clip_template")),
+    })
 
 
 def _require(checks: dict[str, tuple[bool, str]]) -> None:
@@ -553,30 +561,23 @@ IMAGE_FORMATS = ("jpeg", "png", "webp")
 
 
 def _validate_generate(gen: GenerateConfig) -> None:
-    positive = {
-        "generate.images_per_class": gen.images_per_class,
-        "generate.steps": gen.steps,
-        "generate.batch_size": gen.batch_size,
-        "generate.workers": gen.workers,
-        "generate.cpus_per_worker": gen.cpus_per_worker,
-        "generate.threads": gen.threads,
-        "generate.rows_per_shard": gen.rows_per_shard,
-        "generate.row_group_rows": gen.row_group_rows,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
-    if gen.guidance < 0:
-        raise ConfigError(f"generate.guidance must be >= 0, got {gen.guidance}")
-    if gen.image_format not in IMAGE_FORMATS:
-        raise ConfigError(f"generate.image_format must be one of {', '.join(IMAGE_FORMATS)}, got {gen.image_format!r}")
-    if not 1 <= gen.image_quality <= 100:
-        raise ConfigError(f"generate.image_quality must be in 1..100, got {gen.image_quality}")
-    if gen.dtype not in ("fp16", "bf16", "fp32"):
-        raise ConfigError(f"generate.dtype must be fp16, bf16 or fp32, got {gen.dtype!r}")
-    for name in ("prompt_template", "score_template"):
-        if "{name}" not in getattr(gen, name):
-            raise ConfigError(f"generate.{name} must contain '{{name}}', got {getattr(gen, name)!r}")
+    _require({
+        **_positive({
+            "generate.images_per_class": gen.images_per_class,
+            "generate.steps": gen.steps,
+            "generate.batch_size": gen.batch_size,
+            "generate.workers": gen.workers,
+            "generate.cpus_per_worker": gen.cpus_per_worker,
+            "generate.threads": gen.threads,
+            "generate.rows_per_shard": gen.rows_per_shard,
+            "generate.row_group_rows": gen.row_group_rows,
+        }),
+        **_non_negative({"generate.guidance": gen.guidance}),
+        "generate.image_format": (gen.image_format in IMAGE_FORMATS, f"must be one of {', '.join(IMAGE_FORMATS)}, got {gen.image_format!r}"),
+        "generate.image_quality": (1 <= gen.image_quality <= 100, f"must be in 1..100, got {gen.image_quality}"),
+        "generate.dtype": (gen.dtype in ("fp16", "bf16", "fp32"), f"must be fp16, bf16 or fp32, got {gen.dtype!r}"),
+        **_has_name_slot("generate", gen, ("prompt_template", "score_template")),
+    })
 
 
 def load_yaml(path: str | Path) -> dict:
