@@ -89,6 +89,13 @@ def run_evaluate(cfg: Config) -> None:
     print(f"results: {output / 'results.md'}")
 
 
+def run_all(cfg: Config) -> None:
+    from lbgen.run import run
+
+    output = run(cfg)
+    print(f"all stages done: {output} (results: {output / 'evaluate' / 'results.md'})")
+
+
 def run_make_downstream(cfg: Config) -> None:
     from lbgen.downstream import make_downstream
 
@@ -103,6 +110,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], Callable[[Config], None], str]] = {
     "generate": (("model", "generate"), run_generate, "generate the labelled dataset as Parquet shards (Ray Data)"),
     "pretrain": (("pretrain",), run_pretrain, "pre-train a timm backbone on generated shards (Ray Train + Ray Data)"),
     "evaluate": (("evaluate",), run_evaluate, "transfer of backbones to downstream sets: linear probe or fine-tune, bias metrics"),
+    "run": (("model", "run"), run_all, "every stage end to end into one directory, skipping completed stages"),
     "make-downstream": (("make_downstream",), run_make_downstream, "write a procedural downstream dataset (ImageFolder)"),
 }
 

@@ -209,6 +209,14 @@ class EvaluateConfig:
 
 
 @dataclass
+class RunAllConfig:
+    """`run`: every stage end to end into one directory (finetune/, generate/, downstream/, pretrain/, evaluate/)."""
+
+    # Directory of the whole run; each stage writes its own subdirectory and skips itself when complete.
+    output: str = "runs/lbgen"
+
+
+@dataclass
 class MakeDownstreamConfig:
     """`make-downstream`: a procedural downstream set, so evaluation runs without downloads."""
 
@@ -280,6 +288,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     make_downstream: MakeDownstreamConfig = field(default_factory=MakeDownstreamConfig)
+    run: RunAllConfig = field(default_factory=RunAllConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
@@ -350,6 +359,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "task_gpus": 0.0,
         },
         "make_downstream": {"output": "runs/tiny/downstream/shapes", "train_per_class": 40, "test_per_class": 20, "size": 32},
+        "run": {"output": "runs/tiny"},
         "generate": {
             "output": "runs/tiny/generate",
             "use_gpu": False,
