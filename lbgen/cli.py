@@ -17,8 +17,8 @@ from lbgen.backbones import BackboneError
 from lbgen.bias import BiasDataError
 from lbgen.classes import ClassTableError, load_class_table
 from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
-from lbgen.downstream import DownstreamError
 from lbgen.dataset import DatasetError
+from lbgen.downstream import DownstreamError
 from lbgen.models.hub import ModelNotFoundError
 from lbgen.shards import ShardError
 

@@ -28,12 +28,12 @@ from lbgen.classes import ClassTable, load_class_table
 from lbgen.config import Config, from_dict, to_yaml
 from lbgen.losses import Discriminator, LbGenLoss, discriminator_loss, draw_real_classes
 from lbgen.models import create_clip, create_generator, create_iqa
+from lbgen.models.generator import LORA_FILE
 from lbgen.progress import MetricsProgress
 from lbgen.runs import MetricsLog
 from lbgen.sampler import TrainableSampler, encode_prompts, gradient_step_indices, initial_latents
 from lbgen.seeds import derive_seed, seeded_generator
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: `pipe.load_lora_weights(dir)`
 DISC_FILE = "discriminator.safetensors"
 ADAPTER_FILE = "adapter.safetensors"  # peft-format LoRA inside checkpoints
 OPTIM_FILE = "optimizers.pt"  # tensors and numbers only: loads with weights_only=True
@@ -309,7 +309,6 @@ def finetune(cfg: Config) -> Path:
     `config.yaml`, `metrics.jsonl`, `samples/` and Ray Train checkpoints.
     Ray is started locally by Ray Train if no cluster is attached.
     """
-    import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -321,7 +320,7 @@ def finetune(cfg: Config) -> Path:
     (output / "config.yaml").write_text(to_yaml(cfg))
 
     ft = cfg.finetune
-    use_gpu = ft.use_gpu if ft.use_gpu is not None else ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = runs.use_gpu(ft.use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(cfg),

@@ -48,9 +48,10 @@ from lbgen.dataset import (
     write_json_atomic,
     write_shard,
 )
+from lbgen.models.generator import LORA_FILE
 from lbgen.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
+from lbgen.runs import differences, use_gpu
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # what finetune writes; `pipe.load_lora_weights(dir)` reads it
 GPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Settings that do not change a single row: a resumed run may change them.
 RESUMABLE_FIELDS = {"output", "batch_size", "workers", "cpus_per_worker", "use_gpu", "overwrite"}
@@ -195,17 +196,6 @@ def settings_hash(content: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
 def _remove_dataset(output: Path) -> None:
     """Delete what a generate run writes (shards, temp shards, manifest, card, config) and nothing else."""
     for path in (output / DATA_DIR).glob("*train-*.parquet*"):
@@ -224,7 +214,7 @@ def prepare_output(output: Path, content: dict, overwrite: bool) -> dict | None:
     manifest = read_manifest(output) if output.is_dir() else None
     if manifest is not None and manifest["content_hash"] != settings_hash(content):
         if not overwrite:
-            detail = "; ".join(_differences(manifest["content"], content)[:6])
+            detail = "; ".join(differences(manifest["content"], content)[:6])
             raise DatasetError(f"{output} holds a dataset made with other settings ({detail}); "
                                "use another --output, or --overwrite to replace it")
         _remove_dataset(output)
@@ -298,20 +288,12 @@ class ShardAssembler:
 # ---------------------------------------------------------------- Ray Data pipeline
 
 
-def use_gpus(cfg: Config) -> bool:
-    import ray
-
-    if cfg.generate.use_gpu is not None:
-        return cfg.generate.use_gpu
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-
-
 def build_pipeline(cfg: Config, table: ClassTable, shards: list[int]):
     """The lazy Ray Data dataset of encoded rows for `shards` (see the module docstring)."""
     import ray
 
     gen, config = cfg.generate, dataclasses.asdict(cfg)
-    gpu = use_gpus(cfg)
+    gpu = use_gpu(cfg.generate.use_gpu)
     device = "cuda" if gpu else "cpu"
     light = 0.25  # CPUs for planning/encoding tasks and the scoring actor: they must fit beside the actors
     ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=max(1, len(shards)))

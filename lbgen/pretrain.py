@@ -272,7 +272,6 @@ def check_data(cfg: Config) -> ShardSet:
 
 def pretrain(cfg: Config) -> Path:
     """Run (or resume) pre-training into `cfg.pretrain.output`; returns that directory."""
-    import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -289,7 +288,7 @@ def pretrain(cfg: Config) -> Path:
     datasets = {"train": build_dataset(shards, cfg, "train")}
     if shards.val_rows:
         datasets["val"] = build_dataset(shards, cfg, "val")
-    use_gpu = pt.use_gpu if pt.use_gpu is not None else ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = runs.use_gpu(pt.use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

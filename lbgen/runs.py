@@ -1,4 +1,4 @@
-"""Run directories shared by the training stages: the metrics log and the resume guard.
+"""Run directories and cluster settings shared by the stages: metrics log, resume guard, GPU choice.
 
 Moved out of `finetune.py` so that `pretrain` uses the same code: a stage's output
 directory holds `config.yaml` and `metrics.jsonl`, and re-running into it resumes
@@ -39,14 +39,25 @@ class MetricsLog:
             f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`"key.path: old -> new"` for every leaf that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
+
+
+def use_gpu(setting: bool | None) -> bool:
+    """A stage's `use_gpu` setting; null means: GPUs when the attached Ray cluster has any."""
+    import ray
+
+    if setting is not None:
+        return setting
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
 def check_resumable(
@@ -61,16 +72,13 @@ def check_resumable(
     saved = output / "config.yaml"
     if not saved.exists() or not any((output / "checkpoints").glob("checkpoint_*")):
         return
-    old = _flatten(dataclasses.asdict(from_dict(Config, load_yaml(saved), str(saved))))
-    new = _flatten(dataclasses.asdict(cfg))
-    identity = tuple(f"{s}." for s in sections) + tuple(sections)
-    changed = [
-        f"{key}: {old[key]!r} -> {new[key]!r}"
-        for key in new
-        if (key in identity or key.startswith(identity))
-        and not (key.startswith(f"{stage}.") and key.split(".", 1)[1] in resumable)
-        and old[key] != new[key]
-    ]
+    def identity(config: dict) -> dict:
+        kept = {section: config[section] for section in sections}
+        kept[stage] = {k: v for k, v in config[stage].items() if k not in resumable}
+        return kept
+
+    old = dataclasses.asdict(from_dict(Config, load_yaml(saved), str(saved)))
+    changed = differences(identity(old), identity(dataclasses.asdict(cfg)))
     if changed:
         raise ConfigError(f"{output} holds a {what or stage} run with other settings ({', '.join(changed)}); use another --output")
 

@@ -177,6 +177,9 @@ def build_sd15_shape(resolution: int = 512, seed: int = 0):
     return _assemble(unet, vae, text_encoder, tokenizer)
 
 
+# The file diffusers writes and `pipe.load_lora_weights(dir)` reads: finetune's output, generate's input.
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
 GENERATOR_BUILDERS: dict[str, Callable[..., object]] = {"tiny": build_tiny, "sd15-shape": build_sd15_shape}
 
 # Sampler name -> diffusers scheduler class name; all are built from the model's own scheduler config.
