@@ -1,26 +1,53 @@
-"""`lbgen run`: every stage end to end on the tiny preset (real local Ray), then a re-run that skips them."""
+"""`lbgen run`: every stage end to end on the tiny preset (real local Ray), a re-run that skips them,
+and a run killed during generation that, re-run, ends with the same dataset."""
 
 import csv
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+from test_generate import assert_same_row, read_rows
 
 from lbgen.cli import main
+from lbgen.dataset import inspect_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = (
+    "finetune: {max_steps: 2}\n"
+    "generate: {images_per_class: 3, rows_per_shard: 5, row_group_rows: 5}\n"  # tiny10: 30 rows, 6 shards
+    "pretrain: {epochs: 1, batch_size: 16}\n"
+    "evaluate: {fractions: [1.0]}\n"
+    "make_downstream: {train_per_class: 8, test_per_class: 4}\n"
+)
+
+
+def run_args(out: Path, config: Path) -> list[str]:
+    return ["run", "--preset", "tiny", "--output", str(out), "--config", str(config)]
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "small.yaml"
+    path.write_text(SMALL)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, small_config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(run_args(out, small_config)) == 0
+    return out
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_all_stages_then_skip_them(ray_local, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["run", "--preset", "tiny", "--output", str(out)]
-    config = tmp_path / "small.yaml"
-    config.write_text(
-        "finetune: {max_steps: 2}\n"
-        "generate: {images_per_class: 3, rows_per_shard: 10}\n"
-        "pretrain: {epochs: 1, batch_size: 16}\n"
-        "evaluate: {fractions: [1.0]}\n"
-        "make_downstream: {train_per_class: 8, test_per_class: 4}\n"
-    )
-    assert main([*args, "--config", str(config)]) == 0
+def test_run_all_stages_then_skip_them(uninterrupted, small_config, capsys):
+    out = uninterrupted
     for path in ("finetune/pytorch_lora_weights.safetensors", "generate/manifest.json", "downstream/train",
                  "pretrain/backbone.safetensors", "evaluate/results.md"):
         assert (out / path).exists(), path
@@ -28,7 +55,40 @@ def test_run_all_stages_then_skip_them(ray_local, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2  # the pre-trained backbone and its random-init baseline, one fraction
     capsys.readouterr()
-    assert main([*args, "--config", str(config)]) == 0
+    assert main(run_args(out, small_config)) == 0
     log = capsys.readouterr().out
     for stage in ("finetune", "generate", "pretrain", "evaluate"):
         assert f"[{stage}] complete, skipped" in log
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_run_killed_during_generation_resumes_to_the_same_dataset(uninterrupted, small_config, ray_local, tmp_path):
+    out = tmp_path / "run"
+    # The state of a run killed during generation: fine-tuning complete (it is deterministic, so the
+    # uninterrupted run's result is this run's), generation under way in a real `lbgen run` process.
+    shutil.copytree(uninterrupted / "finetune", out / "finetune")
+    cmd = [sys.executable, "-m", "lbgen.cli", *run_args(out, small_config),
+           "--address", ray_local.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    data, seen, deadline = out / "generate" / "data", set(), time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None and not seen:
+            seen = {p.name for p in data.glob("train-*.parquet")} if data.exists() else set()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert seen and not (out / "pretrain").exists(), "the run was not killed during generation"
+    for path in data.glob("train-*.parquet"):
+        assert pq.read_metadata(path).num_rows == 5  # whole the moment it is visible
+    assert not inspect_dataset(out / "generate").ok
+
+    assert main(run_args(out, small_config)) == 0
+    assert (out / "evaluate" / "results.csv").exists()
+    a, b = read_rows(uninterrupted / "generate"), read_rows(out / "generate")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert_same_row(a[key], b[key])
+    assert inspect_dataset(out / "generate").ok
