@@ -52,6 +52,8 @@ class FinetuneConfig:
     workers: int = 1
     # Train on GPUs; null picks GPUs when the Ray cluster has any.
     use_gpu: Optional[bool] = None
+    # Ray accelerator type the workers need (e.g. "A100": cluster.yaml's training nodes); null: any GPU.
+    accelerator_type: Optional[str] = None
     # CPUs reserved per worker (fractions leave room for other Ray work).
     cpus_per_worker: float = 1.0
     # Classes per worker per step (B).
@@ -162,6 +164,8 @@ class PretrainConfig:
     workers: int = 1
     # Train on GPUs; null picks GPUs when the Ray cluster has any.
     use_gpu: Optional[bool] = None
+    # Ray accelerator type the workers need (e.g. "A100": cluster.yaml's training nodes); null: any GPU.
+    accelerator_type: Optional[str] = None
     # CPUs reserved per worker; keep some free for Ray Data's decoding (a full reservation deadlocks it).
     cpus_per_worker: float = 2.0
     # Mixed precision on GPU: "bf16", "fp16" or "no" (CPU always runs fp32).
