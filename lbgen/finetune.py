@@ -40,7 +40,9 @@ OPTIM_FILE = "optimizers.pt"  # tensors and numbers only: loads with weights_onl
 STATE_FILE = "state.json"
 
 # Settings a resumed run may change; any other difference means a different run.
-RESUMABLE_FIELDS = {"output", "max_steps", "epochs", "workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "sample_every"}
+RESUMABLE_FIELDS = {
+    "output", "max_steps", "epochs", "workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "sample_every",
+}
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

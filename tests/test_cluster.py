@@ -60,7 +60,9 @@ def test_generation_runs_on_single_gpu_spot_nodes_and_training_on_on_demand_a100
         resource = f"accelerator_type:{job.accelerator_type}"
         hosts = [t for t in types.values() if resource in t["resources"]]
         assert hosts and not any(is_spot(t) for t in hosts)
-        assert all(t["resources"]["GPU"] >= job.workers and t["resources"]["CPU"] >= job.workers * job.cpus_per_worker for t in hosts)
+        for host in hosts:
+            assert host["resources"]["GPU"] >= job.workers
+            assert host["resources"]["CPU"] >= job.workers * job.cpus_per_worker
     # One generation actor per spot GPU: the job's actor count fits the nodes allowed.
     assert in1k("generate").generate.workers <= sum(t["max_workers"] for t in generation)
 

@@ -39,7 +39,9 @@ def test_every_job_file_is_a_stage_and_a_setup_and_resolves_with_its_own_preset(
     files = sorted(JOBS.glob("*.yaml"))
     assert files
     for path in files:
-        stage, setup = next((s, path.stem[len(s) + 1:]) for s in COMMANDS if path.stem.startswith(s + "-"))
+        stage = next((s for s in COMMANDS if path.stem.startswith(s + "-")), None)
+        assert stage, f"{path.name} is not <stage>-<setup>.yaml"
+        setup = path.stem[len(stage) + 1:]
         assert setup in PRESETS, path.name
         assert yaml.safe_load(path.read_text())["preset"] == setup, path.name
         resolve(config_file=path)
@@ -74,7 +76,8 @@ def test_tiny_stage_jobs_share_the_layout_of_the_tiny_run_job():
     assert wired.generate.output == job("generate", "tiny").generate.output
     assert wired.pretrain.output == job("pretrain", "tiny").pretrain.output
     assert wired.evaluate.output == job("evaluate", "tiny").evaluate.output
-    assert wired.evaluate.downstream == job("evaluate", "tiny").evaluate.downstream == [job("make-downstream", "tiny").make_downstream.output]
+    downstream = job("make-downstream", "tiny").make_downstream.output
+    assert wired.evaluate.downstream == job("evaluate", "tiny").evaluate.downstream == [downstream]
     # A Ray Job runs in a fresh copy of its working dir: relative outputs would be lost with it.
     assert Path(job("finetune", "tiny").finetune.output).is_absolute()
 
@@ -147,16 +150,18 @@ def ray_head():
         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         # Ports with fixed defaults get free ones: other Ray clusters may run on this machine.
-        f"--port={_free_port()}", f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+        f"--port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
     ]
-    log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(Path(temp_dir) / "head.log", "w") as log:  # the head keeps its own descriptor
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if head.poll() is not None:
-                pytest.fail(f"ray start exited with {head.returncode}:\n{(Path(temp_dir) / 'head.log').read_text()[-3000:]}")
+                log_tail = (Path(temp_dir) / "head.log").read_text()[-3000:]
+                pytest.fail(f"ray start exited with {head.returncode}:\n{log_tail}")
             try:
                 JobSubmissionClient(url)
                 break
@@ -167,7 +172,6 @@ def ray_head():
         yield url
     finally:
         survivors = _stop_head(head, token.encode())
-        log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not survivors, f"processes of the test's Ray head still alive: {survivors}"
 
