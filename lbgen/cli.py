@@ -30,12 +30,22 @@ USER_ERRORS = (
 
 
 def init_ray(address: str | None) -> None:
-    """Attach to a cluster (`address` or $RAY_ADDRESS) or start a local Ray."""
+    """Attach to a cluster (`address` or $RAY_ADDRESS) or start a local Ray.
+
+    A Ray Job's entrypoint finds $RAY_ADDRESS set to its cluster by Ray, so `ray job submit -- lbgen ...`
+    attaches instead of starting a second Ray on the head node.
+    """
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        # The dashboard URL that `ray job submit` takes; ray.init needs the cluster (GCS) address.
+        raise ConfigError(
+            f"Ray address {address!r} is a Jobs API (dashboard) URL: submit with "
+            f"`ray job submit --address {address} -- lbgen ...`, or give the cluster address (host:6379)"
+        )
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
@@ -123,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (sections, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="base settings (default: tiny)")
-        p.add_argument("--config", default=None, help="YAML file overriding the preset")
+        p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="base settings (default: the --config file's `preset`, else tiny)")
+        p.add_argument("--config", default=None, help="YAML file overriding the preset (e.g. jobs/generate-tiny.yaml)")
         p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
         add_config_flags(p, sections)
         if name == "generate":  # Ray Data's word for the actor count

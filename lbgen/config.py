@@ -52,6 +52,8 @@ class FinetuneConfig:
     workers: int = 1
     # Train on GPUs; null picks GPUs when the Ray cluster has any.
     use_gpu: Optional[bool] = None
+    # Ray accelerator type the workers need (e.g. "A100": cluster.yaml's training nodes); null: any GPU.
+    accelerator_type: Optional[str] = None
     # CPUs reserved per worker (fractions leave room for other Ray work).
     cpus_per_worker: float = 1.0
     # Classes per worker per step (B).
@@ -162,6 +164,8 @@ class PretrainConfig:
     workers: int = 1
     # Train on GPUs; null picks GPUs when the Ray cluster has any.
     use_gpu: Optional[bool] = None
+    # Ray accelerator type the workers need (e.g. "A100": cluster.yaml's training nodes); null: any GPU.
+    accelerator_type: Optional[str] = None
     # CPUs reserved per worker; keep some free for Ray Data's decoding (a full reservation deadlocks it).
     cpus_per_worker: float = 2.0
     # Mixed precision on GPU: "bf16", "fp16" or "no" (CPU always runs fp32).
@@ -603,15 +607,19 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def resolve(preset: str = "tiny", config_file: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """Defaults <- preset <- YAML file <- overrides (nested dicts), validated."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    data = _merge(asdict(Config()), PRESETS[preset])
-    where = "config"
-    if config_file is not None:
-        data = _merge(data, load_yaml(config_file))
-        where = str(config_file)
+def resolve(preset: str | None = None, config_file: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Defaults <- preset <- YAML file <- overrides (nested dicts), validated.
+
+    A YAML file may name its preset (`preset: sd15-in1k`), so that a job file carries its whole
+    setup; a `preset` given here wins over the file's, and "tiny" applies when neither names one.
+    """
+    file_data = load_yaml(config_file) if config_file is not None else {}
+    where = str(config_file) if config_file is not None else "config"
+    file_preset = file_data.pop("preset", "tiny")
+    preset = file_preset if preset is None else preset
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"{where}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    data = _merge(_merge(asdict(Config()), PRESETS[preset]), file_data)
     data = _merge(data, overrides or {})
     return validate(from_dict(Config, data, where))
 

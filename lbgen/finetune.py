@@ -40,7 +40,9 @@ OPTIM_FILE = "optimizers.pt"  # tensors and numbers only: loads with weights_onl
 STATE_FILE = "state.json"
 
 # Settings a resumed run may change; any other difference means a different run.
-RESUMABLE_FIELDS = {"output", "max_steps", "epochs", "workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "sample_every"}
+RESUMABLE_FIELDS = {
+    "output", "max_steps", "epochs", "workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "sample_every",
+}
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -324,7 +326,8 @@ def finetune(cfg: Config) -> Path:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(cfg),
-        scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=use_gpu, resources_per_worker={"CPU": ft.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=use_gpu, resources_per_worker={"CPU": ft.cpus_per_worker},
+                                     accelerator_type=ft.accelerator_type),
         run_config=RunConfig(
             name="checkpoints",
             storage_path=str(output),

@@ -43,7 +43,7 @@ STATE_FILE = "state.json"
 
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_FIELDS = {
-    "output", "epochs", "workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "skip_bad_shards",
+    "output", "epochs", "workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "skip_bad_shards",
     "decode_batch_size", "read_block_rows", "shuffle_buffer",
 }
 
@@ -297,7 +297,8 @@ def pretrain(cfg: Config) -> Path:
             "steps_per_epoch": steps_per_epoch(shards.train_rows, cfg),
             "has_val": bool(shards.val_rows),
         },
-        scaling_config=ScalingConfig(num_workers=pt.workers, use_gpu=use_gpu, resources_per_worker={"CPU": pt.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=pt.workers, use_gpu=use_gpu, resources_per_worker={"CPU": pt.cpus_per_worker},
+                                     accelerator_type=pt.accelerator_type),
         run_config=RunConfig(name="checkpoints", storage_path=str(output), checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
     )

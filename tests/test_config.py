@@ -88,10 +88,13 @@ def test_bool_is_not_an_int():
         from_dict(Config, {"seed": True})
 
 
-def test_shipped_job_configs_resolve():
-    from pathlib import Path
-
-    jobs = sorted(Path(__file__).parent.parent.joinpath("jobs").glob("*.yaml"))
-    assert jobs
-    for path in jobs:
-        resolve("tiny" if "tiny" in path.name else "sd15-in1k", path)
+def test_a_config_file_names_its_preset_and_a_given_preset_wins(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: sd15-in1k\nseed: 3\n")
+    assert resolve(config_file=path) == resolve("sd15-in1k", overrides={"seed": 3})
+    assert resolve("tiny", path) == resolve("tiny", overrides={"seed": 3})
+    path.write_text("seed: 3\n")
+    assert resolve(config_file=path).model.generator == "tiny"  # no preset anywhere: tiny
+    path.write_text("preset: huge\n")
+    with pytest.raises(ConfigError, match=f"{path}: unknown preset 'huge'"):
+        resolve(config_file=path)

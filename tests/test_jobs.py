@@ -1,0 +1,205 @@
+"""The Ray Jobs setup: the shipped `jobs/*.yaml` stage configs, and a real `ray job submit` round trip.
+
+The round trip starts its own Ray head (loopback dashboard, own temp dir and ports) in a process
+session of its own and stops exactly that head, never `ray stop`: other Ray clusters on the machine
+(the session's `ray_local` among them) are left alone, and this module never calls `ray.init`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lbgen.cli import COMMANDS, main
+from lbgen.config import PRESETS, resolve
+from lbgen.run import stage_configs
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS = REPO / "jobs"
+SETUPS = ("tiny", "sd15-in1k")
+
+
+def job(stage: str, setup: str):
+    return resolve(config_file=JOBS / f"{stage}-{setup}.yaml")
+
+
+def test_every_job_file_is_a_stage_and_a_setup_and_resolves_with_its_own_preset():
+    import yaml
+
+    files = sorted(JOBS.glob("*.yaml"))
+    assert files
+    for path in files:
+        stage = next((s for s in COMMANDS if path.stem.startswith(s + "-")), None)
+        assert stage, f"{path.name} is not <stage>-<setup>.yaml"
+        setup = path.stem[len(stage) + 1:]
+        assert setup in PRESETS, path.name
+        assert yaml.safe_load(path.read_text())["preset"] == setup, path.name
+        resolve(config_file=path)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_stage_jobs_chain_each_output_into_the_next_stage(setup):
+    finetune, generate, pretrain, evaluate = (job(s, setup) for s in ("finetune", "generate", "pretrain", "evaluate"))
+    assert generate.generate.lora == finetune.finetune.output
+    assert pretrain.pretrain.data == [generate.generate.output]
+    assert evaluate.evaluate.backbone[0] == pretrain.pretrain.output
+    assert len({finetune.finetune.output, generate.generate.output, pretrain.pretrain.output, evaluate.evaluate.output}) == 4
+    # One model setup from end to end: the LoRA is generated with the generator it was trained on.
+    assert finetune.model == generate.model and finetune.classes == generate.classes == pretrain.classes
+
+
+def test_in1k_jobs_write_to_shared_storage_and_ask_for_gpus():
+    outputs = [job("finetune", "sd15-in1k").finetune.output, job("generate", "sd15-in1k").generate.output,
+               job("pretrain", "sd15-in1k").pretrain.output, job("evaluate", "sd15-in1k").evaluate.output]
+    assert all(out.startswith("s3://your-bucket/lbgen/") for out in outputs)
+    # The autoscaled cluster has no GPU node when a job starts: "use GPUs if the cluster has any"
+    # would choose CPUs and never scale up, so every GPU stage asks for GPUs explicitly.
+    assert job("finetune", "sd15-in1k").finetune.use_gpu is True
+    assert job("generate", "sd15-in1k").generate.use_gpu is True
+    assert job("pretrain", "sd15-in1k").pretrain.use_gpu is True
+    assert job("evaluate", "sd15-in1k").evaluate.task_gpus >= 1
+
+
+def test_tiny_stage_jobs_share_the_layout_of_the_tiny_run_job():
+    wired = stage_configs(resolve(config_file=JOBS / "run-tiny.yaml"))
+    assert wired.finetune.output == job("finetune", "tiny").finetune.output
+    assert wired.generate.output == job("generate", "tiny").generate.output
+    assert wired.pretrain.output == job("pretrain", "tiny").pretrain.output
+    assert wired.evaluate.output == job("evaluate", "tiny").evaluate.output
+    downstream = job("make-downstream", "tiny").make_downstream.output
+    assert wired.evaluate.downstream == job("evaluate", "tiny").evaluate.downstream == [downstream]
+    # A Ray Job runs in a fresh copy of its working dir: relative outputs would be lost with it.
+    assert Path(job("finetune", "tiny").finetune.output).is_absolute()
+
+
+def test_a_jobs_api_url_as_ray_address_is_one_clear_error(tmp_path, capsys):
+    code = main(["generate", "--config", str(JOBS / "generate-tiny.yaml"), "--output", str(tmp_path / "gen"),
+                 "--address", "http://127.0.0.1:8265"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Jobs API" in err and "http://127.0.0.1:8265" in err
+    assert not (tmp_path / "gen").exists()
+
+
+# ---------------------------------------------------------------- a real head and `ray job submit`
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_marked(marker: bytes) -> list[int]:
+    """Live processes whose environment holds `marker` (every descendant of the head inherits it)."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
+def _stop_head(head: subprocess.Popen, marker: bytes) -> list[int]:
+    """SIGTERM the head's process group, then SIGKILL whatever of it is left; returns survivors."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    # Workers and job drivers run in process groups of their own: find them by the marker.
+    deadline = time.monotonic() + 15
+    while (left := _processes_marked(marker)) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    head.wait(timeout=5)
+    return _processes_marked(marker)
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head with the Jobs API on a loopback dashboard; yields the dashboard URL."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = f"LBGEN_TEST_RAY_HEAD={uuid.uuid4().hex}"
+    # Short temp dir: Ray's unix sockets under it must stay within the 107-byte path limit.
+    temp_dir = tempfile.mkdtemp(prefix="lbgen-ray-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    # The job finds lbgen's code in its uploaded working dir (first on its PYTHONPATH), as on a cluster.
+    env.update(dict([token.split("=", 1)]), RAY_AUTH_MODE="disabled",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    dashboard_port = _free_port()
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        # Ports with fixed defaults get free ones: other Ray clusters may run on this machine.
+        f"--port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+    ]
+    with open(Path(temp_dir) / "head.log", "w") as log:  # the head keeps its own descriptor
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if head.poll() is not None:
+                log_tail = (Path(temp_dir) / "head.log").read_text()[-3000:]
+                pytest.fail(f"ray start exited with {head.returncode}:\n{log_tail}")
+            try:
+                JobSubmissionClient(url)
+                break
+            except Exception:  # the dashboard is not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield url
+    finally:
+        survivors = _stop_head(head, token.encode())
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not survivors, f"processes of the test's Ray head still alive: {survivors}"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the head's processes through /proc")
+def test_submitted_generate_job_attaches_to_the_cluster_and_writes_shards(ray_head, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from lbgen.dataset import inspect_dataset
+
+    client = JobSubmissionClient(ray_head)
+    output = tmp_path / "generate"
+    # The command of jobs/README.md, made small: 2 images x 10 classes, 2 shards, no LoRA.
+    job_id = client.submit_job(
+        entrypoint=f"lbgen generate --config jobs/generate-tiny.yaml --lora none --images-per-class 2 "
+                   f"--rows-per-shard 10 --output {output}",
+        runtime_env={"working_dir": str(REPO)},
+    )
+    deadline = time.monotonic() + 300
+    while not (status := client.get_job_status(job_id)).is_terminal() and time.monotonic() < deadline:
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, f"job {job_id} is {status}:\n{logs[-4000:]}"
+    # The driver registered with this head: the CLI attached through $RAY_ADDRESS instead of
+    # starting a Ray of its own (whose driver the head would never see).
+    assert client.get_job_info(job_id).driver_info is not None
+    found = inspect_dataset(output)
+    assert found.ok, found.defects
+    assert (found.summary["rows"], found.summary["shards"]) == (20, "2/2")
