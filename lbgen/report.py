@@ -265,6 +265,7 @@ def dataset_section(report: Report, directory: Path, cfg: ReportConfig) -> None:
     fig, axes = new_figure(2)
     for ax, column, title in zip(axes, ("clip_score", "iqa_score"), ("CLIP score (image vs. own class)", "quality score")):
         ax.hist(stats.column(column).to_numpy(), bins=30)
+        ax.locator_params(axis="x", nbins=5)  # few ticks: score values have many digits
         ax.set_title(title)
         ax.set_ylabel("images")
     report.plot("dataset_scores.png", fig, "Histograms of the CLIP and quality scores")
