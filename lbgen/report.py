@@ -101,13 +101,18 @@ def not_run(report: Report, what: str) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a metrics log; a last line without its newline is still being written."""
+    text = read_text(path)
+    lines = text.splitlines()
     records = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break
             raise ReportError(f"{path}: line {number} is not JSON ({err})") from None
         if not isinstance(record, dict):
             raise ReportError(f"{path}: line {number} is not a JSON object")

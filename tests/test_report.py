@@ -191,6 +191,14 @@ def test_stages_not_run_yet_get_notes(tmp_path):
     assert "<img" not in paths["html"].read_text()
 
 
+def test_a_metrics_line_being_written_is_left_out(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    with (run / "finetune" / "metrics.jsonl").open("a") as f:
+        f.write('{"loss": 1.5, "st')  # a running stage's next line, half written
+    assert "3 steps logged" in build_report(run)["markdown"].read_text()
+
+
 @pytest.mark.parametrize("damage, named", [
     (lambda run: (run / "finetune" / "metrics.jsonl").write_text('{"step": 1}\nnot json\n'), "finetune/metrics.jsonl: line 2 is not JSON"),
     (lambda run: (run / "generate" / DATA_DIR / shard_name(1, 2)).write_bytes(b"PAR1 broken"), f"{shard_name(1, 2)}: unreadable Parquet shard"),
