@@ -19,9 +19,9 @@ import json
 import math
 import re
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -128,12 +128,12 @@ def read_text(path: Path) -> str:
 
 
 def read_image(path: Path) -> Image.Image:
+    from lbgen.transforms import decode_image
+
     try:
-        image = Image.open(path)
-        image.load()
-    except Exception as err:  # PIL raises OSError, SyntaxError, ... for damaged files
-        raise ReportError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
-    return image.convert("RGB")
+        return decode_image(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{path}: not a readable image ({err})") from None
 
 
 def stage_config(directory: Path) -> Config:

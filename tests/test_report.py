@@ -19,7 +19,13 @@ from lbgen.cli import main
 from lbgen.config import ReportConfig, resolve, to_yaml
 from lbgen.dataset import DATA_DIR, FORMAT, schema, shard_name, write_json_atomic, write_shard
 from lbgen.report import (
-    FILES_DIR, ReportError, build_report, choose_rows, grid_tiles, mean_pairwise_distance, read_images,
+    FILES_DIR,
+    ReportError,
+    build_report,
+    choose_rows,
+    grid_tiles,
+    mean_pairwise_distance,
+    read_images,
 )
 
 SIZE = 16  # pixels of the constructed dataset's images
@@ -252,7 +258,7 @@ def images_loaded(page: str, tmp_path: Path) -> tuple[int, int]:
     done = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", path.as_uri()],
-        capture_output=True, text=True, timeout=180,
+        check=False, capture_output=True, text=True, timeout=180,
     )
     found = re.search(r'<pre id="lbgen-image-check">(\d+)/(\d+)</pre>', done.stdout)
     assert found, f"no image check in Chromium's DOM (exit {done.returncode}): {done.stderr[-1500:]}"
