@@ -280,7 +280,7 @@ def dataset_section(report: Report, directory: Path, cfg: ReportConfig) -> None:
     agreement = np.bincount(labels, weights=stats.column("clip_agrees").to_numpy(zero_copy_only=False).astype(float),
                             minlength=len(names)) / np.maximum(counts, 1)
     gen_cfg = stage_config(directory)
-    diversity = dataset_diversity(shards, labels, gen_cfg, cfg.diversity_images)
+    diversity = on_a_gpu_if_any(dataset_diversity, shards, labels, gen_cfg, cfg.diversity_images)
     present = [i for i in range(len(names)) if counts[i]]
     per_class_figure(report, "dataset_agreement.png", names, {i: agreement[i] for i in present},
                      "CLIP zero-shot agreement", "Per-class CLIP zero-shot agreement (share of images CLIP assigns to their own class)")
@@ -401,6 +401,21 @@ def dataset_diversity(shards: list[Path], labels: np.ndarray, cfg: Config, per_c
             encoded = clip.encode_image(pixels.to(device).float() / 255).cpu().numpy()
             features.update(zip(batch, encoded))
     return {label: mean_pairwise_distance(np.stack([features[p] for p in rows.tolist()])) for label, rows in chosen.items()}
+
+
+def on_a_gpu_if_any(fn: Callable, *args, num_gpus: float | None = None):
+    """`fn(*args)` in a Ray task holding `num_gpus` GPUs; by default one when the attached Ray
+    cluster has GPUs (a cluster's driver often has none: CLIP ViT-L on CPU takes seconds per
+    image), else `fn(*args)` right here."""
+    from lbgen.runs import use_gpu
+
+    if num_gpus is None:
+        num_gpus = 1 if use_gpu(None) else 0
+        if not num_gpus:
+            return fn(*args)
+    import ray
+
+    return ray.get(ray.remote(num_gpus=num_gpus)(fn).remote(*args))
 
 
 def pretrain_section(report: Report, directory: Path) -> None:

@@ -23,8 +23,10 @@ from lbgen.report import (
     ReportError,
     build_report,
     choose_rows,
+    dataset_diversity,
     grid_tiles,
     mean_pairwise_distance,
+    on_a_gpu_if_any,
     read_images,
 )
 
@@ -157,6 +159,22 @@ def test_grid_tiles_recovers_each_class_sample_from_a_finetune_grid(run_dir):
         assert np.abs(np.asarray(tile).astype(float) - colour * 255).max() <= 1
     with pytest.raises(ReportError, match="grid.png.*not a grid of 5 samples"):
         grid_tiles(grid, 5, Path("grid.png"))  # 5 columns do not divide 8 tiles of width
+
+
+@pytest.mark.ray
+def test_diversity_in_a_ray_task_equals_the_local_one(run_dir, ray_local):
+    """The path a GPU cluster takes (a Ray task; here it asks for no GPU, which this machine lacks)."""
+    from lbgen.config import Config, from_dict, load_yaml
+
+    generate = run_dir / "generate"
+    shards = sorted((generate / DATA_DIR).glob("*.parquet"))
+    labels = np.concatenate([pq.read_table(p, columns=["label"]).column("label").to_numpy() for p in shards])
+    cfg = from_dict(Config, load_yaml(generate / "config.yaml"))
+    local = dataset_diversity(shards, labels, cfg, 3)
+    remote = on_a_gpu_if_any(dataset_diversity, shards, labels, cfg, 3, num_gpus=0)
+    assert remote.keys() == local.keys()
+    assert all(remote[k] == pytest.approx(local[k], rel=1e-4, abs=1e-7) for k in local)  # thread counts differ
+    assert sorted(local) == [0, 1] and local[0] < 1e-5 < local[1]
 
 
 # ---------------------------------------------------------------- the report
