@@ -20,12 +20,13 @@ from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrid
 from lbgen.dataset import DatasetError
 from lbgen.downstream import DownstreamError
 from lbgen.models.hub import ModelNotFoundError
+from lbgen.report import ReportError
 from lbgen.shards import ShardError
 
 # Errors whose message is the whole story: printed as one line, no traceback.
 USER_ERRORS = (
     ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError,
-    ShardError, BackboneError, DownstreamError, BiasDataError, DatasetError,
+    ShardError, BackboneError, DownstreamError, BiasDataError, DatasetError, ReportError,
 )
 
 
@@ -85,6 +86,14 @@ def inspect_command(directory: str) -> int:
     return 0 if found.ok else 1
 
 
+def report_command(directory: str, overrides: dict) -> None:
+    """`lbgen report DIR`: rebuild the run report of DIR."""
+    from lbgen.report import build_report
+
+    paths = build_report(directory, resolve(overrides=overrides).report)
+    print(f"report: {paths['html']} (Markdown: {paths['markdown']})")
+
+
 def run_pretrain(cfg: Config) -> None:
     from lbgen.pretrain import pretrain
 
@@ -103,7 +112,7 @@ def run_all(cfg: Config) -> None:
     from lbgen.run import run
 
     output = run(cfg)
-    print(f"all stages done: {output} (results: {output / 'evaluate' / 'results.md'})")
+    print(f"all stages done: {output} (results: {output / 'evaluate' / 'results.md'}, report: {output / 'report.html'})")
 
 
 def run_make_downstream(cfg: Config) -> None:
@@ -120,7 +129,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], Callable[[Config], None], str]] = {
     "generate": (("model", "generate"), run_generate, "generate the labelled dataset as Parquet shards (Ray Data)"),
     "pretrain": (("pretrain",), run_pretrain, "pre-train a timm backbone on generated shards (Ray Train + Ray Data)"),
     "evaluate": (("evaluate",), run_evaluate, "transfer of backbones to downstream sets: linear probe or fine-tune, bias metrics"),
-    "run": (("model", "run"), run_all, "every stage end to end into one directory, skipping completed stages"),
+    "run": (("model", "run", "report"), run_all, "every stage end to end into one directory, skipping completed stages"),
     "make-downstream": (("make_downstream",), run_make_downstream, "write a procedural downstream dataset (ImageFolder)"),
 }
 
@@ -143,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="WORKERS", help="alias of --workers")
     p = sub.add_parser("inspect", help="validate a generated dataset and print its summary")
     p.add_argument("dir", help="dataset directory written by `lbgen generate`")
+    p = sub.add_parser("report", help="(re)build DIR/report.html and DIR/report.md of a run")
+    p.add_argument("dir", help="run directory written by `lbgen run`")
+    add_config_flags(p, ("report",), top_level=False)
     return parser
 
 
@@ -167,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         except DatasetError as err:
             print(f"lbgen inspect: error: {err}", file=sys.stderr)
             return 2
+    if args.command == "report":
+        try:
+            report_command(args.dir, overrides_from_args(args))
+        except USER_ERRORS as err:
+            print(f"lbgen report: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     _, command, _ = COMMANDS[args.command]
     try:
         cfg = resolve(args.preset, args.config, overrides_from_args(args))

@@ -221,6 +221,14 @@ class RunAllConfig:
 
 
 @dataclass
+class ReportConfig:
+    """`report`: the run report (`report.html`, `report.md`) that `run` writes at its end."""
+
+    # Images per class, a seeded choice, whose CLIP embeddings measure the dataset's per-class diversity.
+    diversity_images: int = 32
+
+
+@dataclass
 class MakeDownstreamConfig:
     """`make-downstream`: a procedural downstream set, so evaluation runs without downloads."""
 
@@ -293,6 +301,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     make_downstream: MakeDownstreamConfig = field(default_factory=MakeDownstreamConfig)
     run: RunAllConfig = field(default_factory=RunAllConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
@@ -452,6 +461,7 @@ def validate(cfg: Config) -> Config:
     _validate_pretrain(cfg.pretrain)
     _validate_evaluate(cfg.evaluate)
     _validate_make_downstream(cfg.make_downstream)
+    _require({"report.diversity_images": (cfg.report.diversity_images >= 2, f"must be >= 2 (pairs of images), got {cfg.report.diversity_images}")})
     return cfg
 
 
@@ -664,14 +674,14 @@ class _FlattenList(argparse.Action):
         setattr(namespace, self.dest, [item for value in values for item in value])
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
-    """One `--flag` per leaf field of the top level and of `sections` (e.g. "model", "finetune").
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...], top_level: bool = True) -> None:
+    """One `--flag` per leaf field of `sections` (e.g. "model", "finetune") and, with `top_level`, of the top level.
 
     Flags default to "not given" so that only what the user types overrides the YAML.
     """
     seen: dict[str, tuple] = {}
     for path, f, tp in _leaf_fields(Config):
-        if len(path) > 1 and path[0] not in sections:
+        if (path[0] not in sections) if len(path) > 1 else not top_level:
             continue
         flag = "--" + path[-1].replace("_", "-")
         if flag in seen:

@@ -38,6 +38,9 @@ DISC_FILE = "discriminator.safetensors"
 ADAPTER_FILE = "adapter.safetensors"  # peft-format LoRA inside checkpoints
 OPTIM_FILE = "optimizers.pt"  # tensors and numbers only: loads with weights_only=True
 STATE_FILE = "state.json"
+# Sample grid layout (torchvision's make_grid): the report cuts grids back into per-class tiles.
+GRID_COLUMNS = 8
+GRID_PADDING = 2
 
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_FIELDS = {
@@ -244,7 +247,7 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     from torchvision.utils import save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float().cpu(), path, nrow=min(8, len(images)), padding=2)
+    save_image(images.float().cpu(), path, nrow=min(GRID_COLUMNS, len(images)), padding=GRID_PADDING)
 
 
 def export_lora(adapter_file: Path, output: Path) -> Path:

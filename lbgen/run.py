@@ -44,25 +44,42 @@ def _generated_whole(directory: Path) -> bool:
     return len(data.get("shards", {})) == data.get("num_shards", -1) and "totals" in data
 
 
+def stage_complete(stage: str, directory: Path) -> bool:
+    """Whether `directory` holds the finished output of `stage` (its completion marker)."""
+    from lbgen.models.generator import LORA_FILE
+
+    markers = {
+        "finetune": lambda: (directory / LORA_FILE).exists(),
+        "generate": lambda: _generated_whole(directory),
+        "downstream": lambda: (directory / "train").is_dir(),
+        "pretrain": lambda: (directory / "backbone.safetensors").exists(),
+        "evaluate": lambda: (directory / "results.csv").exists(),
+    }
+    return markers[stage]()
+
+
 def run(cfg: Config, log=print) -> Path:
-    """Run every stage not yet complete under `cfg.run.output`; returns that directory."""
+    """Run every stage not yet complete under `cfg.run.output`, then write the report; returns that directory."""
     from lbgen.downstream import make_downstream
     from lbgen.evaluate import evaluate
-    from lbgen.finetune import LORA_FILE, finetune
+    from lbgen.finetune import finetune
     from lbgen.generate import generate
     from lbgen.pretrain import pretrain
+    from lbgen.report import build_report
 
     cfg = stage_configs(cfg)
+    root = Path(cfg.run.output).expanduser().resolve()
     md = cfg.make_downstream
     # (stage, is it complete?, run it); the procedural downstream set is cheap and seeded: always rewritten.
+    marker = lambda stage: lambda: stage_complete(stage, root / stage)
     steps = [
-        ("finetune", lambda: (Path(cfg.finetune.output) / LORA_FILE).exists(), lambda: finetune(cfg)),
-        ("generate", lambda: _generated_whole(Path(cfg.generate.output)), lambda: generate(cfg)),
+        ("finetune", marker("finetune"), lambda: finetune(cfg)),
+        ("generate", marker("generate"), lambda: generate(cfg)),
         ("downstream", lambda: False,
          lambda: make_downstream(md.kind, md.output, train_per_class=md.train_per_class,
                                  test_per_class=md.test_per_class, size=md.size, seed=cfg.seed)),
-        ("pretrain", lambda: (Path(cfg.pretrain.output) / "backbone.safetensors").exists(), lambda: pretrain(cfg)),
-        ("evaluate", lambda: (Path(cfg.evaluate.output) / "results.csv").exists(), lambda: evaluate(cfg)),
+        ("pretrain", marker("pretrain"), lambda: pretrain(cfg)),
+        ("evaluate", marker("evaluate"), lambda: evaluate(cfg)),
     ]
     for name, complete, stage in steps:
         if complete():
@@ -70,4 +87,5 @@ def run(cfg: Config, log=print) -> Path:
             continue
         log(f"[{name}] running")
         stage()
-    return Path(cfg.run.output).expanduser().resolve()
+    log(f"[report] {build_report(root, cfg.report)['html']}")
+    return root

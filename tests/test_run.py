@@ -54,11 +54,16 @@ def test_run_all_stages_then_skip_them(uninterrupted, small_config, capsys):
     with open(out / "evaluate" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2  # the pre-trained backbone and its random-init baseline, one fraction
+    # The report, every stage in it (tests/test_report.py checks its content and its rendering).
+    report = (out / "report.md").read_text()
+    assert "Not run yet" not in report and report.count("| complete |") == 5
+    assert (out / "report.html").read_text().count('src="data:image/png;base64,') == 7
     capsys.readouterr()
     assert main(run_args(out, small_config)) == 0
     log = capsys.readouterr().out
     for stage in ("finetune", "generate", "pretrain", "evaluate"):
         assert f"[{stage}] complete, skipped" in log
+    assert f"[report] {out.resolve() / 'report.html'}" in log
 
 
 @pytest.mark.ray
