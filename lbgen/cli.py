@@ -21,11 +21,12 @@ from lbgen.dataset import DatasetError
 from lbgen.downstream import DownstreamError
 from lbgen.models.hub import ModelNotFoundError
 from lbgen.shards import ShardError
+from lbgen.storage import StorageError
 
 # Errors whose message is the whole story: printed as one line, no traceback.
 USER_ERRORS = (
     ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError,
-    ShardError, BackboneError, DownstreamError, BiasDataError, DatasetError,
+    ShardError, BackboneError, DownstreamError, BiasDataError, DatasetError, StorageError,
 )
 
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--concurrency", dest="cfg:generate.workers", type=int, default=argparse.SUPPRESS,
                            metavar="WORKERS", help="alias of --workers")
     p = sub.add_parser("inspect", help="validate a generated dataset and print its summary")
-    p.add_argument("dir", help="dataset directory written by `lbgen generate`")
+    p.add_argument("dir", help="dataset directory (local path or URI such as s3://bucket/ds) written by `lbgen generate`")
     return parser
 
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "inspect":
         try:
             return inspect_command(args.dir)
-        except DatasetError as err:
+        except (DatasetError, StorageError) as err:
             print(f"lbgen inspect: error: {err}", file=sys.stderr)
             return 2
     _, command, _ = COMMANDS[args.command]

@@ -112,9 +112,10 @@ class PretrainConfig:
     label smoothing); `lr` is for the global batch (`batch_size` x `workers`).
     """
 
-    # Shard directories (each holding `data/*.parquet` or `*.parquet`) or single shard files.
+    # Shard directories (each holding `data/*.parquet` or `*.parquet`) or single shard files; local
+    # paths or object-store URIs (s3://bucket/ds?endpoint_override=host:port&scheme=http, gs://...).
     data: list[str] = field(default_factory=list)
-    # Output directory (local path); re-running with the same one resumes.
+    # Output directory (local path only); re-running with the same one resumes.
     output: str = "runs/pretrain"
     # Any timm model name.
     model: str = "resnet50"
@@ -239,9 +240,10 @@ class MakeDownstreamConfig:
 class GenerateConfig:
     """The `generate` stage (DESIGN 2.2): class table -> scored, resumable Parquet shards."""
 
-    # Output dataset directory (local path); re-running with the same one resumes.
+    # Output dataset directory: a local path or an object-store URI (s3://bucket/ds, gs://..., file://...,
+    # S3 endpoint in the query: ?endpoint_override=host:port&scheme=http); re-running with the same one resumes.
     output: str = "runs/generate"
-    # Directory holding a diffusers LoRA (`pytorch_lora_weights.safetensors`, e.g. from finetune), or null.
+    # Directory (local path or URI) holding a diffusers LoRA (`pytorch_lora_weights.safetensors`, e.g. from finetune), or null.
     lora: Optional[str] = None
     # Images per class (N); the paper's ImageNet-1K setup makes 1300.
     images_per_class: int = 1300
@@ -452,7 +454,28 @@ def validate(cfg: Config) -> Config:
     _validate_pretrain(cfg.pretrain)
     _validate_evaluate(cfg.evaluate)
     _validate_make_downstream(cfg.make_downstream)
+    _validate_locations(cfg)
     return cfg
+
+
+# Locations that may be object-store URIs (lbgen.storage); every other one is a local path.
+URI_FIELDS = ("generate.output", "generate.lora", "pretrain.data")
+
+
+def _validate_locations(cfg: Config) -> None:
+    """Refuse a URI where a stage writes or reads through the local file system only."""
+    from lbgen.storage import is_uri
+
+    local = {
+        "finetune.output": [cfg.finetune.output], "pretrain.output": [cfg.pretrain.output],
+        "evaluate.output": [cfg.evaluate.output], "evaluate.backbone": cfg.evaluate.backbone,
+        "evaluate.downstream": cfg.evaluate.downstream, "evaluate.bias": cfg.evaluate.bias,
+        "run.output": [cfg.run.output], "make_downstream.output": [cfg.make_downstream.output],
+    }
+    uri = {name: next((v for v in values if is_uri(v)), None) for name, values in local.items()}
+    accepted = ", ".join(URI_FIELDS) + " and `lbgen inspect`"
+    _require({name: (found is None, f"must be a local path, got {found!r} (object-store URIs work for {accepted})")
+              for name, found in uri.items()})
 
 
 def _positive(fields: dict[str, float]) -> dict[str, tuple[bool, str]]:
