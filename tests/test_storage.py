@@ -68,9 +68,10 @@ def rows_of(where: str) -> dict:
 def assert_same_rows(a: dict, b: dict) -> None:
     """Same image bytes and metadata; scores equal up to float rounding."""
     assert a.keys() == b.keys()
-    for key in a:
-        assert {k: v for k, v in a[key].items() if k not in SCORES} == {k: v for k, v in b[key].items() if k not in SCORES}
-        np.testing.assert_allclose([a[key][k] for k in SCORES], [b[key][k] for k in SCORES], rtol=1e-4, atol=1e-6)
+    for key, row in a.items():
+        other = b[key]
+        assert {k: v for k, v in row.items() if k not in SCORES} == {k: v for k, v in other.items() if k not in SCORES}
+        np.testing.assert_allclose([row[k] for k in SCORES], [other[k] for k in SCORES], rtol=1e-4, atol=1e-6)
 
 
 def listing(where: Location) -> dict[str, int]:
@@ -110,7 +111,7 @@ def test_location_operations_on_s3(s3):
 
 
 def test_unreachable_bucket_is_one_clear_error(s3):
-    with pytest.raises(StorageError, match=f"s3://no-such-bucket/ds: .*Bucket 'no-such-bucket' not found"):
+    with pytest.raises(StorageError, match="s3://no-such-bucket/ds: .*Bucket 'no-such-bucket' not found"):
         locate(s3("ds").replace(BUCKET, "no-such-bucket")).mkdir()
 
 
