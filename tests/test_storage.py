@@ -1,7 +1,7 @@
 """lbgen.storage: local paths and object-store URIs, against a real S3 API (moto's server on 127.0.0.1).
 
 The S3 endpoint travels in the URI's query (`?endpoint_override=...&scheme=http`), the dummy
-credentials in the usual AWS variables; the generate run writes through the driver only.
+credentials in the usual AWS variables (set in conftest, before Ray starts, for Ray's workers too).
 """
 
 from __future__ import annotations
@@ -32,17 +32,13 @@ SCORES = ("clip_score", "iqa_score")
 def s3():
     """A moto S3 server with one bucket; returns `key -> s3:// URI` carrying the endpoint."""
     moto_server = pytest.importorskip("moto.server")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        query = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-        pafs.FileSystem.from_uri(f"s3://{BUCKET}{query}&allow_bucket_creation=true")[0].create_dir(BUCKET)
-        yield lambda key: f"s3://{BUCKET}/{key}{query}"
-        server.stop()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    pafs.FileSystem.from_uri(f"s3://{BUCKET}{query}&allow_bucket_creation=true")[0].create_dir(BUCKET)
+    yield lambda key: f"s3://{BUCKET}/{key}{query}"
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +255,21 @@ def test_lora_from_s3_equals_lora_from_a_local_dir(s3, table_file, tmp_path):
     from_uri = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, lora=uri))
     np.testing.assert_array_equal(GenerateBatch(dataclasses.asdict(from_uri))(batch)["pixels"],
                                   GenerateBatch(dataclasses.asdict(cfg))(batch)["pixels"])
+
+
+@pytest.mark.slow
+def test_pretrain_trains_on_shards_in_s3(ray_local, s3_run, table_file, tmp_path):
+    """Ray Data's read tasks get the filesystem (endpoint included) from the driver's `--data` URI."""
+    import json
+
+    from lbgen.pretrain import pretrain
+
+    uri, _ = s3_run
+    output = tmp_path / "pretrain"
+    pretrain(resolve("tiny", overrides={"classes": str(table_file), "pretrain": {
+        "data": [uri], "output": str(output), "epochs": 1, "batch_size": 2, "val_fraction": 0.0, "warmup_epochs": 0.0,
+        "decode_batch_size": 2, "read_block_rows": 2}}))
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["epoch"] == 1 and metrics[-1]["step"] == 3  # 6 rows, batch 2
+    assert json.loads((output / "shards.json").read_text())["filesystem"] == "s3"
+    assert (output / "backbone.safetensors").exists()
