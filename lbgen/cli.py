@@ -16,7 +16,7 @@ from collections.abc import Callable
 from lbgen.backbones import BackboneError
 from lbgen.bias import BiasDataError
 from lbgen.classes import ClassTableError, load_class_table
-from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
+from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, require_local, resolve
 from lbgen.dataset import DatasetError
 from lbgen.downstream import DownstreamError
 from lbgen.models.hub import ModelNotFoundError
@@ -110,6 +110,7 @@ def run_all(cfg: Config) -> None:
 def run_make_downstream(cfg: Config) -> None:
     from lbgen.downstream import make_downstream
 
+    require_local(cfg, "make_downstream")
     md = cfg.make_downstream
     output = make_downstream(md.kind, md.output, train_per_class=md.train_per_class, test_per_class=md.test_per_class, size=md.size, seed=cfg.seed)
     print(f"downstream dataset ({md.kind}): {output}")

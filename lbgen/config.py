@@ -454,28 +454,29 @@ def validate(cfg: Config) -> Config:
     _validate_pretrain(cfg.pretrain)
     _validate_evaluate(cfg.evaluate)
     _validate_make_downstream(cfg.make_downstream)
-    _validate_locations(cfg)
     return cfg
 
 
-# Locations that may be object-store URIs (lbgen.storage); every other one is a local path.
+# Locations that may be object-store URIs (lbgen.storage).
 URI_FIELDS = ("generate.output", "generate.lora", "pretrain.data")
+# Per stage, the locations it still reads or writes through the local file system only.
+LOCAL_FIELDS = {
+    "finetune": ("output",), "pretrain": ("output",), "evaluate": ("output", "backbone", "downstream", "bias"),
+    "run": ("output",), "make_downstream": ("output",),
+}
 
 
-def _validate_locations(cfg: Config) -> None:
-    """Refuse a URI where a stage writes or reads through the local file system only."""
+def require_local(cfg: Config, stage: str) -> None:
+    """Refuse an object-store URI where `stage` reads or writes through the local file system only
+    (it would become a local directory named `s3:`). Checked when the stage starts, not when a config
+    resolves: one config file may hold every stage's settings."""
     from lbgen.storage import is_uri
 
-    local = {
-        "finetune.output": [cfg.finetune.output], "pretrain.output": [cfg.pretrain.output],
-        "evaluate.output": [cfg.evaluate.output], "evaluate.backbone": cfg.evaluate.backbone,
-        "evaluate.downstream": cfg.evaluate.downstream, "evaluate.bias": cfg.evaluate.bias,
-        "run.output": [cfg.run.output], "make_downstream.output": [cfg.make_downstream.output],
-    }
-    uri = {name: next((v for v in values if is_uri(v)), None) for name, values in local.items()}
     accepted = ", ".join(URI_FIELDS) + " and `lbgen inspect`"
-    _require({name: (found is None, f"must be a local path, got {found!r} (object-store URIs work for {accepted})")
-              for name, found in uri.items()})
+    for name in LOCAL_FIELDS[stage]:
+        value = getattr(getattr(cfg, stage), name)
+        uri = next((v for v in (value if isinstance(value, list) else [value]) if is_uri(v)), None)
+        _require({f"{stage}.{name}": (uri is None, f"must be a local path, got {uri!r} (object-store URIs work for {accepted})")})
 
 
 def _positive(fields: dict[str, float]) -> dict[str, tuple[bool, str]]:

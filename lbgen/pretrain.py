@@ -28,7 +28,7 @@ from torch import nn
 from lbgen import runs, storage
 from lbgen.backbones import export_backbone
 from lbgen.classes import load_class_table
-from lbgen.config import Config, from_dict, to_yaml
+from lbgen.config import Config, from_dict, require_local, to_yaml
 from lbgen.progress import MetricsProgress
 from lbgen.runs import MetricsLog
 from lbgen.seeds import derive_seed
@@ -276,6 +276,7 @@ def pretrain(cfg: Config) -> Path:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    require_local(cfg, "pretrain")
     cfg = _absolute(cfg)
     pt = cfg.pretrain
     output = Path(pt.output)

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lbgen.config import Config
+from lbgen.config import Config, require_local
 
 STAGES = ("finetune", "generate", "downstream", "pretrain", "evaluate")
 
@@ -52,6 +52,7 @@ def run(cfg: Config, log=print) -> Path:
     from lbgen.generate import generate
     from lbgen.pretrain import pretrain
 
+    require_local(cfg, "run")
     cfg = stage_configs(cfg)
     md = cfg.make_downstream
     # (stage, is it complete?, run it); the procedural downstream set is cheap and seeded: always rewritten.

@@ -16,7 +16,7 @@ import pytest
 
 from lbgen.classes import load_class_table
 from lbgen.cli import main as cli_main
-from lbgen.config import ConfigError, resolve
+from lbgen.config import resolve
 from lbgen.dataset import MANIFEST, DatasetError, inspect_dataset, read_manifest
 from lbgen.generate import GenerateBatch, check_lora, generate, plan, prepare_output
 from lbgen.models.generator import LORA_FILE
@@ -150,12 +150,14 @@ def test_write_bytes_shows_old_or_whole_content_never_a_part(where, s3, tmp_path
     assert target.read_bytes() == b"new" * 1000 and listing(target.parent) == {"x.bin": 3000}
 
 
-def test_stages_that_write_locally_refuse_uris_up_front():
-    for section, flag in [("pretrain", "output"), ("finetune", "output"), ("evaluate", "downstream"), ("run", "output")]:
-        value = "s3://b/run" if flag == "output" else ["s3://b/ds"]
-        with pytest.raises(ConfigError, match=rf"{section}.{flag} must be a local path, got 's3://b/.*generate.output"):
-            resolve("tiny", overrides={section: {flag: value}})
-    assert resolve("tiny", overrides={"generate": {"output": "s3://b/ds"}, "pretrain": {"data": ["gs://b/ds"]}})
+@pytest.mark.parametrize(("stage", "field"), [("finetune", "output"), ("pretrain", "output"), ("evaluate", "downstream"),
+                                             ("run", "output"), ("make-downstream", "output")])
+def test_stages_that_write_locally_refuse_uris_up_front(stage, field, ray_local, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main([stage, f"--{field}", "s3://b/x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{stage.replace('-', '_')}.{field} must be a local path, got 's3://b/x'" in err and "generate.output" in err
+    assert list(tmp_path.iterdir()) == []  # no local directory named "s3:"
 
 
 # ---------------------------------------------------------------- generate into S3
