@@ -16,17 +16,18 @@ from collections.abc import Callable
 from lbgen.backbones import BackboneError
 from lbgen.bias import BiasDataError
 from lbgen.classes import ClassTableError, load_class_table
-from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, resolve
+from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, require_local, resolve
 from lbgen.dataset import DatasetError
 from lbgen.downstream import DownstreamError
 from lbgen.models.hub import ModelNotFoundError
 from lbgen.report import ReportError
 from lbgen.shards import ShardError
+from lbgen.storage import StorageError
 
 # Errors whose message is the whole story: printed as one line, no traceback.
 USER_ERRORS = (
     ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError,
-    ShardError, BackboneError, DownstreamError, BiasDataError, DatasetError, ReportError,
+    ShardError, BackboneError, DownstreamError, BiasDataError, DatasetError, ReportError, StorageError,
 )
 
 
@@ -118,6 +119,7 @@ def run_all(cfg: Config) -> None:
 def run_make_downstream(cfg: Config) -> None:
     from lbgen.downstream import make_downstream
 
+    require_local(cfg, "make_downstream")
     md = cfg.make_downstream
     output = make_downstream(md.kind, md.output, train_per_class=md.train_per_class, test_per_class=md.test_per_class, size=md.size, seed=cfg.seed)
     print(f"downstream dataset ({md.kind}): {output}")
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--concurrency", dest="cfg:generate.workers", type=int, default=argparse.SUPPRESS,
                            metavar="WORKERS", help="alias of --workers")
     p = sub.add_parser("inspect", help="validate a generated dataset and print its summary")
-    p.add_argument("dir", help="dataset directory written by `lbgen generate`")
+    p.add_argument("dir", help="dataset directory (local path or URI such as s3://bucket/ds) written by `lbgen generate`")
     p = sub.add_parser("report", help="(re)build DIR/report.html and DIR/report.md of a run")
     p.add_argument("dir", help="run directory written by `lbgen run`")
     add_config_flags(p, ("report",), top_level=False)
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "inspect":
         try:
             return inspect_command(args.dir)
-        except DatasetError as err:
+        except (DatasetError, StorageError) as err:
             print(f"lbgen inspect: error: {err}", file=sys.stderr)
             return 2
     if args.command == "report":

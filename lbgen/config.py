@@ -112,9 +112,10 @@ class PretrainConfig:
     label smoothing); `lr` is for the global batch (`batch_size` x `workers`).
     """
 
-    # Shard directories (each holding `data/*.parquet` or `*.parquet`) or single shard files.
+    # Shard directories (each holding `data/*.parquet` or `*.parquet`) or single shard files; local
+    # paths or object-store URIs (s3://bucket/ds?endpoint_override=host:port&scheme=http, gs://...).
     data: list[str] = field(default_factory=list)
-    # Output directory (local path); re-running with the same one resumes.
+    # Output directory (local path only); re-running with the same one resumes.
     output: str = "runs/pretrain"
     # Any timm model name.
     model: str = "resnet50"
@@ -247,9 +248,10 @@ class MakeDownstreamConfig:
 class GenerateConfig:
     """The `generate` stage (DESIGN 2.2): class table -> scored, resumable Parquet shards."""
 
-    # Output dataset directory (local path); re-running with the same one resumes.
+    # Output dataset directory: a local path or an object-store URI (s3://bucket/ds, gs://..., file://...,
+    # S3 endpoint in the query: ?endpoint_override=host:port&scheme=http); re-running with the same one resumes.
     output: str = "runs/generate"
-    # Directory holding a diffusers LoRA (`pytorch_lora_weights.safetensors`, e.g. from finetune), or null.
+    # Directory (local path or URI) holding a diffusers LoRA (`pytorch_lora_weights.safetensors`, e.g. from finetune), or null.
     lora: Optional[str] = None
     # Images per class (N); the paper's ImageNet-1K setup makes 1300.
     images_per_class: int = 1300
@@ -463,6 +465,28 @@ def validate(cfg: Config) -> Config:
     _validate_make_downstream(cfg.make_downstream)
     _require({"report.diversity_images": (cfg.report.diversity_images >= 2, f"must be >= 2 (pairs of images), got {cfg.report.diversity_images}")})
     return cfg
+
+
+# Locations that may be object-store URIs (lbgen.storage).
+URI_FIELDS = ("generate.output", "generate.lora", "pretrain.data")
+# Per stage, the locations it still reads or writes through the local file system only.
+LOCAL_FIELDS = {
+    "finetune": ("output",), "pretrain": ("output",), "evaluate": ("output", "backbone", "downstream", "bias"),
+    "run": ("output",), "make_downstream": ("output",),
+}
+
+
+def require_local(cfg: Config, stage: str) -> None:
+    """Refuse an object-store URI where `stage` reads or writes through the local file system only
+    (it would become a local directory named `s3:`). Checked when the stage starts, not when a config
+    resolves: one config file may hold every stage's settings."""
+    from lbgen.storage import is_uri
+
+    accepted = ", ".join(URI_FIELDS) + " and `lbgen inspect`"
+    for name in LOCAL_FIELDS[stage]:
+        value = getattr(getattr(cfg, stage), name)
+        uri = next((v for v in (value if isinstance(value, list) else [value]) if is_uri(v)), None)
+        _require({f"{stage}.{name}": (uri is None, f"must be a local path, got {uri!r} (object-store URIs work for {accepted})")})
 
 
 def _positive(fields: dict[str, float]) -> dict[str, tuple[bool, str]]:

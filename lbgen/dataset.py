@@ -8,6 +8,7 @@ Layout of a dataset directory (the Hugging Face `datasets` Parquet convention):
 
 A shard exists under its final name only once it is whole, so "the file exists" is the
 completion marker that resume relies on. `inspect_dataset` re-checks all of it.
+OUT is a local path or an object-store URI (`s3://bucket/ds`): all I/O goes through `lbgen.storage`.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+from lbgen.storage import Location, Where, locate
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
@@ -102,43 +102,42 @@ def encode_images(batch: dict, image_format: str, quality: int) -> dict:
     return out
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Where, chunk: int = 1 << 20) -> str:
+    where = locate(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with where.fs.open_input_stream(where.path) as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
 
-def write_shard(table: pa.Table, final: Path, row_group_rows: int) -> dict:
-    """Write `table` to a hidden temp file beside `final`, then rename: no partial file under `final`.
+def write_shard(table: pa.Table, final: Where, row_group_rows: int) -> dict:
+    """Write `table` as the shard `final`, atomically (`Location.write_bytes`): no partial file under `final`.
 
+    Serialised in memory first: the checksum comes from the bytes written, with no read-back
+    (a shard is a few hundred MB at most, and the driver holds its table anyway).
     Returns the shard's manifest entry (rows, bytes, sha256).
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, row_group_size=row_group_rows)
-        entry = {"rows": table.num_rows, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
-        os.replace(tmp, final)  # atomic on a POSIX file system
-    finally:
-        tmp.unlink(missing_ok=True)
-    return entry
+    final = locate(final)
+    final.parent.mkdir()
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, row_group_size=row_group_rows)
+    data = buffer.getvalue()
+    final.write_bytes(data)
+    return {"rows": table.num_rows, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def write_json_atomic(path: Where, data: dict) -> None:
+    locate(path).write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
 
 
-def read_manifest(output: Path) -> dict | None:
+def read_manifest(output: Where) -> dict | None:
     """The manifest of `output`, or None if it has none; unreadable -> DatasetError."""
-    path = output / MANIFEST
+    path = locate(output) / MANIFEST
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatasetError(f"{path} is not a readable lbgen manifest ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -146,7 +145,7 @@ def read_manifest(output: Path) -> dict | None:
     return data
 
 
-def write_card(output: Path, names: Sequence[str], description: str) -> None:
+def write_card(output: Where, names: Sequence[str], description: str) -> None:
     """README.md whose YAML header lets `datasets.load_dataset(OUT)` find the shards and features."""
     feats = []
     for col, value in features(names).items():
@@ -161,17 +160,18 @@ def write_card(output: Path, names: Sequence[str], description: str) -> None:
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/train-*"}]}],
     }
     text = "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n\n" + description + "\n"
-    (output / CARD).write_text(text, encoding="utf-8")
+    (locate(output) / CARD).write_text(text)
 
 
 # ---------------------------------------------------------------- reading back
 
 
-def read_stats(paths: Sequence[Path]) -> pa.Table:
+def read_stats(paths: Sequence[Where]) -> pa.Table:
     """The STAT_COLUMNS of all shards (no image bytes), concatenated."""
     if not paths:
         return pa.table({c: pa.array([], COLUMNS[c][0]) for c in STAT_COLUMNS})
-    return pa.concat_tables(pq.read_table(p, columns=STAT_COLUMNS) for p in paths)
+    shards = [locate(p) for p in paths]
+    return pa.concat_tables(pq.read_table(p.path, filesystem=p.fs, columns=STAT_COLUMNS) for p in shards)
 
 
 def summarize(stats: pa.Table, names: Sequence[str]) -> dict:
@@ -219,7 +219,7 @@ class Inspection:
         return not self.defects
 
 
-def _check_shard(path: Path, entry: dict | None, expected: pa.Schema, defects: list[str]) -> bool:
+def _check_shard(path: Location, entry: dict | None, expected: pa.Schema, defects: list[str]) -> bool:
     """Checksum, schema and row count of one shard against its manifest entry; False if unusable."""
     if entry is None:
         defects.append(f"{path.name}: not listed in {MANIFEST}")
@@ -227,8 +227,9 @@ def _check_shard(path: Path, entry: dict | None, expected: pa.Schema, defects: l
     if sha256_file(path) != entry["sha256"]:
         defects.append(f"{path.name}: sha256 differs from {MANIFEST} (file changed or corrupt)")
     try:
-        meta = pq.read_metadata(path)
-        got = pq.read_schema(path)
+        with path.open_input() as source:
+            meta = pq.read_metadata(source)
+            got = meta.schema.to_arrow_schema()
     except Exception as err:  # noqa: BLE001  pyarrow raises several types for a corrupt file
         defects.append(f"{path.name}: not readable Parquet ({err})")
         return False
@@ -260,9 +261,9 @@ def _check_rows(stats: pa.Table, num_classes: int, per_class: int, defects: list
         defects.append(f"{len(wrong)} class(es) without {per_class} images ({shown}{', ...' if len(wrong) > 5 else ''})")
 
 
-def inspect_dataset(output: str | Path) -> Inspection:
+def inspect_dataset(output: Where) -> Inspection:
     """Validate a generated dataset (manifest, shard set, checksums, schema, counts, duplicates)."""
-    output = Path(output)
+    output = locate(output)
     found = Inspection()
     manifest = read_manifest(output) if output.is_dir() else None
     if manifest is None:
@@ -270,7 +271,7 @@ def inspect_dataset(output: str | Path) -> Inspection:
         return found
     names = manifest["label_names"]
     expected_files = {shard_name(k, manifest["num_shards"]) for k in range(manifest["num_shards"])}
-    present = {p.name: p for p in sorted((output / DATA_DIR).glob("train-*.parquet"))}
+    present = {p.name: p for p in (output / DATA_DIR).glob("train-*.parquet")}
     for name in sorted(expected_files - set(present)):
         found.defects.append(f"{name}: missing")
     for name in sorted(set(present) - expected_files):
@@ -281,7 +282,7 @@ def inspect_dataset(output: str | Path) -> Inspection:
     _check_rows(stats, len(names), manifest["images_per_class"], found.defects)
     found.summary = {
         "shards": f"{len(present)}/{manifest['num_shards']}",
-        "bytes": sum(p.stat().st_size for p in present.values()),
+        "bytes": sum(p.size() for p in present.values()),
         "generator": manifest["generator"],
         **summarize(stats, names),
     }

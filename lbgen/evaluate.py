@@ -27,7 +27,7 @@ from torch import nn
 
 from lbgen.backbones import Backbone, load_backbone
 from lbgen.bias import accuracy, background_gap, in9_folders
-from lbgen.config import Config, from_dict, to_yaml
+from lbgen.config import Config, from_dict, require_local, to_yaml
 from lbgen.downstream import ImageFolderImages, TransformedImages, open_downstream
 from lbgen.seeds import derive_seed
 from lbgen.transforms import ImageTransform, normalize
@@ -349,6 +349,7 @@ def _run_all(fn, jobs: list[tuple], cfg: Config) -> list:
 
 def evaluate(cfg: Config) -> Path:
     """Evaluate every backbone on every downstream (and bias) set; returns the output directory."""
+    require_local(cfg, "evaluate")
     ev = cfg.evaluate
     output = Path(ev.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(ev, output=str(output)))

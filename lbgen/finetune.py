@@ -25,7 +25,7 @@ from torch import nn
 
 from lbgen import runs
 from lbgen.classes import ClassTable, load_class_table
-from lbgen.config import Config, from_dict, to_yaml
+from lbgen.config import Config, from_dict, require_local, to_yaml
 from lbgen.losses import Discriminator, LbGenLoss, discriminator_loss, draw_real_classes
 from lbgen.models import create_clip, create_generator, create_iqa
 from lbgen.models.generator import LORA_FILE
@@ -317,6 +317,7 @@ def finetune(cfg: Config) -> Path:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    require_local(cfg, "finetune")
     output = Path(cfg.finetune.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, output=str(output)))
     table = load_class_table(cfg.classes)  # a bad table fails here, before any worker starts

@@ -8,6 +8,8 @@ Pipeline (each stage streams; memory does not grow with the dataset size):
               -> map_batches(encode_images)    PNG/JPEG/WebP bytes, CPU tasks
               -> driver: ShardAssembler        whole shards written atomically (lbgen.dataset)
 
+The output (and the LoRA) may be a local path or an object-store URI (`lbgen.storage`).
+
 An image's seed is a pure function of (run seed, label, index) and every image draws
 its noise from its own generator, so batch size, actor count and resume never change
 an image. `GenerateBatch` is the one generation code path: tests call it on a batch
@@ -22,7 +24,6 @@ import json
 import logging
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ from lbgen.dataset import (
 from lbgen.models.generator import LORA_FILE
 from lbgen.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
 from lbgen.runs import differences, use_gpu
+from lbgen.storage import Location, locate
 
 GPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Settings that do not change a single row: a resumed run may change them.
@@ -70,20 +72,23 @@ def check_lora(directory: str | None) -> str | None:
     """sha256 of the LoRA file in `directory` (None without LoRA); an unusable LoRA -> LoraError."""
     if directory is None:
         return None
-    path = Path(directory).expanduser() / LORA_FILE
+    path = locate(directory) / LORA_FILE
     if not path.is_file():
         raise LoraError(f"LoRA directory {directory} holds no {LORA_FILE} (finetune writes one)")
-    from safetensors import safe_open
+    data = path.read_bytes()
+    if not load_lora(data, str(path)):
+        raise LoraError(f"LoRA file {path} holds no tensors")
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_lora(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA safetensors file's bytes (read through `lbgen.storage`: local or a URI)."""
+    from safetensors.torch import load
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            if not list(f.keys()):
-                raise LoraError(f"LoRA file {path} holds no tensors")
-    except LoraError:
-        raise
+        return load(data)
     except Exception as err:  # noqa: BLE001  safetensors raises its own error types for a corrupt header
-        raise LoraError(f"LoRA file {path} is unreadable: {err}") from None
-    return sha256_file(path)
+        raise LoraError(f"LoRA file {where} is unreadable: {err}") from None
 
 
 def generator_id(cfg: Config, lora_sha: str | None) -> str:
@@ -117,8 +122,9 @@ class GenerateBatch:
         dtype = GPU_DTYPES[gen.dtype] if self.device.type == "cuda" else torch.float32
         pipe = create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed)
         if gen.lora:
+            lora = locate(gen.lora) / LORA_FILE
             try:
-                pipe.load_lora_weights(str(Path(gen.lora).expanduser()))
+                pipe.load_lora_weights(load_lora(lora.read_bytes(), str(lora)))
                 pipe.fuse_lora()  # merged once: no adapter overhead per step
             except Exception as err:  # noqa: BLE001  diffusers/peft raise many types for a mismatched LoRA
                 raise LoraError(f"LoRA {gen.lora} cannot be loaded into {cfg.model.generator}: {err}") from None
@@ -196,7 +202,7 @@ def settings_hash(content: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _remove_dataset(output: Path) -> None:
+def _remove_dataset(output: Location) -> None:
     """Delete what a generate run writes (shards, temp shards, manifest, card, config) and nothing else."""
     for path in (output / DATA_DIR).glob("*train-*.parquet*"):
         path.unlink()
@@ -204,7 +210,7 @@ def _remove_dataset(output: Path) -> None:
         (output / name).unlink(missing_ok=True)
 
 
-def prepare_output(output: Path, content: dict, overwrite: bool) -> dict | None:
+def prepare_output(output: Location, content: dict, overwrite: bool) -> dict | None:
     """Check that `output` is empty or holds this very dataset; returns its manifest (None if new).
 
     Refuses (DatasetError), touching nothing, when it holds other content, unless `overwrite`.
@@ -230,7 +236,7 @@ def prepare_output(output: Path, content: dict, overwrite: bool) -> dict | None:
     return manifest
 
 
-def finished_shards(output: Path, manifest: dict, expected_rows: list[int]) -> dict[str, dict]:
+def finished_shards(output: Location, manifest: dict, expected_rows: list[int]) -> dict[str, dict]:
     """Manifest entries of the shards already whole on disk (a shard renamed just before a crash is re-hashed)."""
     import pyarrow.parquet as pq
 
@@ -241,8 +247,8 @@ def finished_shards(output: Path, manifest: dict, expected_rows: list[int]) -> d
         if not path.exists():
             continue
         entry = manifest["shards"].get(name)
-        if entry is None and pq.read_metadata(path).num_rows == rows:
-            entry = {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        if entry is None and pq.read_metadata(path.path, filesystem=path.fs).num_rows == rows:
+            entry = {"rows": rows, "bytes": path.size(), "sha256": sha256_file(path)}
         if entry is not None:
             done[name] = entry
     return done
@@ -254,7 +260,7 @@ class ShardAssembler:
     Rows arrive in order (the pipeline preserves it), so at most about one shard is buffered.
     """
 
-    def __init__(self, output: Path, cfg: Config, names: list[str], expected_rows: list[int], generator: str, on_shard):
+    def __init__(self, output: Location, cfg: Config, names: list[str], expected_rows: list[int], generator: str, on_shard):
         self.output, self.cfg, self.generator = output, cfg, generator
         self.schema = schema(names)
         self.expected_rows = expected_rows
@@ -332,7 +338,7 @@ def generate(cfg: Config, *, show_progress: bool = True) -> dict:
         raise ConfigError(f"generate.scheduler: unknown {gen.scheduler!r}; known: {', '.join(SCHEDULERS)}")
     check_generator(cfg.model.generator)  # here, not deep inside a Ray actor
     lora_sha = check_lora(gen.lora)
-    output = Path(gen.output).expanduser().resolve()
+    output = locate(gen.output)
     content = content_settings(cfg, table, lora_sha)
     manifest = prepare_output(output, content, gen.overwrite)
 
@@ -345,7 +351,7 @@ def generate(cfg: Config, *, show_progress: bool = True) -> dict:
         "num_classes": len(table), "images_per_class": gen.images_per_class, "label_names": names,
         "num_shards": n, "shards": finished_shards(output, manifest, expected) if manifest else {},
     }
-    (output / DATA_DIR).mkdir(parents=True, exist_ok=True)
+    (output / DATA_DIR).mkdir()
     write_json_atomic(output / MANIFEST, manifest)  # first: it claims the directory for this dataset
     (output / "config.yaml").write_text(to_yaml(cfg))
     write_card(output, names, f"Images generated by lbgen from {len(table)} class names "

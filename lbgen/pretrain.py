@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lbgen import runs
+from lbgen import runs, storage
 from lbgen.backbones import export_backbone
 from lbgen.classes import load_class_table
-from lbgen.config import Config, from_dict, to_yaml
+from lbgen.config import Config, from_dict, require_local, to_yaml
 from lbgen.progress import MetricsProgress
 from lbgen.runs import MetricsLog
 from lbgen.seeds import derive_seed
@@ -70,7 +70,8 @@ def build_dataset(shards: ShardSet, cfg: Config, split: str):
     rows = row_filter(cfg)
     train = split == "train"
     ds = ray.data.read_parquet(
-        shards.files, columns=["image", "label", "index", *rows.score_columns()], include_paths=True, shuffle="files" if train else None
+        shards.files, filesystem=shards.filesystem, columns=["image", "label", "index", *rows.score_columns()],
+        include_paths=True, shuffle="files" if train else None,
     )
     # Blocks of about `read_block_rows` rows (this dataset's context only): Ray's defaults make one
     # block per ~128 MiB, so a small shard would decode in one task and stream nothing until done.
@@ -250,7 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
 def _absolute(cfg: Config) -> Config:
     """`cfg` with the output and data paths made absolute (workers may run elsewhere)."""
     pt = cfg.pretrain
-    data = [str(Path(d).expanduser().resolve()) for d in pt.data]
+    data = [storage.absolute(d) for d in pt.data]
     output = str(Path(pt.output).expanduser().resolve())
     return dataclasses.replace(cfg, pretrain=dataclasses.replace(pt, data=data, output=output))
 
@@ -275,6 +276,7 @@ def pretrain(cfg: Config) -> Path:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    require_local(cfg, "pretrain")
     cfg = _absolute(cfg)
     pt = cfg.pretrain
     output = Path(pt.output)
@@ -283,7 +285,7 @@ def pretrain(cfg: Config) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     runs.check_resumable(output, cfg, "pretrain", ("classes", "seed", "pretrain"), RESUMABLE_FIELDS)
     (output / "config.yaml").write_text(to_yaml(cfg))
-    (output / "shards.json").write_text(json.dumps(dataclasses.asdict(shards), indent=2) + "\n")
+    (output / "shards.json").write_text(json.dumps(shards.to_json(), indent=2) + "\n")
 
     datasets = {"train": build_dataset(shards, cfg, "train")}
     if shards.val_rows:

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lbgen.config import Config
+from lbgen.config import Config, require_local
 
 STAGES = ("finetune", "generate", "downstream", "pretrain", "evaluate")
 
@@ -67,6 +67,7 @@ def run(cfg: Config, log=print) -> Path:
     from lbgen.pretrain import pretrain
     from lbgen.report import build_report
 
+    require_local(cfg, "run")
     cfg = stage_configs(cfg)
     root = Path(cfg.run.output).expanduser().resolve()
     md = cfg.make_downstream

@@ -5,6 +5,7 @@ Hugging Face `datasets` Image convention for the image column). Reading checks
 every shard before training starts: an unreadable file, a missing or mistyped
 column, or a label that disagrees with the class table is an error naming the
 file (or, with `skip_bad_shards`, a warning and a count), never a wrong label.
+A `--data` entry is a local path or an object-store URI (`lbgen.storage`).
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lbgen.classes import ClassTable
 from lbgen.seeds import derive_seed
+from lbgen.storage import Location, locate
 
 log = logging.getLogger(__name__)
 
@@ -90,32 +93,43 @@ class RowFilter:
 class ShardSet:
     """The usable shards of a `--data` list, with row counts per split after filtering."""
 
-    files: list[str]
+    files: list[str]  # paths inside `filesystem` (what `ray.data.read_parquet` takes with it)
     bad: list[str] = field(default_factory=list)  # "path: reason" of each skipped shard
     rows: int = 0
     train_rows: int = 0
     val_rows: int = 0
     bytes: int = 0  # size of the usable files on disk
+    filesystem: pafs.FileSystem = field(default_factory=pafs.LocalFileSystem, repr=False, compare=False)
 
     def bytes_per_row(self) -> float:
         return self.bytes / max(self.rows, 1)
 
+    def to_json(self) -> dict:
+        """Everything but the filesystem object, which is named by its type (`local`, `s3`, ...)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "filesystem"}
+        return {**fields, "filesystem": self.filesystem.type_name}
 
-def find_shards(data: Iterable[str]) -> list[str]:
-    """Parquet files of each entry: a file, `DIR/data/*.parquet`, or `DIR/*.parquet`; sorted per entry."""
-    files: list[str] = []
+
+def find_shards(data: Iterable[str]) -> list[Location]:
+    """Parquet files of each entry: a file, `DIR/data/*.parquet`, or `DIR/*.parquet`; sorted per entry.
+
+    All entries must be on one filesystem (Ray Data reads them with one).
+    """
+    files: list[Location] = []
     for entry in data:
-        path = Path(entry).expanduser()
+        path = locate(entry)
+        if files and not path.fs.equals(files[0].fs):
+            raise ShardError(f"--data {entry}: on another filesystem than {files[0]}; give shards on one filesystem")
         if path.is_file():
-            files.append(str(path.resolve()))
+            files.append(path)
             continue
         if not path.is_dir():
             raise ShardError(f"--data {entry}: no such file or directory")
         folder = path / "data" if (path / "data").is_dir() else path
-        found = sorted(folder.glob("*.parquet"))
+        found = folder.glob("*.parquet")
         if not found:
             raise ShardError(f"--data {entry}: no .parquet shards in {folder}")
-        files.extend(str(f.resolve()) for f in found)
+        files.extend(found)
     if not files:
         raise ShardError("no shards given (--data DIR...)")
     return files
@@ -159,14 +173,18 @@ def open_shards(data: Iterable[str], classes: ClassTable, row_filter: RowFilter,
 
     Reads only the small columns (labels, ids, scores), never the image bytes.
     """
-    out = ShardSet(files=[])
+    found = find_shards(data)
+    out = ShardSet(files=[], filesystem=found[0].fs)
     columns = list(REQUIRED) + row_filter.score_columns()
-    for path in find_shards(data):
+    for location in found:
+        path = str(location)
         try:
             try:
-                shard = pq.ParquetFile(path)
-                check_schema(path, shard.schema_arrow, row_filter)
-                table = shard.read(columns=columns)
+                with location.open_input() as source:
+                    shard = pq.ParquetFile(source)
+                    check_schema(path, shard.schema_arrow, row_filter)
+                    table = shard.read(columns=columns)
+                    size = source.size()
             except ShardError:
                 raise
             except Exception as err:  # pyarrow raises several types for a damaged file
@@ -178,8 +196,8 @@ def open_shards(data: Iterable[str], classes: ClassTable, row_filter: RowFilter,
             log.warning("skipping bad shard: %s", err)
             out.bad.append(str(err))
             continue
-        out.files.append(path)
-        out.bytes += Path(path).stat().st_size
+        out.files.append(location.path)
+        out.bytes += size
         out.rows += table.num_rows
         out.train_rows += int(row_filter.mask(table, "train").sum())
         out.val_rows += int(row_filter.mask(table, "val").sum())

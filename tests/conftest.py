@@ -9,6 +9,10 @@ import pytest
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Dummy credentials for the local S3 server of test_storage (moto), set before any Ray starts:
+# Ray workers inherit the environment the cluster started with, and read shards from it too.
+for _name, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(scope="session")

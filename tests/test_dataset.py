@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -56,8 +55,8 @@ def test_write_shard_is_atomic(tmp_path, monkeypatch):
     assert entry["rows"] == 5 and entry["sha256"] == sha256_file(final)
     assert pq.ParquetFile(final).metadata.num_row_groups == 3
 
-    def broken(table, where, **kwargs):  # dies half-way, after creating the file
-        Path(where).write_bytes(b"PAR1 partial")
+    def broken(table, where, **kwargs):  # dies half-way through serialising
+        where.write(b"PAR1 partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(pq, "write_table", broken)
