@@ -81,3 +81,13 @@ def test_nodes_install_lbgen_with_the_ray_version_used_to_submit(cluster):
     mounted = {remote for remote, local in cluster["file_mounts"].items() if local == "."}
     assert any("pip install" in cmd and remote in cmd for cmd in cluster["setup_commands"] for remote in mounted)
     assert cluster["docker"]["image"].split(":")[1].startswith(ray.__version__ + "-")
+
+
+def test_local_directories_of_the_in1k_jobs_are_on_the_shared_mount(cluster):
+    """What one job's node writes, the next job's nodes read: local paths must be the EFS mount."""
+    mount = "/mnt/lbgen"
+    assert any("mount -t nfs4" in cmd and mount in cmd for cmd in cluster["initialization_commands"])
+    assert f"-v {mount}:{mount}" in cluster["docker"]["run_options"]
+    local = [in1k("finetune").finetune.output, in1k("generate").generate.lora, in1k("pretrain").pretrain.output,
+             in1k("evaluate").evaluate.output, *in1k("evaluate").evaluate.downstream]
+    assert all(path.startswith(mount + "/") for path in local)

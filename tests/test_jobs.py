@@ -59,9 +59,15 @@ def test_stage_jobs_chain_each_output_into_the_next_stage(setup):
 
 
 def test_in1k_jobs_write_to_shared_storage_and_ask_for_gpus():
-    outputs = [job("finetune", "sd15-in1k").finetune.output, job("generate", "sd15-in1k").generate.output,
-               job("pretrain", "sd15-in1k").pretrain.output, job("evaluate", "sd15-in1k").evaluate.output]
-    assert all(out.startswith("s3://your-bucket/lbgen/") for out in outputs)
+    from lbgen.storage import is_uri
+
+    # The shards go to the object store; the stages that keep local directories write to the file
+    # system cluster.yaml mounts on every node (tests/test_cluster.py), never to a node's own disk.
+    shards = [job("generate", "sd15-in1k").generate.output, *job("pretrain", "sd15-in1k").pretrain.data]
+    assert all(out.startswith("s3://your-bucket/lbgen/") for out in shards)
+    local = [job("finetune", "sd15-in1k").finetune.output, job("pretrain", "sd15-in1k").pretrain.output,
+             job("evaluate", "sd15-in1k").evaluate.output]
+    assert not any(is_uri(out) for out in local)
     # The autoscaled cluster has no GPU node when a job starts: "use GPUs if the cluster has any"
     # would choose CPUs and never scale up, so every GPU stage asks for GPUs explicitly.
     assert job("finetune", "sd15-in1k").finetune.use_gpu is True
