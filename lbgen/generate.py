@@ -17,9 +17,11 @@ dict, Ray Data calls it inside `map_batches`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -50,7 +52,7 @@ from lbgen.dataset import (
 )
 from lbgen.models.generator import LORA_FILE
 from lbgen.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
-from lbgen.runs import differences, use_gpu
+from lbgen.runs import check_output_dir, differences, use_gpu
 
 GPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Settings that do not change a single row: a resumed run may change them.
@@ -61,6 +63,18 @@ SCORE_GPU_SHARE = 0.25
 
 class LoraError(ConfigError):
     """A LoRA directory cannot be used; the message names it."""
+
+
+# No space left, or over quota: the run stops; whole shards stay and a re-run resumes.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(output: Path, shard: str) -> DatasetError:
+    """The one-line error of a run that ran out of space writing `shard`: what is kept, how to resume."""
+    kept = len(list((output / DATA_DIR).glob("train-*.parquet")))
+    free = shutil.disk_usage(output).free
+    return DatasetError(f"no space left on device writing {shard} into {output} ({free / 2**20:.1f} MiB free): "
+                        f"the {kept} complete shard(s) there are kept; free space and re-run the same command to resume")
 
 
 # ---------------------------------------------------------------- models
@@ -118,7 +132,8 @@ class GenerateBatch:
         pipe = create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed)
         if gen.lora:
             try:
-                pipe.load_lora_weights(str(Path(gen.lora).expanduser()))
+                # This one safetensors file, never diffusers' fallback to unpickling a .bin beside it.
+                pipe.load_lora_weights(str(Path(gen.lora).expanduser()), weight_name=LORA_FILE, use_safetensors=True)
                 pipe.fuse_lora()  # merged once: no adapter overhead per step
             except Exception as err:  # noqa: BLE001  diffusers/peft raise many types for a mismatched LoRA
                 raise LoraError(f"LoRA {gen.lora} cannot be loaded into {cfg.model.generator}: {err}") from None
@@ -281,8 +296,13 @@ class ShardAssembler:
                 columns[col] = [r[col].item() if hasattr(r[col], "item") else r[col] for r in rows]
         table = pa.Table.from_pydict(columns, schema=self.schema)
         name = shard_name(shard, len(self.expected_rows))
-        entry = write_shard(table, self.output / DATA_DIR / name, self.cfg.generate.row_group_rows)
-        self.on_shard(name, entry)
+        try:
+            entry = write_shard(table, self.output / DATA_DIR / name, self.cfg.generate.row_group_rows)
+            self.on_shard(name, entry)
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            raise disk_full(self.output, name) from None
 
 
 # ---------------------------------------------------------------- Ray Data pipeline
@@ -315,6 +335,19 @@ def build_pipeline(cfg: Config, table: ClassTable, shards: list[int]):
                           compute=ray.data.TaskPoolStrategy(size=max(1, gen.workers)))
 
 
+def check_inputs(cfg: Config) -> tuple[ClassTable, str | None]:
+    """The class table and the LoRA's sha256; raises for the first unusable input, before anything is written."""
+    from lbgen.models.generator import SCHEDULERS, check_generator
+
+    table = load_class_table(cfg.classes)
+    if cfg.generate.scheduler not in SCHEDULERS:
+        raise ConfigError(f"generate.scheduler: unknown {cfg.generate.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    check_generator(cfg.model.generator)  # here, not deep inside a Ray actor
+    lora_sha = check_lora(cfg.generate.lora)
+    check_output_dir(cfg.generate.output, "generate.output")
+    return table, lora_sha
+
+
 def generate(cfg: Config, *, show_progress: bool = True) -> dict:
     """Generate (or resume) the dataset of `cfg` into `cfg.generate.output`; returns the manifest.
 
@@ -324,14 +357,8 @@ def generate(cfg: Config, *, show_progress: bool = True) -> dict:
     import ray
     from tqdm.auto import tqdm
 
-    from lbgen.models.generator import SCHEDULERS, check_generator
-
     gen = cfg.generate
-    table = load_class_table(cfg.classes)
-    if gen.scheduler not in SCHEDULERS:
-        raise ConfigError(f"generate.scheduler: unknown {gen.scheduler!r}; known: {', '.join(SCHEDULERS)}")
-    check_generator(cfg.model.generator)  # here, not deep inside a Ray actor
-    lora_sha = check_lora(gen.lora)
+    table, lora_sha = check_inputs(cfg)
     output = Path(gen.output).expanduser().resolve()
     content = content_settings(cfg, table, lora_sha)
     manifest = prepare_output(output, content, gen.overwrite)
