@@ -647,6 +647,7 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None, ov
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"{where}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     data = _merge(_merge(asdict(Config()), PRESETS[preset]), file_data)
+    from_dict(Config, data, where)  # the file alone must be well-formed: a flag must not hide `generate: 3`
     data = _merge(data, overrides or {})
     return validate(from_dict(Config, data, where))
 

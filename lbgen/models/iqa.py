@@ -19,7 +19,7 @@ from lbgen.models.hub import UnsafeWeightsError, hub_access, not_found, refusal_
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # pyiqa metrics whose loading runs code downloaded from the hub.
-REMOTE_CODE_METRICS = frozenset({"qalign", "qalign_4bit", "qalign_8bit"})
+REMOTE_CODE_METRICS = frozenset({"qalign", "qalign_4bit", "qalign_8bit", "compare2score"})
 
 HOW_TO_PROVIDE = (
     "Use a pyiqa no-reference metric name (pyiqa.list_models(metric_mode='NR')) whose weights are in "
