@@ -493,6 +493,7 @@ def tmpfs(path: Path, size_kib: int, remount: bool = False) -> bool:
     return os.geteuid() == 0 and subprocess.run(cmd, capture_output=True).returncode == 0
 
 
+@pytest.mark.ray
 def test_disk_full_stops_generate_keeping_whole_shards_and_resume_completes(tmp_path, monkeypatch, capsys, ray_local):
     """A real size-limited tmpfs where mounting works (root), else a shard writer that fails like one."""
     import dataclasses
