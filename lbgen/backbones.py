@@ -24,6 +24,8 @@ from lbgen.seeds import derive_seed
 
 WEIGHTS_FILE = "backbone.safetensors"
 META_FILE = "model.json"
+# Keys of model.json that evaluation reads.
+META_KEYS = frozenset({"model", "num_classes", "image_size", "mean", "std", "crop_pct", "pretrained_cfg"})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -86,13 +88,28 @@ def read_meta(path: Path) -> tuple[dict, Path]:
     if not meta_file.is_file():
         raise BackboneError(f"backbone {path}: no {META_FILE} (expected a `lbgen pretrain` output)")
     try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BackboneError(f"backbone {meta_file}: not valid JSON ({err})") from None
+    missing = sorted(META_KEYS - set(meta)) if isinstance(meta, dict) else ["(not a JSON object)"]
+    if missing:
+        raise BackboneError(f"backbone {meta_file}: not a `lbgen pretrain` model.json (lacks {', '.join(missing)})")
     weights = meta_file.parent / WEIGHTS_FILE
     if not weights.is_file():
         raise BackboneError(f"backbone {meta_file.parent}: {WEIGHTS_FILE} missing")
+    check_safetensors(weights)
     return meta, weights
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a weights file that is not safetensors (e.g. a pickle under that name): nothing in it runs."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # noqa: BLE001  safetensors raises its own error types for a bad header
+        raise BackboneError(f"backbone weights {path}: not a safetensors file ({str(err).splitlines()[0][:200]})") from None
 
 
 def load_exported(path: Path, num_classes: int | None = None) -> torch.nn.Module:

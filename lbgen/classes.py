@@ -48,7 +48,8 @@ def _read_text(path: Path) -> str:
 
 def _rows_from_txt(path: Path) -> list[tuple[int, str, str]]:
     rows = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also break inside a name at \x1c, \x85, \u2028 ...
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         parts = line.strip().split(maxsplit=1)
@@ -64,10 +65,14 @@ def _rows_from_csv(path: Path) -> list[tuple[int, str, str]]:
     if missing:
         raise ClassTableError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))}")
     # Line numbers count the header as line 1.
-    return [(reader.line_num, row["class_id"] or "", row["class_name"] or "") for row in reader]
+    try:
+        return [(reader.line_num, row["class_id"] or "", row["class_name"] or "") for row in reader]
+    except csv.Error as err:  # e.g. a field over csv's size limit (131 072 characters)
+        raise ClassTableError(f"{path}: not valid CSV after line {reader.line_num} ({err})") from None
 
 
 def _rows_from_parquet(path: Path) -> list[tuple[int, str, str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -77,6 +82,11 @@ def _rows_from_parquet(path: Path) -> list[tuple[int, str, str]]:
     missing = {"class_id", "class_name"} - set(table.column_names)
     if missing:
         raise ClassTableError(f"{path}: lacks column(s) {', '.join(sorted(missing))}")
+    for column, allowed in (("class_id", (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer)),
+                            ("class_name", (pa.types.is_string, pa.types.is_large_string))):
+        kind = table.schema.field(column).type
+        if not any(test(kind) for test in allowed):
+            raise ClassTableError(f"{path}: column {column} is {kind}, expected strings" + (" or integers" if column == "class_id" else ""))
     ids = [str(v) if v is not None else "" for v in table.column("class_id").to_pylist()]
     names = [v if v is not None else "" for v in table.column("class_name").to_pylist()]
     return [(i + 1, cid, name) for i, (cid, name) in enumerate(zip(ids, names))]
@@ -88,9 +98,10 @@ _READERS = {".txt": _rows_from_txt, ".csv": _rows_from_csv, ".parquet": _rows_fr
 def _check(path: Path, rows: list[tuple[int, str, str]], where: str) -> ClassTable:
     if not rows:
         raise ClassTableError(f"{path}: the class table is empty")
+    rows = [(lineno, str(cid).strip(), name) for lineno, cid, name in rows]  # " a" and "a" are one id
     first_seen: dict[str, int] = {}
     for lineno, cid, name in rows:
-        if not str(cid).strip():
+        if not cid:
             raise ClassTableError(f"{path}:{lineno}: blank class_id ({where})")
         if not name.strip():
             raise ClassTableError(f"{path}:{lineno}: blank class_name for class_id {cid!r}")
@@ -98,7 +109,7 @@ def _check(path: Path, rows: list[tuple[int, str, str]], where: str) -> ClassTab
             raise ClassTableError(f"{path}:{lineno}: duplicate class_id {cid!r} (first at {where} {first_seen[cid]})")
         first_seen[cid] = lineno
     return ClassTable(
-        ids=tuple(str(cid).strip() for _, cid, _ in rows),
+        ids=tuple(cid for _, cid, _ in rows),
         names=tuple(name.strip() for _, _, name in rows),
         source=str(path),
     )

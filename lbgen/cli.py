@@ -19,7 +19,7 @@ from lbgen.classes import ClassTableError, load_class_table
 from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, require_local, resolve
 from lbgen.dataset import DatasetError
 from lbgen.downstream import DownstreamError
-from lbgen.models.hub import ModelNotFoundError
+from lbgen.models.hub import ModelNotFoundError, UnsafeWeightsError
 from lbgen.report import ReportError
 from lbgen.shards import ShardError
 from lbgen.storage import StorageError
@@ -28,6 +28,7 @@ from lbgen.storage import StorageError
 USER_ERRORS = (
     ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError,
     ShardError, BackboneError, DownstreamError, BiasDataError, DatasetError, ReportError, StorageError,
+    UnsafeWeightsError,
 )
 
 
@@ -119,7 +120,6 @@ def run_all(cfg: Config) -> None:
 def run_make_downstream(cfg: Config) -> None:
     from lbgen.downstream import make_downstream
 
-    require_local(cfg, "make_downstream")
     md = cfg.make_downstream
     output = make_downstream(md.kind, md.output, train_per_class=md.train_per_class, test_per_class=md.test_per_class, size=md.size, seed=cfg.seed)
     print(f"downstream dataset ({md.kind}): {output}")
@@ -137,6 +137,25 @@ COMMANDS: dict[str, tuple[tuple[str, ...], Callable[[Config], None], str]] = {
 
 # Commands that need no Ray.
 LOCAL_COMMANDS = {"make-downstream"}
+
+# Command -> module whose `check_inputs(cfg)` refuses unusable inputs and outputs before Ray starts.
+INPUT_CHECKS = {name: f"lbgen.{name}" for name in ("finetune", "generate", "pretrain", "evaluate", "run")}
+
+
+def check_inputs(command: str, cfg: Config) -> None:
+    """Bad input fails here, in seconds and before a cluster starts; each stage checks again."""
+    from importlib import import_module
+
+    from lbgen.config import LOCAL_FIELDS
+    from lbgen.runs import check_output_dir
+
+    section = command.replace("-", "_")
+    if section in LOCAL_FIELDS:
+        require_local(cfg, section)
+    if command == "make-downstream":
+        check_output_dir(cfg.make_downstream.output, "make_downstream.output")
+    elif command in INPUT_CHECKS:
+        import_module(INPUT_CHECKS[command]).check_inputs(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     _, command, _ = COMMANDS[args.command]
     try:
         cfg = resolve(args.preset, args.config, overrides_from_args(args))
-        load_class_table(cfg.classes)  # bad input fails before a cluster starts
+        load_class_table(cfg.classes)
+        check_inputs(args.command, cfg)
         if args.command not in LOCAL_COMMANDS:
             init_ray(args.address)
         command(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -432,6 +433,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if inner is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if inner is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if inner in (int, float, str, bool) and (type(value) is not inner):
         raise ConfigError(f"{where}: expected {inner.__name__}, got {value!r}")
     return value
@@ -497,8 +500,20 @@ def _non_negative(fields: dict[str, float]) -> dict[str, tuple[bool, str]]:
     return {name: (value >= 0, f"must be >= 0, got {value}") for name, value in fields.items()}
 
 
+NAME_PROBE = "\0lbgen-name\0"
+
+
+def _fills_name(template: str) -> bool:
+    """`template.format(name=...)` works and puts the name in (other braces must be doubled: `{{`)."""
+    try:
+        return NAME_PROBE in template.format(name=NAME_PROBE)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return False
+
+
 def _has_name_slot(section: str, obj, names: tuple[str, ...]) -> dict[str, tuple[bool, str]]:
-    return {f"{section}.{n}": ("{name}" in getattr(obj, n), f"must contain '{{name}}', got {getattr(obj, n)!r}") for n in names}
+    return {f"{section}.{n}": (_fills_name(getattr(obj, n)), f"must contain '{{name}}' and no other {{...}} field, got {getattr(obj, n)!r}")
+            for n in names}
 
 
 def _validate_finetune(ft: FinetuneConfig, model: ModelConfig) -> None:
@@ -630,6 +645,8 @@ def _validate_generate(gen: GenerateConfig) -> None:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -654,6 +671,7 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None, ov
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"{where}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     data = _merge(_merge(asdict(Config()), PRESETS[preset]), file_data)
+    from_dict(Config, data, where)  # the file alone must be well-formed: a flag must not hide `generate: 3`
     data = _merge(data, overrides or {})
     return validate(from_dict(Config, data, where))
 

@@ -311,12 +311,14 @@ def plot_results(rows: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def _check_inputs(cfg: Config) -> None:
-    """Fail before any task starts when a backbone or dataset is missing."""
+def check_inputs(cfg: Config) -> None:
+    """Fail before any task starts when a backbone or dataset is missing, or the output unusable."""
     from lbgen.backbones import BackboneError, read_meta
     from lbgen.config import ConfigError
+    from lbgen.runs import check_output_dir
 
     ev = cfg.evaluate
+    check_output_dir(ev.output, "evaluate.output")
     if not ev.backbone:
         raise ConfigError("evaluate needs at least one --backbone")
     if not ev.downstream and not ev.bias:
@@ -353,7 +355,7 @@ def evaluate(cfg: Config) -> Path:
     ev = cfg.evaluate
     output = Path(ev.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(ev, output=str(output)))
-    _check_inputs(cfg)
+    check_inputs(cfg)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(to_yaml(cfg))
 

@@ -226,9 +226,9 @@ class Finetuner:
         from peft.utils import set_peft_model_state_dict
 
         directory = Path(directory)
-        set_peft_model_state_dict(self.pipe.unet, load_file(directory / ADAPTER_FILE, device=str(self.device)))
-        self.disc.load_state_dict(load_file(directory / DISC_FILE, device=str(self.device)))
-        optim = torch.load(directory / OPTIM_FILE, map_location=self.device, weights_only=True)
+        set_peft_model_state_dict(self.pipe.unet, runs.load_tensors(directory / ADAPTER_FILE, self.device))
+        self.disc.load_state_dict(runs.load_tensors(directory / DISC_FILE, self.device))
+        optim = runs.load_train_state(directory / OPTIM_FILE, self.device)
         self.g_opt.load_state_dict(optim["g_opt"])
         self.d_opt.load_state_dict(optim["d_opt"])
         self.scaler.load_state_dict(optim["scaler"])
@@ -307,6 +307,18 @@ def check_resumable(output: Path, cfg: Config) -> None:
     runs.check_resumable(output, cfg, "finetune", ("classes", "seed", "model", "finetune"), RESUMABLE_FIELDS, "fine-tuning")
 
 
+def check_inputs(cfg: Config) -> None:
+    """Refuse, before any worker starts or anything is written, a bad table, generator or output."""
+    from lbgen.models.generator import check_generator
+
+    load_class_table(cfg.classes)
+    check_generator(cfg.model.generator)
+    output = Path(cfg.finetune.output).expanduser()
+    runs.check_output_dir(output, "finetune.output")
+    if output.is_dir():
+        check_resumable(output.resolve(), cfg)
+
+
 def finetune(cfg: Config) -> Path:
     """Run (or resume) fine-tuning into `cfg.finetune.output`; returns that directory.
 
@@ -320,7 +332,8 @@ def finetune(cfg: Config) -> Path:
     require_local(cfg, "finetune")
     output = Path(cfg.finetune.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, output=str(output)))
-    table = load_class_table(cfg.classes)  # a bad table fails here, before any worker starts
+    check_inputs(cfg)  # here, before any worker starts
+    table = load_class_table(cfg.classes)
     output.mkdir(parents=True, exist_ok=True)
     check_resumable(output, cfg)
     (output / "config.yaml").write_text(to_yaml(cfg))

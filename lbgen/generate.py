@@ -19,9 +19,11 @@ dict, Ray Data calls it inside `map_batches`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import shutil
 import time
 from functools import partial
 
@@ -51,7 +53,7 @@ from lbgen.dataset import (
 )
 from lbgen.models.generator import LORA_FILE
 from lbgen.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
-from lbgen.runs import differences, use_gpu
+from lbgen.runs import check_output_dir, differences, use_gpu
 from lbgen.storage import Location, locate
 
 GPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -63,6 +65,18 @@ SCORE_GPU_SHARE = 0.25
 
 class LoraError(ConfigError):
     """A LoRA directory cannot be used; the message names it."""
+
+
+# No space left, or over quota: the run stops; whole shards stay and a re-run resumes.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(output: Location, shard: str) -> DatasetError:
+    """The one-line error of a run that ran out of space writing `shard`: what is kept, how to resume."""
+    kept = len((output / DATA_DIR).glob("train-*.parquet"))
+    free = f" ({shutil.disk_usage(output.path).free / 2**20:.1f} MiB free)" if output.fs.type_name == "local" else ""
+    return DatasetError(f"no space left on device writing {shard} into {output}{free}: "
+                        f"the {kept} complete shard(s) there are kept; free space and re-run the same command to resume")
 
 
 # ---------------------------------------------------------------- models
@@ -124,6 +138,7 @@ class GenerateBatch:
         if gen.lora:
             lora = locate(gen.lora) / LORA_FILE
             try:
+                # The safetensors file's tensors: never diffusers' fallback to unpickling a .bin beside it.
                 pipe.load_lora_weights(load_lora(lora.read_bytes(), str(lora)))
                 pipe.fuse_lora()  # merged once: no adapter overhead per step
             except Exception as err:  # noqa: BLE001  diffusers/peft raise many types for a mismatched LoRA
@@ -287,8 +302,13 @@ class ShardAssembler:
                 columns[col] = [r[col].item() if hasattr(r[col], "item") else r[col] for r in rows]
         table = pa.Table.from_pydict(columns, schema=self.schema)
         name = shard_name(shard, len(self.expected_rows))
-        entry = write_shard(table, self.output / DATA_DIR / name, self.cfg.generate.row_group_rows)
-        self.on_shard(name, entry)
+        try:
+            entry = write_shard(table, self.output / DATA_DIR / name, self.cfg.generate.row_group_rows)
+            self.on_shard(name, entry)
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            raise disk_full(self.output, name) from None
 
 
 # ---------------------------------------------------------------- Ray Data pipeline
@@ -321,6 +341,19 @@ def build_pipeline(cfg: Config, table: ClassTable, shards: list[int]):
                           compute=ray.data.TaskPoolStrategy(size=max(1, gen.workers)))
 
 
+def check_inputs(cfg: Config) -> tuple[ClassTable, str | None]:
+    """The class table and the LoRA's sha256; raises for the first unusable input, before anything is written."""
+    from lbgen.models.generator import SCHEDULERS, check_generator
+
+    table = load_class_table(cfg.classes)
+    if cfg.generate.scheduler not in SCHEDULERS:
+        raise ConfigError(f"generate.scheduler: unknown {cfg.generate.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    check_generator(cfg.model.generator)  # here, not deep inside a Ray actor
+    lora_sha = check_lora(cfg.generate.lora)
+    check_output_dir(cfg.generate.output, "generate.output")
+    return table, lora_sha
+
+
 def generate(cfg: Config, *, show_progress: bool = True) -> dict:
     """Generate (or resume) the dataset of `cfg` into `cfg.generate.output`; returns the manifest.
 
@@ -330,14 +363,8 @@ def generate(cfg: Config, *, show_progress: bool = True) -> dict:
     import ray
     from tqdm.auto import tqdm
 
-    from lbgen.models.generator import SCHEDULERS, check_generator
-
     gen = cfg.generate
-    table = load_class_table(cfg.classes)
-    if gen.scheduler not in SCHEDULERS:
-        raise ConfigError(f"generate.scheduler: unknown {gen.scheduler!r}; known: {', '.join(SCHEDULERS)}")
-    check_generator(cfg.model.generator)  # here, not deep inside a Ray actor
-    lora_sha = check_lora(gen.lora)
+    table, lora_sha = check_inputs(cfg)
     output = locate(gen.output)
     content = content_settings(cfg, table, lora_sha)
     manifest = prepare_output(output, content, gen.overwrite)

@@ -195,8 +195,8 @@ class Pretrainer:
     def load(self, directory: Path) -> int:
         """Restore a checkpoint written by `save`; returns the number of epochs done."""
         directory = Path(directory)
-        self.model.load_state_dict(load_file(directory / MODEL_FILE, device=str(self.device)))
-        state = torch.load(directory / TRAIN_STATE_FILE, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(runs.load_tensors(directory / MODEL_FILE, self.device))
+        state = runs.load_train_state(directory / TRAIN_STATE_FILE, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -271,6 +271,12 @@ def check_data(cfg: Config) -> ShardSet:
     return shards
 
 
+def check_inputs(cfg: Config) -> ShardSet:
+    """The checked shards of `cfg`; refuses bad shards or an unusable output before any worker starts."""
+    runs.check_output_dir(cfg.pretrain.output, "pretrain.output")
+    return check_data(_absolute(cfg))
+
+
 def pretrain(cfg: Config) -> Path:
     """Run (or resume) pre-training into `cfg.pretrain.output`; returns that directory."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -281,7 +287,7 @@ def pretrain(cfg: Config) -> Path:
     pt = cfg.pretrain
     output = Path(pt.output)
     table = load_class_table(cfg.classes)
-    shards = check_data(cfg)
+    shards = check_inputs(cfg)
     output.mkdir(parents=True, exist_ok=True)
     runs.check_resumable(output, cfg, "pretrain", ("classes", "seed", "pretrain"), RESUMABLE_FIELDS)
     (output / "config.yaml").write_text(to_yaml(cfg))

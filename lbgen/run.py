@@ -58,6 +58,18 @@ def stage_complete(stage: str, directory: Path) -> bool:
     return markers[stage]()
 
 
+def check_inputs(cfg: Config) -> None:
+    """Refuse a bad class table, generator or run directory before any stage starts."""
+    from lbgen.classes import load_class_table
+    from lbgen.models.generator import check_generator
+    from lbgen.runs import check_output_dir
+
+    require_local(cfg, "run")
+    load_class_table(cfg.classes)
+    check_generator(cfg.model.generator)
+    check_output_dir(cfg.run.output, "run.output")
+
+
 def run(cfg: Config, log=print) -> Path:
     """Run every stage not yet complete under `cfg.run.output`, then write the report; returns that directory."""
     from lbgen.downstream import make_downstream
@@ -67,7 +79,7 @@ def run(cfg: Config, log=print) -> Path:
     from lbgen.pretrain import pretrain
     from lbgen.report import build_report
 
-    require_local(cfg, "run")
+    check_inputs(cfg)
     cfg = stage_configs(cfg)
     root = Path(cfg.run.output).expanduser().resolve()
     md = cfg.make_downstream

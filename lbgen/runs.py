@@ -9,12 +9,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
 from lbgen.config import Config, ConfigError, from_dict, load_yaml
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file lbgen would resume from is refused or unreadable; the message names it."""
+
+
+def load_train_state(path: Path, device) -> dict:
+    """Optimiser/scheduler state written by `torch.save`, loaded with `weights_only=True`.
+
+    A file holding anything but tensors and plain containers (a pickle that would run code) is
+    refused with a CheckpointError; nothing in it is executed.
+    """
+    import pickle
+
+    import torch
+
+    from lbgen.models.hub import refusal_reason
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"checkpoint file {path} refused: it holds objects other than tensors and plain "
+                              f"containers ({refusal_reason(err)}); lbgen never unpickles those. "
+                              "Remove that checkpoint or use another --output") from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"checkpoint file {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+
+
+def load_tensors(path: Path, device) -> dict:
+    """A safetensors checkpoint file; a damaged or foreign file -> CheckpointError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(device))
+    except Exception as err:  # noqa: BLE001  safetensors raises its own error types for a bad header
+        raise CheckpointError(f"checkpoint file {path} is not a readable safetensors file ({str(err).splitlines()[0][:200]})") from None
 
 
 class MetricsLog:
@@ -58,6 +95,27 @@ def use_gpu(setting: bool | None) -> bool:
     if setting is not None:
         return setting
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def check_output_dir(path: str | Path, field: str) -> None:
+    """Refuse an output that cannot become a writable directory, before anything is written.
+
+    `field` names the setting in the message (e.g. "generate.output"). Object-store URIs pass.
+    """
+    from lbgen.storage import is_uri
+
+    if is_uri(path):
+        return
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{field} {path}: exists and is not a directory")
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{field} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field} {path}: {ancestor} is not writable")
 
 
 def check_resumable(

@@ -214,6 +214,7 @@ def check_generator(name_or_path: str) -> None:
     and wrapped. A hub id passes when the hub answers (the load downloads) or when it is cached.
     """
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if name_or_path in GENERATOR_BUILDERS:
         return
@@ -221,6 +222,10 @@ def check_generator(name_or_path: str) -> None:
         if not os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "model_index.json")):
             raise not_found("generator", name_or_path, f"A local generator must be a directory holding model_index.json. {HOW_TO_PROVIDE}")
         return
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError as err:
+        raise not_found("generator", name_or_path, HOW_TO_PROVIDE, err) from None
     with hub_access() as online:
         if not online and not isinstance(try_to_load_from_cache(name_or_path, "model_index.json"), str):
             raise not_found("generator", name_or_path, HOW_TO_PROVIDE)

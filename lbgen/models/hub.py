@@ -19,6 +19,10 @@ class ModelNotFoundError(RuntimeError):
     """A model could not be found locally nor fetched; the message says how to provide it."""
 
 
+class UnsafeWeightsError(ValueError):
+    """A weights file would need full unpickling (it could run code); the message names it."""
+
+
 PROBE_TIMEOUT_S = 3.0
 
 
@@ -66,3 +70,25 @@ def not_found(kind: str, name: str, how: str, err: Exception | None = None) -> M
         f"{kind} {name!r} was not found: it is not a local path, not in the local cache "
         f"({constants.HF_HUB_CACHE}), and {where}{cause}. {how}"
     )
+
+
+def refusal_reason(err: Exception) -> str:
+    """What `torch.load(weights_only=True)` refused, in one line (torch's own message is a paragraph)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if "WeightsUnpickler error" in line]
+    return (after or [type(err).__name__])[0][:200]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within the block every `torch.load` is `weights_only=True`, even where a library passes False
+    (pyiqa does): a pickled weights file cannot run code. Refusals raise `pickle.UnpicklingError`."""
+    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved

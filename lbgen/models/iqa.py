@@ -8,17 +8,18 @@ a clamp would cut the gradient exactly where the quality loss needs it.
 from __future__ import annotations
 
 import logging
+import pickle
 from typing import Callable
 
 import torch
 from torch import nn
 
-from lbgen.models.hub import hub_access, not_found
+from lbgen.models.hub import UnsafeWeightsError, hub_access, not_found, refusal_reason, weights_only_loads
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # pyiqa metrics whose loading runs code downloaded from the hub.
-REMOTE_CODE_METRICS = frozenset({"qalign", "qalign_4bit", "qalign_8bit"})
+REMOTE_CODE_METRICS = frozenset({"qalign", "qalign_4bit", "qalign_8bit", "compare2score"})
 
 HOW_TO_PROVIDE = (
     "Use a pyiqa no-reference metric name (pyiqa.list_models(metric_mode='NR')) whose weights are in "
@@ -94,9 +95,12 @@ def create_iqa(
         raise PermissionError(
             f"IQA metric {name!r} runs code downloaded from the hub; pass --trust-remote-code to allow it"
         )
-    with hub_access():
+    with hub_access(), weights_only_loads():
         try:
             metric = _pyiqa_metric(name, device)
+        except pickle.UnpicklingError as err:
+            raise UnsafeWeightsError(f"IQA weights for {name!r} refused: the file holds objects other than tensors "
+                                     f"({refusal_reason(err)}); lbgen loads weights with torch.load(weights_only=True) only") from None
         except (OSError, RuntimeError, ValueError) as err:
             raise not_found("IQA weights for", name, HOW_TO_PROVIDE, err) from None
     return Quality(metric, name, cfg.get("lower_better", False), parse_score_range(cfg.get("score_range")))
