@@ -32,6 +32,18 @@ USER_ERRORS = (
 )
 
 
+def ray_address(address: str | None) -> str | None:
+    """`address` or $RAY_ADDRESS; a Jobs API URL in their place is an error (checked before anything runs)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        # The dashboard URL that `ray job submit` takes; ray.init needs the cluster (GCS) address.
+        raise ConfigError(
+            f"Ray address {address!r} is a Jobs API (dashboard) URL: submit with "
+            f"`ray job submit --address {address} -- lbgen ...`, or give the cluster address (host:6379)"
+        )
+    return address
+
+
 def init_ray(address: str | None) -> None:
     """Attach to a cluster (`address` or $RAY_ADDRESS) or start a local Ray.
 
@@ -40,13 +52,7 @@ def init_ray(address: str | None) -> None:
     """
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address.startswith(("http://", "https://")):
-        # The dashboard URL that `ray job submit` takes; ray.init needs the cluster (GCS) address.
-        raise ConfigError(
-            f"Ray address {address!r} is a Jobs API (dashboard) URL: submit with "
-            f"`ray job submit --address {address} -- lbgen ...`, or give the cluster address (host:6379)"
-        )
+    address = ray_address(address)
     if ray.is_initialized():
         return
     if address:
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     _, command, _ = COMMANDS[args.command]
     try:
         cfg = resolve(args.preset, args.config, overrides_from_args(args))
+        ray_address(args.address)
         load_class_table(cfg.classes)
         check_inputs(args.command, cfg)
         if args.command not in LOCAL_COMMANDS:
