@@ -99,6 +99,8 @@ class FinetuneConfig:
     gradient_checkpointing: bool = True
     # Save a resumable checkpoint every this many steps (and at the end).
     checkpoint_every: int = 50
+    # Worker-group failures (a dead or failing worker) that Ray Train recovers from the last checkpoint; -1: no limit.
+    max_failures: int = 3
     # Write a sample grid every this many steps (0: only before and after).
     sample_every: int = 200
     # Classes shown in the sample grids (the first rows of the table).
@@ -174,6 +176,8 @@ class PretrainConfig:
     mixed_precision: str = "bf16"
     # Save a resumable checkpoint every this many epochs (and at the end).
     checkpoint_every: int = 1
+    # Worker-group failures (a dead or failing worker) that Ray Train recovers from the last checkpoint; -1: no limit.
+    max_failures: int = 3
 
 
 @dataclass
@@ -291,6 +295,22 @@ class GenerateConfig:
 
 
 @dataclass
+class FaultConfig:
+    """TEST ONLY: kill one worker process hard, once, to prove a stage survives it (`lbgen.faults`).
+
+    Off by default; set only in YAML or overrides (no command has flags for it). It travels
+    inside the config to every Ray actor and train worker.
+    """
+
+    # Where to die: one of lbgen.faults.POINTS, or null (no fault).
+    point: Optional[str] = None
+    # Die on the `after`-th time one process reaches `point` (1: the first time).
+    after: int = 1
+    # File created by the dying process; while it exists the fault never fires again (restarted workers live).
+    marker: str = ""
+
+
+@dataclass
 class Config:
     """Everything a run needs; stages read their own section."""
 
@@ -306,6 +326,7 @@ class Config:
     run: RunAllConfig = field(default_factory=RunAllConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 # SD 1.5's UNet/VAE/text encoder and CLIP ViT-L/14 with random weights: the real workload's
@@ -467,6 +488,7 @@ def validate(cfg: Config) -> Config:
     _validate_evaluate(cfg.evaluate)
     _validate_make_downstream(cfg.make_downstream)
     _require({"report.diversity_images": (cfg.report.diversity_images >= 2, f"must be >= 2 (pairs of images), got {cfg.report.diversity_images}")})
+    _validate_fault(cfg.fault)
     return cfg
 
 
@@ -546,6 +568,7 @@ def _validate_finetune(ft: FinetuneConfig, model: ModelConfig) -> None:
             "finetune.sample_every": ft.sample_every,
             "finetune.sample_classes": ft.sample_classes,
         }),
+        "finetune.max_failures": (ft.max_failures >= -1, f"must be >= 0 or -1 (no limit), got {ft.max_failures}"),
         "finetune.max_steps": (ft.max_steps is None or ft.max_steps > 0, f"must be > 0 or null, got {ft.max_steps}"),
         "finetune.mixed_precision": (ft.mixed_precision in ("bf16", "fp16", "no"), f"must be bf16, fp16 or no, got {ft.mixed_precision!r}"),
         **_has_name_slot("finetune", ft, ("prompt_template", "clip_template")),
@@ -589,6 +612,19 @@ def _validate_pretrain(pt: PretrainConfig) -> None:
         "pretrain.cpus_per_worker": (pt.cpus_per_worker > 0, f"must be > 0, got {pt.cpus_per_worker}"),
         "pretrain.mixed_precision": (pt.mixed_precision in ("bf16", "fp16", "no"), f"must be bf16, fp16 or no, got {pt.mixed_precision!r}"),
         "pretrain.checkpoint_every": (pt.checkpoint_every > 0, f"must be > 0, got {pt.checkpoint_every}"),
+        "pretrain.max_failures": (pt.max_failures >= -1, f"must be >= 0 or -1 (no limit), got {pt.max_failures}"),
+    })
+
+
+def _validate_fault(fault: FaultConfig) -> None:
+    from lbgen.faults import POINTS
+
+    if fault.point is None:
+        return
+    _require({
+        "fault.point": (fault.point in POINTS, f"must be one of {', '.join(POINTS)} or null, got {fault.point!r}"),
+        "fault.after": (fault.after > 0, f"must be > 0, got {fault.after}"),
+        "fault.marker": (bool(fault.marker), "must name the marker file when fault.point is set"),
     })
 
 

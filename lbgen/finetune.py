@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lbgen import runs
+from lbgen import faults, runs
 from lbgen.classes import ClassTable, load_class_table
 from lbgen.config import Config, from_dict, require_local, to_yaml
 from lbgen.losses import Discriminator, LbGenLoss, discriminator_loss, draw_real_classes
@@ -45,6 +45,7 @@ GRID_PADDING = 2
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_FIELDS = {
     "output", "max_steps", "epochs", "workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "sample_every",
+    "max_failures",
 }
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -300,6 +301,7 @@ def train_loop_per_worker(config: dict) -> None:
             save_grid(finetuner.sample_grid(), output / "samples" / f"step-{done:06d}.png")
         if done == steps or done % ft.checkpoint_every == 0:
             runs.report(metrics, partial(finetuner.save, step=done) if rank == 0 else None)
+        faults.maybe_die(cfg.fault, "finetune.step")
 
 
 def check_resumable(output: Path, cfg: Config) -> None:
@@ -326,7 +328,7 @@ def finetune(cfg: Config) -> Path:
     `config.yaml`, `metrics.jsonl`, `samples/` and Ray Train checkpoints.
     Ray is started locally by Ray Train if no cluster is attached.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     require_local(cfg, "finetune")
@@ -345,11 +347,7 @@ def finetune(cfg: Config) -> Path:
         train_loop_config=dataclasses.asdict(cfg),
         scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=use_gpu, resources_per_worker={"CPU": ft.cpus_per_worker},
                                      accelerator_type=ft.accelerator_type),
-        run_config=RunConfig(
-            name="checkpoints",
-            storage_path=str(output),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
+        run_config=runs.run_config(output, ft.max_failures),
     )
     def postfix(m: dict) -> str:
         return f"L={m['loss']:.3f} in={m['loss_in']:.3f} en={m['loss_en']:.3f} q={m['loss_q']:.3f} D={m['d_acc_real']:.2f}/{m['d_acc_fake']:.2f}"

@@ -44,7 +44,7 @@ STATE_FILE = "state.json"
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_FIELDS = {
     "output", "epochs", "workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "skip_bad_shards",
-    "decode_batch_size", "read_block_rows", "shuffle_buffer",
+    "decode_batch_size", "read_block_rows", "shuffle_buffer", "max_failures",
 }
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -279,7 +279,7 @@ def check_inputs(cfg: Config) -> ShardSet:
 
 def pretrain(cfg: Config) -> Path:
     """Run (or resume) pre-training into `cfg.pretrain.output`; returns that directory."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     require_local(cfg, "pretrain")
@@ -307,7 +307,7 @@ def pretrain(cfg: Config) -> Path:
         },
         scaling_config=ScalingConfig(num_workers=pt.workers, use_gpu=use_gpu, resources_per_worker={"CPU": pt.cpus_per_worker},
                                      accelerator_type=pt.accelerator_type),
-        run_config=RunConfig(name="checkpoints", storage_path=str(output), checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        run_config=runs.run_config(output, pt.max_failures),
         datasets=datasets,
     )
 

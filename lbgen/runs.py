@@ -57,13 +57,14 @@ def load_tensors(path: Path, device) -> dict:
 class MetricsLog:
     """`metrics.jsonl`, one JSON line per step or epoch; on resume, lines past the checkpoint are dropped.
 
-    Lines without a `step` (or with `phase: warmup`) belong to the run's start and are kept.
+    Lines without a `step` (or with `phase: warmup`) belong to the run's start and are kept, unless
+    the run starts over (`resume_step` 0, e.g. a worker died before the first checkpoint).
     """
 
     def __init__(self, path: Path, resume_step: int):
         self.path = Path(path)
         kept = []
-        if self.path.exists():
+        if self.path.exists() and resume_step > 0:
             for line in self.path.read_text().splitlines():
                 record = json.loads(line)
                 if record.get("phase") == "warmup" or record.get("step", 0) <= resume_step:
@@ -139,6 +140,18 @@ def check_resumable(
     changed = differences(identity(old), identity(dataclasses.asdict(cfg)))
     if changed:
         raise ConfigError(f"{output} holds a {what or stage} run with other settings ({', '.join(changed)}); use another --output")
+
+
+def run_config(output: Path, max_failures: int):
+    """Ray Train's `RunConfig` of a stage: checkpoints under `output/checkpoints`, the last 2 kept.
+
+    A dead or failing worker (OOM, lost node) restarts the worker group from the last checkpoint
+    up to `max_failures` times; Ray's default (0) would fail the whole run.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(name="checkpoints", storage_path=str(output), checkpoint_config=CheckpointConfig(num_to_keep=2),
+                     failure_config=FailureConfig(max_failures=max_failures))
 
 
 def report(metrics: dict, save: Callable[[Path], None] | None) -> None:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from lbgen.cli import main
-from lbgen.config import ConfigError
+from lbgen.config import ConfigError, resolve
 from lbgen.finetune import DISC_FILE, LORA_FILE, Finetuner, class_batch, export_lora, finetune, total_steps
 from lbgen.seeds import seeded_generator
 
@@ -162,19 +162,45 @@ def _weights(directory: Path) -> dict:
     return {**load_file(directory / LORA_FILE), **{f"D.{k}": v for k, v in load_file(directory / DISC_FILE).items()}}
 
 
-@pytest.mark.ray
-def test_resumed_run_equals_uninterrupted_run(ray_local, tiny_cfg, tmp_path):
-    def run(output, steps):
-        return finetune(tiny_cfg(finetune=dict(output=str(output), max_steps=steps, checkpoint_every=2, lr=0.05)))
+def _tiny_run(output: Path, max_steps: int = 4, **sections) -> Path:
+    """Tiny fine-tuning into `output`, a checkpoint every 2 steps."""
+    settings = dict(output=str(output), max_steps=max_steps, checkpoint_every=2, lr=0.05)
+    return finetune(resolve("tiny", overrides={"finetune": settings, **sections}))
 
-    run(tmp_path / "a", 2)  # "stopped" after 2 steps
-    resumed = run(tmp_path / "a", 4)
-    straight = run(tmp_path / "b", 4)
-    a, b = _weights(resumed), _weights(straight)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line).get("step") for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [None, 1, 2, 3, 4]  # warm-up line, then each step once
+
+@pytest.fixture(scope="module")
+def straight_run(ray_local, tmp_path_factory) -> Path:
+    """The uninterrupted reference: 4 steps in one go."""
+    return _tiny_run(tmp_path_factory.mktemp("straight"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _logged_steps(output: Path) -> list:
+    return [json.loads(line).get("step") for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.ray
+def test_resumed_run_equals_uninterrupted_run(straight_run, tmp_path):
+    _tiny_run(tmp_path / "a", max_steps=2)  # "stopped" after 2 steps
+    resumed = _tiny_run(tmp_path / "a")
+    _assert_same_weights(resumed, straight_run)
+    assert _logged_steps(resumed) == [None, 1, 2, 3, 4]  # warm-up line, then each step once
     assert (resumed / "samples" / "step-000004.png").exists()
+
+
+@pytest.mark.ray
+def test_worker_killed_mid_run_is_restored_from_its_last_checkpoint(straight_run, tmp_path):
+    """The worker dies hard after step 3; Ray Train restarts it from the step-2 checkpoint and the run
+    completes, equal to the uninterrupted one; restarting from scratch would log the warm-up twice."""
+    marker = tmp_path / "worker-died"
+    output = _tiny_run(tmp_path / "a", fault=dict(point="finetune.step", after=3, marker=str(marker)))
+    assert marker.exists()  # the worker did die
+    _assert_same_weights(output, straight_run)
+    assert _logged_steps(output) == [None, 1, 2, 3, 4]
 
 
 @pytest.mark.ray

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import random
 import shutil
 import signal
 import subprocess
@@ -21,9 +23,19 @@ from PIL import Image
 
 from lbgen.classes import ClassTable, ClassTableError, load_class_table
 from lbgen.cli import main as cli_main
-from lbgen.config import Config, ConfigError, resolve
+from lbgen.config import Config, ConfigError, FaultConfig, resolve
 from lbgen.dataset import DatasetError, inspect_dataset, label_names
-from lbgen.generate import GenerateBatch, LoraError, ScoreBatch, check_lora, encode_images, generate, generator_id, plan
+from lbgen.generate import (
+    GenerateBatch,
+    LoraError,
+    ScoreBatch,
+    check_lora,
+    encode_images,
+    generate,
+    generator_id,
+    plan,
+    prepare_output,
+)
 from lbgen.plan import num_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,12 +57,14 @@ def tiny_cfg(table: Path | str, output: Path, **generate) -> Config:
 
 
 def read_rows(output: Path) -> dict:
-    """(label, index) -> row dict with decoded pixels, from all shards."""
+    """(label, index) -> row dict with decoded pixels, from all shards; no (label, index) twice."""
     table = pq.read_table(output / "data")
     rows = {}
     for row in table.to_pylist():
         row["pixels"] = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])))
-        rows[(row["label"], row["index"])] = row
+        key = (row["label"], row["index"])
+        assert key not in rows, f"duplicate row {key}"
+        rows[key] = row
     return rows
 
 
@@ -63,6 +77,15 @@ def assert_same_row(a: dict, b: dict) -> None:
     skip = ("pixels", "image") + SCORES
     assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
     np.testing.assert_allclose([a[k] for k in SCORES], [b[k] for k in SCORES], rtol=1e-4, atol=1e-6)
+
+
+def assert_same_dataset(a: Path, b: Path) -> None:
+    """The same rows (keys, pixels, metadata; scores up to rounding) and the same image bytes in both datasets."""
+    rows_a, rows_b = read_rows(a), read_rows(b)
+    assert rows_a.keys() == rows_b.keys()
+    for key in rows_a:
+        assert_same_row(rows_a[key], rows_b[key])
+        assert rows_a[key]["image"] == rows_b[key]["image"], key  # PNG encoding is deterministic too
 
 
 # ---------------------------------------------------------------- plan (no models)
@@ -222,10 +245,7 @@ def test_image_remade_alone_equals_full_run(full_run, generator, table_file):
 def test_two_actors_batch_four_equals_one_actor_batch_two(full_run, table_file, tmp_path):
     output, _ = full_run
     generate(tiny_cfg(table_file, tmp_path / "ds", workers=2, batch_size=4), show_progress=False)
-    a, b = read_rows(output), read_rows(tmp_path / "ds")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert_same_row(a[key], b[key])
+    assert_same_dataset(output, tmp_path / "ds")
 
 
 def test_rerun_skips_finished_shards(full_run, table_file):
@@ -246,40 +266,91 @@ def test_load_dataset_gives_pil_images_and_int_labels(full_run, ray_local):
     assert __import__("pandas").read_parquet(output / "data").shape == (24, 13)
 
 
-def test_interrupted_run_resumes_to_the_same_dataset(full_run, table_file, tmp_path, ray_local):
-    """Kill a real `lbgen generate` process mid-run; shards visible under final names are whole; resume completes it."""
-    output = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "lbgen.cli", "generate", "--preset", "tiny", "--classes", str(table_file),
-           "--images-per-class", str(PER_CLASS), "--rows-per-shard", "2", "--row-group-rows", "2", "--batch-size", "2",
-           "--output", str(output), "--address", ray_local.get_runtime_context().gcs_address]
+def final_shards(output: Path) -> set[str]:
+    data = output / "data"
+    return {p.name for p in data.glob("train-*.parquet")} if data.is_dir() else set()
+
+
+def run_and_kill(cmd: list[str], output: Path, new_shards: int, delay: float) -> bool:
+    """Run `cmd`; SIGKILL it `delay` s after it wrote `new_shards` shards (0: after its start). True if killed.
+
+    Every 20 ms, checks that each shard visible under a final name is whole; False if it finished first.
+    """
+    seen = before = final_shards(output)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
-    seen, deadline = set(), time.time() + 120
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    kill_at = time.time() + delay if new_shards == 0 else None
+    deadline = time.time() + 180
     try:
-        while time.time() < deadline and proc.poll() is None:
-            for path in (output / "data").glob("train-*.parquet") if (output / "data").exists() else ():
-                if path.name not in seen:
-                    assert pq.read_metadata(path).num_rows == 2  # whole the moment it is visible
-                    seen.add(path.name)
-            if len(seen) >= 2:
+        while proc.poll() is None and time.time() < deadline:
+            for name in final_shards(output) - seen:
+                assert pq.read_metadata(output / "data" / name).num_rows == 2  # whole the moment it is visible
+                seen = seen | {name}
+            if kill_at is None and len(seen - before) >= new_shards:
+                kill_at = time.time() + delay
+            if kill_at is not None and time.time() >= kill_at:
                 proc.send_signal(signal.SIGKILL)
-                break
             time.sleep(0.02)
     finally:
         proc.kill()
         proc.wait()
-    assert 2 <= len(seen) < 12, f"expected an interrupted run, saw {len(seen)} shards"
-    assert not inspect_dataset(output).ok  # an incomplete dataset is reported as such
+    assert proc.returncode in (0, -signal.SIGKILL), f"lbgen generate failed with {proc.returncode}"
+    return proc.returncode == -signal.SIGKILL
 
-    survived = len(list((output / "data").glob("train-*.parquet")))
+
+def assert_manifest_matches_disk(output: Path) -> None:
+    """After a kill: the manifest (if any) records only whole shards that are on disk with its sha256."""
+    from lbgen.dataset import read_manifest, sha256_file
+
+    manifest = read_manifest(output) if (output / "manifest.json").exists() else {"shards": {}}
+    for name, entry in manifest["shards"].items():
+        assert sha256_file(output / "data" / name) == entry["sha256"], name
+    for name in final_shards(output):
+        assert pq.read_metadata(output / "data" / name).num_rows == 2
+
+
+# One stratum of the run per case, the point inside it drawn from the case's seeded RNG: before any
+# shard (imports, Ray attach, output claimed, actors starting), among the first shards, among the last.
+@pytest.mark.parametrize("seed, shards_from, shards_to", [(0, 0, 0), (1, 1, 5), (2, 6, 11)])
+def test_driver_killed_at_random_points_resumes_to_the_same_dataset(seed, shards_from, shards_to, full_run, table_file,
+                                                                       tmp_path, ray_local):
+    """SIGKILL a real `lbgen generate` (attached to this Ray) at a seeded random point; no partial shard is ever
+    visible under a final name; the resumed dataset equals the uninterrupted run."""
+    output = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "lbgen.cli", "generate", "--preset", "tiny", "--classes", str(table_file),
+           "--images-per-class", str(PER_CLASS), "--rows-per-shard", "2", "--row-group-rows", "2", "--batch-size", "2",
+           "--output", str(output), "--address", ray_local.get_runtime_context().gcs_address]
+    rng = random.Random(seed)
+    new_shards = rng.randint(shards_from, shards_to)
+    delay = rng.uniform(0, 6) if new_shards == 0 else rng.uniform(0, 0.3)  # 0: seconds after the process start
+    started = time.time()
+    assert run_and_kill(cmd, output, new_shards, delay), "the run finished before the kill"
+    survived = len(final_shards(output))
+    print(f"seed {seed}: killed {delay:.2f}s after {new_shards} shard(s), {time.time() - started:.1f}s in: "
+          f"{survived}/12 shards on disk")
+    assert_manifest_matches_disk(output)
+    assert survived == 12 or not inspect_dataset(output).ok  # an incomplete dataset is reported as such
+
+    started = time.time()
     resumed = generate(tiny_cfg(table_file, output), show_progress=False)
+    print(f"seed {seed}: resumed {24 - 2 * survived} images in {time.time() - started:.1f}s")
     assert resumed["throughput"]["images_this_run"] == 24 - 2 * survived  # only the missing shards
-    assert not list((output / "data").glob(".*"))  # no temp shard left behind
-    a, b = read_rows(full_run[0]), read_rows(output)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert_same_row(a[key], b[key])
-    assert inspect_dataset(output).ok
+    assert not [p for p in output.rglob(".*")]  # no temp shard or manifest left behind
+    assert_same_dataset(full_run[0], output)
+    assert cli_main(["inspect", str(output)]) == 0
+
+
+def test_generation_actor_killed_mid_batch_is_replaced(full_run, table_file, tmp_path, ray_local):
+    """A GenerateBatch actor dies hard in its 3rd batch: Ray restarts it and retries the batch; nothing is
+    lost or doubled."""
+    marker = tmp_path / "actor-died"
+    cfg = tiny_cfg(table_file, tmp_path / "ds", workers=1, batch_size=2)
+    cfg = dataclasses.replace(cfg, fault=FaultConfig(point="generate.batch", after=3, marker=str(marker)))
+    manifest = generate(cfg, show_progress=False)
+    assert marker.exists()  # the actor did die
+    assert manifest["throughput"]["images_this_run"] == manifest["totals"]["rows"] == 24
+    assert_same_dataset(full_run[0], tmp_path / "ds")
+    assert inspect_dataset(tmp_path / "ds").ok
 
 
 def test_inspect_reports_defects(full_run, tmp_path, capsys):
@@ -340,6 +411,18 @@ def test_output_holding_another_dataset_is_refused(full_run, table_file, tmp_pat
     with pytest.raises(DatasetError, match="holds no manifest.json"):
         generate(tiny_cfg(table_file, foreign))
     assert snapshot(foreign) == {Path("notes.txt"): b"keep me"}
+
+
+def test_output_left_by_a_run_killed_while_claiming_it_is_taken(tmp_path):
+    """A run killed inside its first manifest write leaves only the temp manifest: the next run uses the directory."""
+    output = tmp_path / "ds"
+    output.mkdir()
+    (output / ".manifest.json.tmp-0a1b2c3d").write_text('{"format": "lbg')
+    assert prepare_output(output, {"seed": 0}, overwrite=False) is None
+    assert list(output.iterdir()) == []
+    (output / "notes.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="holds no manifest.json"):
+        prepare_output(output, {"seed": 0}, overwrite=False)
 
 
 @pytest.mark.parametrize("name", ["/nonexistent/sd15", "nobody-xyz/no-such-model"])
