@@ -37,6 +37,7 @@ from lbgen.generate import (
     prepare_output,
 )
 from lbgen.plan import num_shards
+from lbgen.storage import locate
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray"]
@@ -418,11 +419,11 @@ def test_output_left_by_a_run_killed_while_claiming_it_is_taken(tmp_path):
     output = tmp_path / "ds"
     output.mkdir()
     (output / ".manifest.json.tmp-0a1b2c3d").write_text('{"format": "lbg')
-    assert prepare_output(output, {"seed": 0}, overwrite=False) is None
+    assert prepare_output(locate(output), {"seed": 0}, overwrite=False) is None
     assert list(output.iterdir()) == []
     (output / "notes.txt").write_text("keep me")
     with pytest.raises(DatasetError, match="holds no manifest.json"):
-        prepare_output(output, {"seed": 0}, overwrite=False)
+        prepare_output(locate(output), {"seed": 0}, overwrite=False)
 
 
 @pytest.mark.parametrize("name", ["/nonexistent/sd15", "nobody-xyz/no-such-model"])
