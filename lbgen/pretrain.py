@@ -28,7 +28,7 @@ from torch import nn
 from lbgen import runs, storage
 from lbgen.backbones import export_backbone
 from lbgen.classes import load_class_table
-from lbgen.config import Config, from_dict, require_local, to_yaml
+from lbgen.config import Config, ConfigError, from_dict, require_local, to_yaml
 from lbgen.progress import MetricsProgress
 from lbgen.runs import MetricsLog
 from lbgen.seeds import derive_seed
@@ -273,7 +273,12 @@ def check_data(cfg: Config) -> ShardSet:
 
 def check_inputs(cfg: Config) -> ShardSet:
     """The checked shards of `cfg`; refuses bad shards or an unusable output before any worker starts."""
+    import timm
+
     runs.check_output_dir(cfg.pretrain.output, "pretrain.output")
+    # Here, not in the workers: Ray Train would retry a worker's error `max_failures` times.
+    if not timm.is_model(cfg.pretrain.model):
+        raise ConfigError(f"pretrain.model: {cfg.pretrain.model!r} is not a timm model (see timm.list_models())")
     return check_data(_absolute(cfg))
 
 

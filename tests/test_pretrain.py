@@ -97,6 +97,17 @@ def test_cli_names_the_bad_shard(ray_local, shards, tmp_path, capsys):
     assert err.startswith("lbgen pretrain: error:") and str(spoiled) in err
 
 
+def test_unknown_timm_model_is_refused_before_ray_starts(shards, tmp_path, capsys, monkeypatch):
+    def no_ray(address):
+        raise AssertionError("Ray started for a config that names no timm model")
+
+    monkeypatch.setattr("lbgen.cli.init_ray", no_ray)
+    assert main(["pretrain", "--data", str(shards), "--model", "resnet_nonsense", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'resnet_nonsense' is not a timm model" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_undecodable_image_names_file_and_row(tmp_path):
     rows = shape_rows(TABLE, per_class=2, size=16)
     rows[5]["image"] = {"bytes": b"not an image", "path": None}
