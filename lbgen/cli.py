@@ -152,13 +152,10 @@ def check_inputs(command: str, cfg: Config) -> None:
     """Bad input fails here, in seconds and before a cluster starts; each stage checks again."""
     from importlib import import_module
 
-    from lbgen.config import LOCAL_FIELDS
     from lbgen.runs import check_output_dir
 
-    section = command.replace("-", "_")
-    if section in LOCAL_FIELDS:
-        require_local(cfg, section)
     if command == "make-downstream":
+        require_local(cfg, "make_downstream")
         check_output_dir(cfg.make_downstream.output, "make_downstream.output")
     elif command in INPUT_CHECKS:
         import_module(INPUT_CHECKS[command]).check_inputs(cfg)

@@ -317,6 +317,7 @@ def check_inputs(cfg: Config) -> None:
     from lbgen.config import ConfigError
     from lbgen.runs import check_output_dir
 
+    require_local(cfg, "evaluate")
     ev = cfg.evaluate
     check_output_dir(ev.output, "evaluate.output")
     if not ev.backbone:
@@ -351,11 +352,10 @@ def _run_all(fn, jobs: list[tuple], cfg: Config) -> list:
 
 def evaluate(cfg: Config) -> Path:
     """Evaluate every backbone on every downstream (and bias) set; returns the output directory."""
-    require_local(cfg, "evaluate")
+    check_inputs(cfg)
     ev = cfg.evaluate
     output = Path(ev.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(ev, output=str(output)))
-    check_inputs(cfg)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(to_yaml(cfg))
 

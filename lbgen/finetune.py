@@ -309,16 +309,19 @@ def check_resumable(output: Path, cfg: Config) -> None:
     runs.check_resumable(output, cfg, "finetune", ("classes", "seed", "model", "finetune"), RESUMABLE_FIELDS, "fine-tuning")
 
 
-def check_inputs(cfg: Config) -> None:
-    """Refuse, before any worker starts or anything is written, a bad table, generator or output."""
+def check_inputs(cfg: Config) -> ClassTable:
+    """The class table; refuses, before any worker starts or anything is written, a bad table,
+    generator or output (a URI, a file, another run's directory)."""
     from lbgen.models.generator import check_generator
 
-    load_class_table(cfg.classes)
+    require_local(cfg, "finetune")
+    table = load_class_table(cfg.classes)
     check_generator(cfg.model.generator)
     output = Path(cfg.finetune.output).expanduser()
     runs.check_output_dir(output, "finetune.output")
     if output.is_dir():
         check_resumable(output.resolve(), cfg)
+    return table
 
 
 def finetune(cfg: Config) -> Path:
@@ -331,13 +334,10 @@ def finetune(cfg: Config) -> Path:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    require_local(cfg, "finetune")
+    table = check_inputs(cfg)  # here, before any worker starts
     output = Path(cfg.finetune.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, output=str(output)))
-    check_inputs(cfg)  # here, before any worker starts
-    table = load_class_table(cfg.classes)
     output.mkdir(parents=True, exist_ok=True)
-    check_resumable(output, cfg)
     (output / "config.yaml").write_text(to_yaml(cfg))
 
     ft = cfg.finetune

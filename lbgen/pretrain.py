@@ -275,6 +275,7 @@ def check_inputs(cfg: Config) -> ShardSet:
     """The checked shards of `cfg`; refuses bad shards or an unusable output before any worker starts."""
     import timm
 
+    require_local(cfg, "pretrain")
     runs.check_output_dir(cfg.pretrain.output, "pretrain.output")
     # Here, not in the workers: Ray Train would retry a worker's error `max_failures` times.
     if not timm.is_model(cfg.pretrain.model):
@@ -287,12 +288,11 @@ def pretrain(cfg: Config) -> Path:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    require_local(cfg, "pretrain")
+    shards = check_inputs(cfg)
     cfg = _absolute(cfg)
     pt = cfg.pretrain
     output = Path(pt.output)
     table = load_class_table(cfg.classes)
-    shards = check_inputs(cfg)
     output.mkdir(parents=True, exist_ok=True)
     runs.check_resumable(output, cfg, "pretrain", ("classes", "seed", "pretrain"), RESUMABLE_FIELDS)
     (output / "config.yaml").write_text(to_yaml(cfg))

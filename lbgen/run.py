@@ -9,7 +9,6 @@ stages that resume on their own (finetune, generate, pretrain) do so inside.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from lbgen.config import Config, require_local
@@ -37,11 +36,10 @@ def stage_configs(cfg: Config) -> Config:
 
 
 def _generated_whole(directory: Path) -> bool:
-    manifest = directory / "manifest.json"
-    if not manifest.exists():
-        return False
-    data = json.loads(manifest.read_text())
-    return len(data.get("shards", {})) == data.get("num_shards", -1) and "totals" in data
+    from lbgen.dataset import read_manifest
+
+    data = read_manifest(directory)
+    return data is not None and len(data.get("shards", {})) == data.get("num_shards", -1) and "totals" in data
 
 
 def stage_complete(stage: str, directory: Path) -> bool:
