@@ -277,12 +277,12 @@ def dataset_section(report: Report, directory: Path, cfg: ReportConfig) -> None:
 
     labels = stats.column("label").to_numpy()
     counts = np.bincount(labels, minlength=len(names))
-    agreement = np.bincount(labels, weights=stats.column("clip_agrees").to_numpy(zero_copy_only=False).astype(float),
-                            minlength=len(names)) / np.maximum(counts, 1)
+    per_class = summary["per_class_agreement"]  # by name: label_names are unique
     gen_cfg = stage_config(directory)
     diversity = on_a_gpu_if_any(dataset_diversity, shards, labels, gen_cfg, cfg.diversity_images)
     present = [i for i in range(len(names)) if counts[i]]
-    per_class_figure(report, "dataset_agreement.png", names, {i: agreement[i] for i in present},
+    agreement = {i: per_class[names[i]] for i in present}
+    per_class_figure(report, "dataset_agreement.png", names, agreement,
                      "CLIP zero-shot agreement", "Per-class CLIP zero-shot agreement (share of images CLIP assigns to their own class)")
     per_class_figure(report, "dataset_diversity.png", names, diversity, "diversity (mean CLIP cosine distance)",
                      f"Per-class diversity: mean pairwise CLIP cosine distance between images of a class "
