@@ -51,6 +51,14 @@ COLUMNS: dict[str, tuple[pa.DataType, dict]] = {
 # image_format -> (PIL format, file extension)
 PIL_FORMATS = {"jpeg": ("JPEG", "jpg"), "png": ("PNG", "png"), "webp": ("WEBP", "webp")}
 
+# The encoded images are unique and already compressed: a dictionary page and snappy would only
+# cost CPU on every write and every read (benchmarks/RESULTS.md), so that column is stored plain.
+_LEAF_COLUMNS = pa.schema([(name, kind) for name, (kind, _) in COLUMNS.items()]).empty_table().flatten().column_names
+PARQUET_OPTIONS = {
+    "use_dictionary": [c for c in _LEAF_COLUMNS if c != "image.bytes"],
+    "compression": {c: "none" if c == "image.bytes" else "snappy" for c in _LEAF_COLUMNS},
+}
+
 # Columns the summary and inspection read (never the image bytes).
 STAT_COLUMNS = ["label", "index", "clip_score", "clip_agrees", "iqa_score"]
 
@@ -121,7 +129,7 @@ def write_shard(table: pa.Table, final: Where, row_group_rows: int) -> dict:
     final = locate(final)
     final.parent.mkdir()
     buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer, row_group_size=row_group_rows)
+    pq.write_table(table, buffer, row_group_size=row_group_rows, **PARQUET_OPTIONS)
     data = buffer.getvalue()
     final.write_bytes(data)
     return {"rows": table.num_rows, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}

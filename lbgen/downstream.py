@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from lbgen.seeds import derive_seed
-from lbgen.transforms import ImageTransform, decode_image, transform_image
+from lbgen.transforms import ImageTransform, decode_pixels, transform_pixels
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
 STYLES = ("filled", "outline")
@@ -169,9 +169,9 @@ class ImageFolderImages:
         self.paths = [p for p, _ in folder.samples]
         self.targets = np.asarray(folder.targets, dtype=np.int64)
 
-    def image(self, i: int) -> Image.Image:
+    def pixels(self, i: int) -> torch.Tensor:
         with open(self.paths[i], "rb") as f:
-            return decode_image(f.read())
+            return decode_pixels(f.read())
 
 
 class ParquetImages:
@@ -195,8 +195,8 @@ class ParquetImages:
         self.targets = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
         self.classes = [str(i) for i in range(int(self.targets.max()) + 1)] if len(self.targets) else []
 
-    def image(self, i: int) -> Image.Image:
-        return decode_image(self.blobs[i])
+    def pixels(self, i: int) -> torch.Tensor:
+        return decode_pixels(self.blobs[i])
 
 
 def _open_split(root: Path, split: str):
@@ -239,5 +239,5 @@ class TransformedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         j = int(self.indices[i])
         rng = np.random.default_rng([self.seed, self.epoch, j])
-        pixels = transform_image(self.images.image(j), self.spec, rng)
+        pixels = transform_pixels(self.images.pixels(j), self.spec, rng)
         return torch.from_numpy(pixels), int(self.images.targets[j])

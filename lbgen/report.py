@@ -384,7 +384,7 @@ def dataset_diversity(shards: list[Path], labels: np.ndarray, cfg: Config, per_c
     import torch
 
     from lbgen.models.clip import create_clip
-    from lbgen.transforms import decode_image
+    from lbgen.transforms import decode_pixels
 
     chosen = {label: rows for label, rows in choose_rows(labels, per_class, cfg.seed).items() if len(rows) >= 2}
     if not chosen:
@@ -397,7 +397,7 @@ def dataset_diversity(shards: list[Path], labels: np.ndarray, cfg: Config, per_c
     with torch.no_grad():
         for i in range(0, len(positions), EMBED_BATCH):
             batch = positions[i : i + EMBED_BATCH].tolist()
-            pixels = torch.stack([torch.from_numpy(np.array(decode_image(images[p]))).permute(2, 0, 1) for p in batch])
+            pixels = torch.stack([decode_pixels(images[p]) for p in batch])
             encoded = clip.encode_image(pixels.to(device).float() / 255).cpu().numpy()
             features.update(zip(batch, encoded))
     return {label: mean_pairwise_distance(np.stack([features[p] for p in rows.tolist()])) for label, rows in chosen.items()}

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lbgen.classes import ClassTable
+from lbgen.dataset import PARQUET_OPTIONS
 from lbgen.seeds import derive_seed
 from lbgen.storage import Location, locate
 
@@ -218,6 +219,6 @@ def write_shard(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), tmp)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), tmp, **PARQUET_OPTIONS)
     tmp.replace(path)
     return path

@@ -1,12 +1,15 @@
 """Image decode and augmentation shared by the pretrain loader, the benchmarks and evaluation.
 
-One per-image function, `transform_image`, is the whole recipe (random resized
-crop + flip for training; resize + centre crop for evaluation) on PIL images, and
-returns uint8 pixels: normalisation happens on the training device
-(`normalize`), so the loader ships a quarter of the bytes that float32 would take.
-Random draws come from a numpy Generator passed in, never from a global RNG
-(torch's global seed is the same in every fresh Ray worker process). The module
-imports no torch at load time: Ray Data's decode workers start without it.
+`decode_pixels` turns encoded bytes into a (3, H, W) uint8 tensor with TorchCodec's
+decoders (libjpeg-turbo, libpng, libwebp straight into a tensor), and
+`transform_pixels` is the whole recipe on it (random resized crop + flip for training;
+resize + centre crop for evaluation) with torchvision's antialiased uint8 resize: the
+pixels of PIL's decode + bilinear resize (within rounding) at about 0.7x its CPU time
+(benchmarks/RESULTS.md), which is what bounds a CPU decode stage. The result stays
+uint8: normalisation happens on the training device (`normalize`), so the loader ships
+a quarter of the bytes that float32 would take. Random draws come from a numpy
+Generator passed in, never from a global RNG (torch's global seed is the same in every
+fresh Ray worker process).
 """
 
 from __future__ import annotations
@@ -14,17 +17,16 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 from PIL import Image
+from torchcodec.decoders import decode_image as codec_decode
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from lbgen.shards import RowFilter, ShardError
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,27 @@ class ImageTransform:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes (JPEG/PNG/WEBP) -> RGB PIL image; raises ValueError when they do not decode."""
+    """Encoded bytes -> RGB PIL image (for figures); raises ValueError when they do not decode."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, ... for damaged data
         raise ValueError(f"image bytes do not decode ({type(err).__name__}: {err})") from None
     return image.convert("RGB")
+
+
+def decode_pixels(data: bytes) -> torch.Tensor:
+    """Encoded bytes -> (3, H, W) uint8 RGB tensor; raises ValueError when they do not decode.
+
+    JPEG, PNG, WebP and GIF go through TorchCodec (16-bit PNGs scaled to 8 bits, the first
+    frame of an animation); other formats (BMP, TIFF, ... in a downstream ImageFolder) and
+    anything TorchCodec refuses through PIL, which also words the error for damaged data.
+    """
+    try:
+        pixels = codec_decode(data, mode="RGB")
+    except (ValueError, RuntimeError):
+        return torch.from_numpy(np.array(decode_image(data))).permute(2, 0, 1)
+    return pixels[0] if pixels.ndim == 4 else pixels
 
 
 def random_resized_box(width: int, height: int, scale, ratio, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -81,24 +97,22 @@ def center_box(width: int, height: int, crop_pct: float) -> tuple[int, int, int,
     return round(left), round(top), round(left + side), round(top + side)
 
 
-def transform_image(image: Image.Image, spec: ImageTransform, rng: np.random.Generator) -> np.ndarray:
-    """PIL RGB image -> (size, size, 3) uint8 after the train or eval recipe of `spec`."""
-    width, height = image.size
+def transform_pixels(pixels: torch.Tensor, spec: ImageTransform, rng: np.random.Generator) -> np.ndarray:
+    """(3, H, W) uint8 -> (size, size, 3) uint8 after the train or eval recipe of `spec`."""
+    _, height, width = pixels.shape
     if spec.train:
-        box = random_resized_box(width, height, spec.crop_scale, spec.crop_ratio, rng)
+        left, top, right, bottom = random_resized_box(width, height, spec.crop_scale, spec.crop_ratio, rng)
     else:
-        box = center_box(width, height, spec.crop_pct)
-    # PIL crops and resamples in one pass (what torchvision's resized_crop does on PIL, without the copy).
-    out = image.resize((spec.size, spec.size), Image.BILINEAR, box=box)
+        left, top, right, bottom = center_box(width, height, spec.crop_pct)
+    # Crop and resample in one call; antialias as PIL's bilinear does when shrinking.
+    out = F.resized_crop(pixels, top, left, bottom - top, right - left, [spec.size, spec.size], InterpolationMode.BILINEAR, antialias=True)
     if spec.train and rng.random() < spec.hflip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out, dtype=np.uint8)
+        out = F.horizontal_flip(out)
+    return out.permute(1, 2, 0).numpy()
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, normalised; runs where `images` lives."""
-    import torch
-
     x = images.permute(0, 3, 1, 2).float().div_(255)
     mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1)
     std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1)
@@ -120,7 +134,7 @@ def decode_batch(table: pa.Table, spec: ImageTransform, rows: RowFilter, split: 
         try:
             if blob is None:
                 raise ValueError("image bytes are null")
-            images[i] = transform_image(decode_image(blob), spec, rng)
+            images[i] = transform_pixels(decode_pixels(blob), spec, rng)
         except ValueError as err:
             where = table.column("path")[i].as_py() if "path" in table.column_names else "shard"
             raise ShardError(f"{where}: row index {table.column('index')[i].as_py()}: {err}") from None

@@ -66,6 +66,17 @@ def test_write_shard_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [final.name]  # no partial, no temp file
 
 
+def test_image_bytes_are_stored_plain_and_the_rest_compressed(tmp_path):
+    final = tmp_path / shard_name(0, 1)
+    write_shard(table_of(5), final, row_group_rows=5)
+    group = pq.ParquetFile(final).metadata.row_group(0)
+    chunks = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    image = chunks.pop("image.bytes")
+    assert image.compression == "UNCOMPRESSED" and not image.has_dictionary_page
+    assert {c.compression for c in chunks.values()} == {"SNAPPY"}
+    assert chunks["class_name"].has_dictionary_page
+
+
 def test_encode_png_is_lossless_and_names_files():
     pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 6, 3), dtype=np.uint8)
     out = encode_images({"pixels": pixels, "class_id": np.array(["n1", "n2"]), "index": np.array([3, 4])}, "png", 95)
