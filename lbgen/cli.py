@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from lbgen.backbones import BackboneError
 from lbgen.bias import BiasDataError
@@ -64,14 +65,14 @@ def init_ray(address: str | None) -> None:
     ray.init(logging_level=logging.WARNING, log_to_driver=os.environ.get("LBGEN_RAY_LOGS") == "1")
 
 
-def run_finetune(cfg: Config) -> None:
+def run_finetune(cfg: Config, checked) -> None:
     from lbgen.finetune import finetune
 
     output = finetune(cfg)
     print(f"fine-tuned LoRA: {output / 'pytorch_lora_weights.safetensors'}")
 
 
-def run_generate(cfg: Config) -> None:
+def run_generate(cfg: Config, checked) -> None:
     from lbgen.generate import generate, summary_text
 
     manifest = generate(cfg)
@@ -102,28 +103,28 @@ def report_command(directory: str, overrides: dict) -> None:
     print(f"report: {paths['html']} (Markdown: {paths['markdown']})")
 
 
-def run_pretrain(cfg: Config) -> None:
+def run_pretrain(cfg: Config, checked) -> None:
     from lbgen.pretrain import pretrain
 
-    output = pretrain(cfg)
+    output = pretrain(cfg, shards=checked)  # the shards the pre-flight checked: not scanned twice
     print(f"pre-trained backbone: {output / 'backbone.safetensors'} (+ model.json)")
 
 
-def run_evaluate(cfg: Config) -> None:
+def run_evaluate(cfg: Config, checked) -> None:
     from lbgen.evaluate import evaluate
 
     output = evaluate(cfg)
     print(f"results: {output / 'results.md'}")
 
 
-def run_all(cfg: Config) -> None:
+def run_all(cfg: Config, checked) -> None:
     from lbgen.run import run
 
     output = run(cfg)
     print(f"all stages done: {output} (results: {output / 'evaluate' / 'results.md'}, report: {output / 'report.html'})")
 
 
-def run_make_downstream(cfg: Config) -> None:
+def run_make_downstream(cfg: Config, checked) -> None:
     from lbgen.downstream import make_downstream
 
     md = cfg.make_downstream
@@ -131,8 +132,8 @@ def run_make_downstream(cfg: Config) -> None:
     print(f"downstream dataset ({md.kind}): {output}")
 
 
-# Stage name -> (config sections its flags come from, function, help).
-COMMANDS: dict[str, tuple[tuple[str, ...], Callable[[Config], None], str]] = {
+# Stage name -> (config sections its flags come from, function(cfg, what `check_inputs` returned), help).
+COMMANDS: dict[str, tuple[tuple[str, ...], Callable[[Config, Any], None], str]] = {
     "finetune": (("model", "finetune"), run_finetune, "fine-tune the generator with lbGen's losses (Ray Train)"),
     "generate": (("model", "generate"), run_generate, "generate the labelled dataset as Parquet shards (Ray Data)"),
     "pretrain": (("pretrain",), run_pretrain, "pre-train a timm backbone on generated shards (Ray Train + Ray Data)"),
@@ -148,8 +149,12 @@ LOCAL_COMMANDS = {"make-downstream"}
 INPUT_CHECKS = {name: f"lbgen.{name}" for name in ("finetune", "generate", "pretrain", "evaluate", "run")}
 
 
-def check_inputs(command: str, cfg: Config) -> None:
-    """Bad input fails here, in seconds and before a cluster starts; each stage checks again."""
+def check_inputs(command: str, cfg: Config) -> Any:
+    """Bad input fails here, in seconds and before a cluster starts; returns what the stage's check found.
+
+    A stage called from Python checks its inputs itself; `pretrain` takes the checked
+    shards back so that an ImageNet-scale dataset is scanned once.
+    """
     from importlib import import_module
 
     from lbgen.runs import check_output_dir
@@ -158,7 +163,8 @@ def check_inputs(command: str, cfg: Config) -> None:
         require_local(cfg, "make_downstream")
         check_output_dir(cfg.make_downstream.output, "make_downstream.output")
     elif command in INPUT_CHECKS:
-        import_module(INPUT_CHECKS[command]).check_inputs(cfg)
+        return import_module(INPUT_CHECKS[command]).check_inputs(cfg)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(args.preset, args.config, overrides_from_args(args))
         ray_address(args.address)
         load_class_table(cfg.classes)
-        check_inputs(args.command, cfg)
+        checked = check_inputs(args.command, cfg)
         if args.command not in LOCAL_COMMANDS:
             init_ray(args.address)
-        command(cfg)
+        command(cfg, checked)
     except USER_ERRORS as err:
         print(f"lbgen {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -283,12 +283,16 @@ def check_inputs(cfg: Config) -> ShardSet:
     return check_data(_absolute(cfg))
 
 
-def pretrain(cfg: Config) -> Path:
-    """Run (or resume) pre-training into `cfg.pretrain.output`; returns that directory."""
+def pretrain(cfg: Config, shards: ShardSet | None = None) -> Path:
+    """Run (or resume) pre-training into `cfg.pretrain.output`; returns that directory.
+
+    `shards`: what `check_inputs(cfg)` returned, when the caller has already checked
+    (every shard's footer and labels are read once, not twice).
+    """
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    shards = check_inputs(cfg)
+    shards = shards or check_inputs(cfg)
     cfg = _absolute(cfg)
     pt = cfg.pretrain
     output = Path(pt.output)

@@ -108,6 +108,28 @@ def test_unknown_timm_model_is_refused_before_ray_starts(shards, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_reads_the_shards_once(shards, tmp_path, monkeypatch):
+    """The pre-flight's scan of every footer and label column is handed to `pretrain`, not repeated."""
+    import ray.train.torch
+
+    import lbgen.pretrain
+
+    class TrainerReached(Exception):
+        pass
+
+    def trainer(*args, **kwargs):
+        raise TrainerReached
+
+    scans = []
+    open_shards = lbgen.pretrain.open_shards
+    monkeypatch.setattr("lbgen.pretrain.open_shards", lambda *a, **k: scans.append(a) or open_shards(*a, **k))
+    monkeypatch.setattr("lbgen.cli.init_ray", lambda address: None)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    with pytest.raises(TrainerReached):
+        main(["pretrain", "--data", str(shards), "--output", str(tmp_path / "out")])
+    assert len(scans) == 1
+
+
 def test_undecodable_image_names_file_and_row(tmp_path):
     rows = shape_rows(TABLE, per_class=2, size=16)
     rows[5]["image"] = {"bytes": b"not an image", "path": None}
