@@ -12,10 +12,15 @@ Same model, scheduler (DDPM), steps, CFG, batch size and resolution everywhere:
 
 lbgen's rate is its marginal rate, (4N - N) images / (t(4N) - t(N)): fixed costs (actor start,
 model load) cancel, as they do for the baselines, which load their model before the clock starts.
-End-to-end rates are printed too. Usage:
+End-to-end rates are printed too.
 
-    python benchmarks/generate_throughput.py --preset tiny --per-class 4
-    python benchmarks/generate_throughput.py --preset sd15-shape --per-class 2 --steps 50   # on a GPU
+The machine's speed drifts by ~10% over minutes (a shared host), more than some of the margins.
+So the arms run in `--rounds` interleaved rounds, the order reversed every other round (A B C, C B A):
+a linear drift then weighs every arm alike. Each rate is summed images / summed seconds over the
+rounds. Usage:
+
+    python benchmarks/generate_throughput.py --preset tiny --per-class 4 --steps 32 --rounds 2
+    python benchmarks/generate_throughput.py --preset sd15-shape --per-class 2 --steps 50 --rounds 1   # on a GPU
 """
 
 from __future__ import annotations
@@ -128,8 +133,35 @@ def authors_style(cfg: Config, per_class: int, device: str, root: Path) -> dict:
     return {"images": count, "seconds": time.perf_counter() - start}
 
 
-def marginal(small: dict, large: dict) -> float:
-    return (large["images"] - small["images"]) / (large["seconds"] - small["seconds"])
+def lbgen_arm(workers: int):
+    """The arm that times lbgen with `workers` actors at N and at 4N images."""
+    def arm(cfg: Config, n: int, device: str, root: Path) -> dict:
+        small, large = (run_lbgen(cfg, k, workers, root) for k in (n, 4 * n))
+        return {"images": large["images"] - small["images"], "seconds": large["seconds"] - small["seconds"],
+                "end_to_end_4N": large, "at_N": small}
+    return arm
+
+
+def baseline_arm(count: int, baseline):
+    """The arm that times `baseline` at 4N images with `count` torch threads
+    (the authors' script gets torch's default: all cores)."""
+    def arm(cfg: Config, n: int, device: str, root: Path) -> dict:
+        torch.set_num_threads(count)
+        return baseline(cfg, 4 * n, device, root)
+    return arm
+
+
+ARMS = {
+    "lbgen_1actor": lbgen_arm(1),
+    "lbgen_2actors": lbgen_arm(2),
+    "bare_loop_1thread": baseline_arm(1, lambda cfg, images, device, root: bare_loop(cfg, images, device)),
+    "authors_style_1thread": baseline_arm(1, authors_style),
+    "authors_style_all_threads": baseline_arm(os.cpu_count(), authors_style),
+}
+
+
+def rate(runs: list[dict]) -> float:
+    return sum(r["images"] for r in runs) / sum(r["seconds"] for r in runs)
 
 
 def main() -> None:
@@ -138,6 +170,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=4, help="images per class at N (4N runs 4x as many)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per generation call (default: the preset's)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every arm (order reversed every other round)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
 
@@ -145,34 +178,27 @@ def main() -> None:
     overrides = {"generate": {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v}}
     cfg = resolve(args.preset, overrides=overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    n, n4 = args.per_class, 4 * args.per_class
     results: dict = {"preset": args.preset, "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{os.cpu_count()}",
                      "steps": cfg.generate.steps, "batch_size": cfg.generate.batch_size, "resolution": cfg.model.resolution,
-                     "classes": len(load_class_table(cfg.classes))}
+                     "classes": len(load_class_table(cfg.classes)), "rounds": args.rounds}
+    runs: dict[str, list[dict]] = {name: [] for name in ARMS}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        one = [run_lbgen(cfg, k, 1, root) for k in (n, n4)]
-        two = [run_lbgen(cfg, k, 2, root) for k in (n, n4)]
-        torch.set_num_threads(1)
-        bare = bare_loop(cfg, n4, device)
-        authors_1 = authors_style(cfg, n4, device, root)
-        torch.set_num_threads(os.cpu_count())  # what the authors' script gets by default
-        authors_all = authors_style(cfg, n4, device, root)
-    rate = {"lbgen_1actor": marginal(*one), "lbgen_2actors": marginal(*two),
-            "bare_loop_1thread": bare["images"] / bare["seconds"],
-            "authors_style_1thread": authors_1["images"] / authors_1["seconds"],
-            "authors_style_all_threads": authors_all["images"] / authors_all["seconds"],
-            "lbgen_1actor_end_to_end_4N": one[1]["images"] / one[1]["seconds"],
-            "lbgen_2actors_end_to_end_4N": two[1]["images"] / two[1]["seconds"]}
-    results["images_per_s"] = {k: round(v, 3) for k, v in rate.items()}
-    results["runs"] = {"lbgen_1actor": one, "lbgen_2actors": two, "bare": bare,
-                       "authors_1thread": authors_1, "authors_all_threads": authors_all}
-    authors = max(rate["authors_style_1thread"], rate["authors_style_all_threads"])
+        for round_ in range(args.rounds):
+            for name in list(ARMS)[:: 1 if round_ % 2 == 0 else -1]:
+                print(f"round {round_ + 1}/{args.rounds}: {name}", flush=True)
+                runs[name].append(ARMS[name](cfg, args.per_class, device, Path(tmp) / f"{name}-{round_}"))
+    rates = {name: rate(r) for name, r in runs.items()}
+    for workers in ("1actor", "2actors"):
+        rates[f"lbgen_{workers}_end_to_end_4N"] = rate([r["end_to_end_4N"] for r in runs[f"lbgen_{workers}"]])
+    memory = [r["end_to_end_4N"]["peak_pss_gib"] / r["at_N"]["peak_pss_gib"] for r in runs["lbgen_1actor"]]
+    authors = max(rates["authors_style_1thread"], rates["authors_style_all_threads"])
+    results["images_per_s"] = {k: round(v, 3) for k, v in rates.items()}
+    results["runs"] = runs
     results["ratios"] = {
-        "a_lbgen_over_bare (>=0.90)": round(rate["lbgen_1actor"] / rate["bare_loop_1thread"], 3),
-        "b_lbgen_over_authors (>=1.2)": round(rate["lbgen_2actors"] / authors, 3),
-        "c_2actors_over_1actor (>=1.7)": round(rate["lbgen_2actors"] / rate["lbgen_1actor"], 3),
-        "d_peak_memory_4N_over_N (<=1.2)": round(one[1]["peak_pss_gib"] / one[0]["peak_pss_gib"], 3),
+        "a_lbgen_over_bare (>=0.90)": round(rates["lbgen_1actor"] / rates["bare_loop_1thread"], 3),
+        "b_lbgen_over_authors (>=1.2)": round(rates["lbgen_2actors"] / authors, 3),
+        "c_2actors_over_1actor (>=1.7)": round(rates["lbgen_2actors"] / rates["lbgen_1actor"], 3),
+        "d_peak_memory_4N_over_N (<=1.2)": round(max(memory), 3),  # the worst round
     }
     text = json.dumps(results, indent=1)
     print(text)
