@@ -51,9 +51,12 @@ COLUMNS: dict[str, tuple[pa.DataType, dict]] = {
 # image_format -> (PIL format, file extension)
 PIL_FORMATS = {"jpeg": ("JPEG", "jpg"), "png": ("PNG", "png"), "webp": ("WEBP", "webp")}
 
+# The Arrow schema of a shard's columns (`schema` adds the HF features as metadata).
+ARROW_SCHEMA = pa.schema([(name, kind) for name, (kind, _) in COLUMNS.items()])
+
 # The encoded images are unique and already compressed: a dictionary page and snappy would only
 # cost CPU on every write and every read (benchmarks/RESULTS.md), so that column is stored plain.
-_LEAF_COLUMNS = pa.schema([(name, kind) for name, (kind, _) in COLUMNS.items()]).empty_table().flatten().column_names
+_LEAF_COLUMNS = ARROW_SCHEMA.empty_table().flatten().column_names
 PARQUET_OPTIONS = {
     "use_dictionary": [c for c in _LEAF_COLUMNS if c != "image.bytes"],
     "compression": {c: "none" if c == "image.bytes" else "snappy" for c in _LEAF_COLUMNS},
@@ -83,7 +86,7 @@ def features(names: Sequence[str]) -> dict:
 def schema(names: Sequence[str]) -> pa.Schema:
     """Arrow schema of a shard; its metadata carries the HF features so plain Parquet loads decode images."""
     meta = {b"huggingface": json.dumps({"info": {"features": features(names)}}).encode()}
-    return pa.schema([pa.field(col, tp) for col, (tp, _) in COLUMNS.items()], metadata=meta)
+    return ARROW_SCHEMA.with_metadata(meta)
 
 
 def shard_name(shard: int, num_shards: int) -> str:

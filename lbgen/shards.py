@@ -23,28 +23,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lbgen.classes import ClassTable
-from lbgen.dataset import PARQUET_OPTIONS
+from lbgen.dataset import ARROW_SCHEMA, PARQUET_OPTIONS
 from lbgen.seeds import derive_seed
 from lbgen.storage import Location, locate
 
 log = logging.getLogger(__name__)
-
-IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-SHARD_SCHEMA = pa.schema([
-    ("image", IMAGE_TYPE),
-    ("label", pa.int64()),
-    ("class_id", pa.string()),
-    ("class_name", pa.string()),
-    ("prompt", pa.string()),
-    ("seed", pa.int64()),
-    ("index", pa.int64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("clip_score", pa.float32()),
-    ("clip_agrees", pa.bool_()),
-    ("iqa_score", pa.float32()),
-    ("generator", pa.string()),
-])
 
 # Columns pretrain needs, with the type family each must have; score columns only when filtered on.
 _KIND = {"integer": pa.types.is_integer, "floating": pa.types.is_floating, "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "boolean": pa.types.is_boolean}
@@ -215,10 +198,10 @@ def image_bytes(pil_image, fmt: str = "JPEG", quality: int = 90) -> bytes:
 
 
 def write_shard(path: str | Path, rows: list[dict]) -> Path:
-    """Write `rows` (dicts with SHARD_SCHEMA's keys) as one shard; the file appears only when whole."""
+    """Write `rows` (dicts with the keys of `dataset.COLUMNS`) as one shard; the file appears only when whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), tmp, **PARQUET_OPTIONS)
+    pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), tmp, **PARQUET_OPTIONS)
     tmp.replace(path)
     return path
