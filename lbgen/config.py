@@ -270,8 +270,12 @@ class GenerateConfig:
     prompt_template: str = "{name}"
     # CLIP text that `clip_score` and `clip_agrees` compare each image with.
     score_template: str = "photo of {name}"
-    # Images per generation call on one actor (does not change any image).
+    # Rows handed to a generation actor per call (a Ray Data batch); does not change any image.
     batch_size: int = 8
+    # Images per diffusion model call inside an actor. Every call is padded to exactly this many, so the
+    # kernels see the same shapes whatever the batching, and an image's pixels never depend on its
+    # neighbours (CPU and GPU kernels choose code paths by shape); part of what defines the dataset.
+    micro_batch: int = 8
     # Generation actors (one model copy each; one per GPU on a cluster).
     workers: int = 1
     # CPUs reserved per generation actor; fractions leave CPUs for Ray Data's read/encode tasks.
@@ -403,6 +407,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "images_per_class": 8,
             "steps": 4,
             "batch_size": 4,
+            "micro_batch": 4,
             "cpus_per_worker": 0.5,
             "image_format": "png",
             "rows_per_shard": 20,
@@ -665,6 +670,7 @@ def _validate_generate(gen: GenerateConfig) -> None:
             "generate.images_per_class": gen.images_per_class,
             "generate.steps": gen.steps,
             "generate.batch_size": gen.batch_size,
+            "generate.micro_batch": gen.micro_batch,
             "generate.workers": gen.workers,
             "generate.cpus_per_worker": gen.cpus_per_worker,
             "generate.threads": gen.threads,

@@ -111,13 +111,14 @@ def generator_id(cfg: Config, lora_sha: str | None) -> str:
     return cfg.model.generator + (f"+lora:sha256:{lora_sha}" if lora_sha else "")
 
 
-def _pad_rows(values: list, minimum: int = 2) -> list:
-    """Repeat the last row up to `minimum` rows.
+def _pad_rows(values: list, size: int) -> list:
+    """`values` with the last one repeated up to `size` entries (a micro-batch of exactly `size` images).
 
-    With one row, CPU kernels take other code paths (matrix-vector) whose rounding
-    differs; batches of >= 2 rows give each image bitwise the same pixels.
+    Kernels choose code paths by shape: torch 2.14's CPU Linear rounds the last bit differently
+    for 4 and 16 rows, enough to flip a pixel. Model calls of one fixed shape give every image
+    bitwise the same pixels wherever it sits, in any batch or alone.
     """
-    return values + values[-1:] * (minimum - len(values))
+    return values + values[-1:] * (size - len(values))
 
 
 class GenerateBatch:
@@ -150,11 +151,17 @@ class GenerateBatch:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        size = self.cfg.generate.micro_batch
+        seeds, prompts = [int(s) for s in batch["seed"]], [str(p) for p in batch["prompt"]]
+        pixels = [self._sample(seeds[i : i + size], prompts[i : i + size]) for i in range(0, len(seeds), size)]
+        return {**batch, "pixels": np.concatenate(pixels)}
+
+    def _sample(self, seeds: list[int], prompts: list[str]) -> np.ndarray:
+        """(len(seeds), H, W, 3) uint8 pixels of one micro-batch, run padded to `micro_batch` images."""
         from lbgen.sampler import decode, denoise, encode_prompts, initial_latents
 
-        gen, rows = self.cfg.generate, len(batch["seed"])
-        seeds = _pad_rows([int(s) for s in batch["seed"]])
-        prompts = _pad_rows([str(p) for p in batch["prompt"]])
+        gen, rows = self.cfg.generate, len(seeds)
+        seeds, prompts = _pad_rows(seeds, gen.micro_batch), _pad_rows(prompts, gen.micro_batch)
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]  # one per image
         unet, vae = self.pipe.unet, self.pipe.vae
         latents = initial_latents(len(seeds), unet, self.pipe.vae_scale_factor, self.cfg.model.resolution,
@@ -164,8 +171,7 @@ class GenerateBatch:
                           num_steps=gen.steps, guidance=gen.guidance, generator=generators)
         faults.maybe_die(self.cfg.fault, "generate.batch")  # test only: off unless cfg.fault says so
         images = decode(vae, latents)[:rows]  # (B, 3, H, W) in [0, 1]
-        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return {**batch, "pixels": pixels}
+        return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class ScoreBatch:

@@ -153,15 +153,17 @@ def batch_of(rows: list[dict]) -> dict:
 
 
 def test_generate_batch_pixels_do_not_depend_on_batching(generator, table_file):
+    """Batches larger than, not a multiple of, and smaller than the micro-batch give the same pixels."""
     cfg, gen = generator
-    rows = plan(load_class_table(str(table_file)), cfg)[:4]
-    four = gen(batch_of(rows))["pixels"]
-    assert four.shape == (4, 64, 64, 3) and four.dtype == np.uint8
-    two = np.concatenate([gen(batch_of(rows[:2]))["pixels"], gen(batch_of(rows[2:]))["pixels"]])
+    assert cfg.generate.micro_batch == 4
+    rows = plan(load_class_table(str(table_file)), cfg)[:12]
+    whole = gen(batch_of(rows))["pixels"]  # three model calls of 4
+    assert whole.shape == (12, 64, 64, 3) and whole.dtype == np.uint8
+    fives = np.concatenate([gen(batch_of(rows[i : i + 5]))["pixels"] for i in range(0, 12, 5)])
     alone = np.stack([gen(batch_of([r]))["pixels"][0] for r in rows])
-    np.testing.assert_array_equal(four, two)
-    np.testing.assert_array_equal(four, alone)
-    assert not np.array_equal(four[0], four[1])  # different seeds, different images
+    np.testing.assert_array_equal(whole, fives)
+    np.testing.assert_array_equal(whole, alone)
+    assert not np.array_equal(whole[0], whole[1])  # different seeds, different images
 
 
 def test_score_and_encode(generator, table_file):
