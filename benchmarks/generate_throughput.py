@@ -7,25 +7,36 @@ Same model, scheduler (DDPM), steps, CFG, batch size and resolution everywhere:
                                             image, synchronous; the faster of 1 thread and
                                             torch's default threads (all cores)                   target >= 1.2
   (c) lbgen 2 actors / 1 actor, 1 torch thread each                                               target >= 1.7
-  (d) peak memory of lbgen at N and at 4N images (summed PSS: RSS with shared pages split
+  (d) peak memory of lbgen at N and at 4N images, 1 actor (summed PSS: RSS with shared pages split
       between the processes mapping them, so the object store is not counted once per process) ratio <= 1.2
 
 lbgen's rate is its marginal rate, (4N - N) images / (t(4N) - t(N)): fixed costs (actor start,
 model load) cancel, as they do for the baselines, which load their model before the clock starts.
 End-to-end rates are printed too.
 
+Two things keep the harness from bending what it measures:
+- Shards are the actors' unit of work. With a handful of them (tiny: 20 rows, so 2 shards at N), the
+  first actor up can take them all at N and leave none to the second: t(N) grows and the 2-actor
+  marginal rate comes out too high. `--rows-per-shard` (e.g. the batch size) gives every actor many
+  shards, as at ImageNet scale (1300 shards over a few dozen GPUs), at the price of a shard write
+  per batch, which real shards (1000 rows) amortise.
+- Peak memory is sampled (once a second) only in the 1-actor arm, where (d) is taken. Reading PSS
+  (/proc/PID/smaps_rollup of ~20 processes) costs ~40-80 ms of CPU a sample; at 4 samples a second it
+  took ~0.25 of a core from the 2-actor arm on a 2-core machine.
+
 The machine's speed drifts by ~10% over minutes (a shared host), more than some of the margins.
 So the arms run in `--rounds` interleaved rounds, the order reversed every other round (A B C, C B A):
 a linear drift then weighs every arm alike. Each rate is summed images / summed seconds over the
 rounds. Usage:
 
-    python benchmarks/generate_throughput.py --preset tiny --per-class 4 --steps 32 --rounds 2
+    python benchmarks/generate_throughput.py --preset tiny --per-class 4 --steps 16 --rounds 2
     python benchmarks/generate_throughput.py --preset sd15-shape --per-class 2 --steps 50 --rounds 1   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,7 +59,7 @@ from lbgen.seeds import seeded_generator
 class PeakMemory:
     """Samples the summed PSS of this process and all its descendants (Ray's raylet, GCS, workers)."""
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, interval: float = 1.0):
         self.interval, self.peak = interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -76,7 +87,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def run_lbgen(cfg: Config, per_class: int, workers: int, root: Path) -> dict:
+def run_lbgen(cfg: Config, per_class: int, workers: int, root: Path, measure_memory: bool) -> dict:
     gen = dataclasses.replace(cfg.generate, images_per_class=per_class, workers=workers, threads=1,
                               output=str(root / f"lbgen-w{workers}-n{per_class}"))
     import ray
@@ -84,13 +95,14 @@ def run_lbgen(cfg: Config, per_class: int, workers: int, root: Path) -> dict:
     # A fresh local Ray per run: idle workers kept from an earlier run would count as memory here.
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        with PeakMemory() as memory:
+        with PeakMemory() if measure_memory else contextlib.nullcontext() as memory:
             start = time.perf_counter()
             manifest = generate(dataclasses.replace(cfg, generate=gen), show_progress=False)
             seconds = time.perf_counter() - start
     finally:
         ray.shutdown()
-    return {"images": manifest["totals"]["rows"], "seconds": seconds, "peak_pss_gib": memory.peak / 2**30}
+    peak = {"peak_pss_gib": memory.peak / 2**30} if measure_memory else {}
+    return {"images": manifest["totals"]["rows"], "seconds": seconds, **peak}
 
 
 def load_pipe(cfg: Config, device: str):
@@ -133,10 +145,10 @@ def authors_style(cfg: Config, per_class: int, device: str, root: Path) -> dict:
     return {"images": count, "seconds": time.perf_counter() - start}
 
 
-def lbgen_arm(workers: int):
+def lbgen_arm(workers: int, measure_memory: bool = False):
     """The arm that times lbgen with `workers` actors at N and at 4N images."""
     def arm(cfg: Config, n: int, device: str, root: Path) -> dict:
-        small, large = (run_lbgen(cfg, k, workers, root) for k in (n, 4 * n))
+        small, large = (run_lbgen(cfg, k, workers, root, measure_memory) for k in (n, 4 * n))
         return {"images": large["images"] - small["images"], "seconds": large["seconds"] - small["seconds"],
                 "end_to_end_4N": large, "at_N": small}
     return arm
@@ -152,7 +164,7 @@ def baseline_arm(count: int, baseline):
 
 
 ARMS = {
-    "lbgen_1actor": lbgen_arm(1),
+    "lbgen_1actor": lbgen_arm(1, measure_memory=True),
     "lbgen_2actors": lbgen_arm(2),
     "bare_loop_1thread": baseline_arm(1, lambda cfg, images, device, root: bare_loop(cfg, images, device)),
     "authors_style_1thread": baseline_arm(1, authors_style),
@@ -170,6 +182,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=4, help="images per class at N (4N runs 4x as many)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per generation call (default: the preset's)")
+    parser.add_argument("--rows-per-shard", type=int, default=None, help="rows per shard (default: the preset's)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every arm (order reversed every other round)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -177,10 +190,12 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     overrides = {"generate": {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v}}
     cfg = resolve(args.preset, overrides=overrides)
+    rows_per_shard = args.rows_per_shard or cfg.generate.rows_per_shard
+    cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, rows_per_shard=rows_per_shard))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict = {"preset": args.preset, "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{os.cpu_count()}",
                      "steps": cfg.generate.steps, "batch_size": cfg.generate.batch_size, "resolution": cfg.model.resolution,
-                     "classes": len(load_class_table(cfg.classes)), "rounds": args.rounds}
+                     "rows_per_shard": rows_per_shard, "classes": len(load_class_table(cfg.classes)), "rounds": args.rounds}
     runs: dict[str, list[dict]] = {name: [] for name in ARMS}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
