@@ -188,14 +188,12 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    overrides = {"generate": {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v}}
-    cfg = resolve(args.preset, overrides=overrides)
-    rows_per_shard = args.rows_per_shard or cfg.generate.rows_per_shard
-    cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, rows_per_shard=rows_per_shard))
+    chosen = {"steps": args.steps, "batch_size": args.batch_size, "rows_per_shard": args.rows_per_shard}
+    cfg = resolve(args.preset, overrides={"generate": {k: v for k, v in chosen.items() if v}})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict = {"preset": args.preset, "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{os.cpu_count()}",
                      "steps": cfg.generate.steps, "batch_size": cfg.generate.batch_size, "resolution": cfg.model.resolution,
-                     "rows_per_shard": rows_per_shard, "classes": len(load_class_table(cfg.classes)), "rounds": args.rounds}
+                     "rows_per_shard": cfg.generate.rows_per_shard, "classes": len(load_class_table(cfg.classes)), "rounds": args.rounds}
     runs: dict[str, list[dict]] = {name: [] for name in ARMS}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):

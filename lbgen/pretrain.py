@@ -79,7 +79,7 @@ def build_dataset(shards: ShardSet, cfg: Config, split: str):
     ds.context.target_min_block_size = min(ds.context.target_min_block_size or block_bytes, block_bytes)
     ds.context.target_max_block_size = block_bytes
     # One map stage after the read: Ray Data's per-operator reservations only idle CPUs here (on 2 CPUs the
-    # decode tasks ran 1.4 at a time on average, 1.7 without; benchmarks/RESULTS.md).
+    # decode tasks ran 1.44 at a time on average and their workers used 1.38 CPUs; 1.69 without; benchmarks/RESULTS.md).
     ds.context.op_resource_reservation_enabled = False
     return ds.map_batches(
         decode_batch,
