@@ -50,9 +50,10 @@ import torch
 
 from lbgen.classes import load_class_table
 from lbgen.config import Config, resolve
-from lbgen.generate import GPU_DTYPES, generate
+from lbgen.generate import generate
 from lbgen.models import create_generator
 from lbgen.models.generator import create_scheduler
+from lbgen.precision import weight_dtype
 from lbgen.seeds import seeded_generator
 
 
@@ -106,8 +107,8 @@ def run_lbgen(cfg: Config, per_class: int, workers: int, root: Path, measure_mem
 
 
 def load_pipe(cfg: Config, device: str):
-    dtype = GPU_DTYPES[cfg.generate.dtype] if device == "cuda" else torch.float32
-    pipe = create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed, device=device, torch_dtype=dtype)
+    pipe = create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed, device=device,
+                            torch_dtype=weight_dtype(cfg.generate.dtype))
     pipe.scheduler = create_scheduler(cfg.generate.scheduler, pipe.scheduler.config)
     return pipe
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from lbgen.seeds import derive_seed
+from lbgen.errors import BackboneError  # noqa: F401  (raised here; defined with the others)
 
 WEIGHTS_FILE = "backbone.safetensors"
 META_FILE = "model.json"
@@ -28,10 +29,6 @@ META_FILE = "model.json"
 META_KEYS = frozenset({"model", "num_classes", "image_size", "mean", "std", "crop_pct", "pretrained_cfg"})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class BackboneError(ValueError):
-    """A backbone spec cannot be loaded; the message names it."""
 
 
 @dataclass

@@ -12,13 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from lbgen.errors import BiasDataError  # noqa: F401  (raised here; defined with the others)
 
 IN9_VARIANTS = ("original", "mixed_same", "mixed_rand")
 IN9_EVAL_SPLITS = ("val", "test")
-
-
-class BiasDataError(ValueError):
-    """An ImageNet-9-style directory lacks a folder; the message names it."""
 
 
 def accuracy(predictions, targets) -> float:

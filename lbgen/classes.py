@@ -15,12 +15,9 @@ import io
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from lbgen.errors import ClassTableError  # noqa: F401  (raised here; defined with the others)
 
 SHIPPED_TABLES = ("imagenet1k", "tiny10")
-
-
-class ClassTableError(ValueError):
-    """A class table cannot be used; the message names the file and line."""
 
 
 @dataclass(frozen=True)

@@ -14,23 +14,22 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lbgen.backbones import BackboneError
-from lbgen.bias import BiasDataError
-from lbgen.classes import ClassTableError, load_class_table
-from lbgen.config import PRESETS, Config, ConfigError, add_config_flags, overrides_from_args, require_local, resolve
-from lbgen.dataset import DatasetError
-from lbgen.downstream import DownstreamError
-from lbgen.models.hub import ModelNotFoundError, UnsafeWeightsError
-from lbgen.report import ReportError
-from lbgen.shards import ShardError
-from lbgen.storage import StorageError
-
-# Errors whose message is the whole story: printed as one line, no traceback.
-USER_ERRORS = (
-    ConfigError, ClassTableError, ModelNotFoundError, PermissionError, FileNotFoundError,
-    ShardError, BackboneError, DownstreamError, BiasDataError, DatasetError, ReportError, StorageError,
-    UnsafeWeightsError,
+from lbgen.classes import load_class_table
+from lbgen.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    add_config_flags,
+    load_yaml,
+    overrides_from_args,
+    require_local,
+    resolve,
 )
+from lbgen.errors import UserError
+
+# Errors whose message is the whole story: printed as one line, no traceback. PermissionError and
+# FileNotFoundError come from the OS (an unwritable or vanished path) with the path in the message.
+USER_ERRORS = (UserError, PermissionError, FileNotFoundError)
 
 
 def ray_address(address: str | None) -> str | None:
@@ -149,6 +148,26 @@ LOCAL_COMMANDS = {"make-downstream"}
 INPUT_CHECKS = {name: f"lbgen.{name}" for name in ("finetune", "generate", "pretrain", "evaluate", "run")}
 
 
+# Per command, the models it resolves: named in its first line, so a run never builds models silently.
+SHOWN_MODELS = {
+    "finetune": ("model.generator", "model.clip", "model.iqa"),
+    "generate": ("model.generator", "model.clip", "model.iqa"),
+    "run": ("model.generator", "model.clip", "model.iqa", "pretrain.model"),
+    "pretrain": ("pretrain.model",),
+    "evaluate": ("evaluate.backbone",),
+}
+
+
+def first_line(command: str, preset: str | None, cfg: Config) -> str:
+    """`lbgen finetune: preset tiny; model.generator tiny, ...`: the settings and models a run starts from."""
+    def value(path: str):
+        section, name = path.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    models = "".join(f", {path} {value(path)}" for path in SHOWN_MODELS.get(command, ()))
+    return f"lbgen {command}: preset {preset or 'none (the paper settings)'}{models}"
+
+
 def check_inputs(command: str, cfg: Config) -> Any:
     """Bad input fails here, in seconds and before a cluster starts; returns what the stage's check found.
 
@@ -173,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (sections, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                       help="base settings (default: the --config file's `preset`, else tiny)")
+                       help="base settings over the defaults below (default: the --config file's `preset`, else none: "
+                            "the defaults are the paper's settings; `tiny` runs small random models on a CPU)")
         p.add_argument("--config", default=None, help="YAML file overriding the preset (e.g. jobs/generate-tiny.yaml)")
         p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
         add_config_flags(p, sections)
@@ -206,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "inspect":
         try:
             return inspect_command(args.dir)
-        except (DatasetError, StorageError) as err:
+        except UserError as err:
             print(f"lbgen inspect: error: {err}", file=sys.stderr)
             return 2
     if args.command == "report":
@@ -219,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     _, command, _ = COMMANDS[args.command]
     try:
         cfg = resolve(args.preset, args.config, overrides_from_args(args))
+        print(first_line(args.command, args.preset or (load_yaml(args.config).get("preset") if args.config else None), cfg))
         ray_address(args.address)
         load_class_table(cfg.classes)
         checked = check_inputs(args.command, cfg)

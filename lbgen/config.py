@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
+import inspect
 import math
 import types
 import typing
@@ -20,9 +22,8 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value or file is wrong; the message names which."""
+from lbgen.precision import MIXED_PRECISION, WEIGHT_DTYPES
+from lbgen.errors import ConfigError  # noqa: F401  (raised here; defined with the others)
 
 
 @dataclass
@@ -71,8 +72,11 @@ class FinetuneConfig:
     guidance: float = 2.0
     # Generator prompt for a class.
     prompt_template: str = "{name}"
-    # CLIP text for L_in and for the discriminator's "real" side.
+    # CLIP text for L_in: each image against its own class's prompt.
     clip_template: str = "photo of {name}"
+    # CLIP text for the discriminator's "real" side: the class names' own embeddings (the paper's f_c; the
+    # authors embed bare names), apart from L_in's prompt.
+    real_template: str = "{name}"
     # LoRA on the UNet attention projections.
     lora_rank: int = 128
     lora_alpha: int = 128
@@ -87,13 +91,13 @@ class FinetuneConfig:
     d_grad_clip: float = 1.0
     # Passes over the class table that warm D up on frozen-generator images.
     d_warmup_passes: int = 1
-    # Draw the "real" text features from classes other than the image's own.
-    exclude_own_class: bool = False
+    # Draw the "real" text features from classes other than the image's own (the paper's "a different class").
+    exclude_own_class: bool = True
     # Loss weights: L = w_en*L_en + w_in*L_in + lambda_q*L_q.
     w_en: float = 1.0
     w_in: float = 1.0
     lambda_q: float = 0.1
-    # Mixed precision on GPU: "bf16", "fp16" or "no" (CPU always runs fp32).
+    # Mixed precision on any device (autocast; frozen weights in that dtype): "bf16", "fp16" (loss scaling) or "no" (fp32).
     mixed_precision: str = "bf16"
     # Recompute UNet activations in backward to save memory.
     gradient_checkpointing: bool = True
@@ -172,7 +176,7 @@ class PretrainConfig:
     accelerator_type: Optional[str] = None
     # CPUs reserved per worker; keep some free for Ray Data's decoding (a full reservation deadlocks it).
     cpus_per_worker: float = 2.0
-    # Mixed precision on GPU: "bf16", "fp16" or "no" (CPU always runs fp32).
+    # Mixed precision on any device (autocast): "bf16", "fp16" (loss scaling) or "no" (fp32).
     mixed_precision: str = "bf16"
     # Save a resumable checkpoint every this many epochs (and at the end).
     checkpoint_every: int = 1
@@ -284,7 +288,7 @@ class GenerateConfig:
     threads: int = 1
     # Generate on GPUs; null picks GPUs when the Ray cluster has any.
     use_gpu: Optional[bool] = None
-    # Weight dtype on GPU: "fp16", "bf16" or "fp32" (CPU always runs fp32).
+    # Weight dtype of the generation model on any device: "fp16", "bf16" or "fp32".
     dtype: str = "fp16"
     # Stored image encoding: "jpeg", "png" or "webp".
     image_format: str = "jpeg"
@@ -365,6 +369,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "d_lr": 1e-3,
             "checkpoint_every": 5,
             "sample_every": 10,
+            "mixed_precision": "no",
         },
         "pretrain": {
             "output": "runs/tiny/pretrain",
@@ -385,6 +390,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "use_gpu": False,
             # Half a CPU: on a 2-CPU machine Ray Data needs the rest (ENVIRONMENT: Train + Data deadlock).
             "cpus_per_worker": 0.5,
+            "mixed_precision": "no",
         },
         "evaluate": {
             "output": "runs/tiny/evaluate",
@@ -408,6 +414,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "steps": 4,
             "batch_size": 4,
             "micro_batch": 4,
+            "dtype": "fp32",
             "cpus_per_worker": 0.5,
             "image_format": "png",
             "rows_per_shard": 20,
@@ -575,9 +582,13 @@ def _validate_finetune(ft: FinetuneConfig, model: ModelConfig) -> None:
         }),
         "finetune.max_failures": (ft.max_failures >= -1, f"must be >= 0 or -1 (no limit), got {ft.max_failures}"),
         "finetune.max_steps": (ft.max_steps is None or ft.max_steps > 0, f"must be > 0 or null, got {ft.max_steps}"),
-        "finetune.mixed_precision": (ft.mixed_precision in ("bf16", "fp16", "no"), f"must be bf16, fp16 or no, got {ft.mixed_precision!r}"),
-        **_has_name_slot("finetune", ft, ("prompt_template", "clip_template")),
+        "finetune.mixed_precision": _one_of(ft.mixed_precision, MIXED_PRECISION),
+        **_has_name_slot("finetune", ft, ("prompt_template", "clip_template", "real_template")),
     })
+
+
+def _one_of(value: str, names) -> tuple[bool, str]:
+    return value in names, f"must be one of {', '.join(names)}, got {value!r}"
 
 
 def _require(checks: dict[str, tuple[bool, str]]) -> None:
@@ -615,7 +626,7 @@ def _validate_pretrain(pt: PretrainConfig) -> None:
         "pretrain.shuffle_buffer": (pt.shuffle_buffer >= 0, f"must be >= 0, got {pt.shuffle_buffer}"),
         "pretrain.workers": (pt.workers > 0, f"must be > 0, got {pt.workers}"),
         "pretrain.cpus_per_worker": (pt.cpus_per_worker > 0, f"must be > 0, got {pt.cpus_per_worker}"),
-        "pretrain.mixed_precision": (pt.mixed_precision in ("bf16", "fp16", "no"), f"must be bf16, fp16 or no, got {pt.mixed_precision!r}"),
+        "pretrain.mixed_precision": _one_of(pt.mixed_precision, MIXED_PRECISION),
         "pretrain.checkpoint_every": (pt.checkpoint_every > 0, f"must be > 0, got {pt.checkpoint_every}"),
         "pretrain.max_failures": (pt.max_failures >= -1, f"must be >= 0 or -1 (no limit), got {pt.max_failures}"),
     })
@@ -680,7 +691,7 @@ def _validate_generate(gen: GenerateConfig) -> None:
         **_non_negative({"generate.guidance": gen.guidance}),
         "generate.image_format": (gen.image_format in IMAGE_FORMATS, f"must be one of {', '.join(IMAGE_FORMATS)}, got {gen.image_format!r}"),
         "generate.image_quality": (1 <= gen.image_quality <= 100, f"must be in 1..100, got {gen.image_quality}"),
-        "generate.dtype": (gen.dtype in ("fp16", "bf16", "fp32"), f"must be fp16, bf16 or fp32, got {gen.dtype!r}"),
+        "generate.dtype": _one_of(gen.dtype, WEIGHT_DTYPES),
         **_has_name_slot("generate", gen, ("prompt_template", "score_template")),
     })
 
@@ -704,18 +715,25 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None, ov
     """Defaults <- preset <- YAML file <- overrides (nested dicts), validated.
 
     A YAML file may name its preset (`preset: sd15-in1k`), so that a job file carries its whole
-    setup; a `preset` given here wins over the file's, and "tiny" applies when neither names one.
+    setup; a `preset` given here wins over the file's. When neither names one, the dataclass
+    defaults (the paper's settings) apply as they are: `tiny` only when asked for.
     """
     file_data = load_yaml(config_file) if config_file is not None else {}
     where = str(config_file) if config_file is not None else "config"
-    file_preset = file_data.pop("preset", "tiny")
-    preset = file_preset if preset is None else preset
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise ConfigError(f"{where}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    data = _merge(_merge(asdict(Config()), PRESETS[preset]), file_data)
+    preset = preset_name(preset, file_data, where)
+    data = _merge(_merge(asdict(Config()), PRESETS[preset] if preset else {}), file_data)
     from_dict(Config, data, where)  # the file alone must be well-formed: a flag must not hide `generate: 3`
     data = _merge(data, overrides or {})
     return validate(from_dict(Config, data, where))
+
+
+def preset_name(preset: str | None, file_data: dict, where: str = "config") -> str | None:
+    """The preset that applies: `preset`, else the config file's `preset:` key (popped), else none."""
+    file_preset = file_data.pop("preset", None)
+    preset = file_preset if preset is None else preset
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        raise ConfigError(f"{where}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    return preset
 
 
 def to_yaml(cfg: Config) -> str:
@@ -781,7 +799,48 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...],
         else:
             kwargs["type"] = _parse_scalar(tp)
             kwargs["metavar"] = path[-1].upper()
-        parser.add_argument(flag, help=f"override {'.'.join(path)}", **kwargs)
+        parser.add_argument(flag, help=_flag_help(path, f), **kwargs)
+
+
+@functools.cache
+def field_comments(cls) -> dict[str, str]:
+    """Each field's explanation: the comment lines above it in `cls`'s source.
+
+    Fields listed right under another without a comment of their own share its comment
+    (`lora_rank` and `lora_alpha` under "LoRA on the UNet attention projections.").
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    shared = ""
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        name = text.split(":", 1)[0].strip()
+        if text.startswith("#"):
+            pending.append(text.lstrip("#").strip())
+        elif ":" in text and name in names:
+            shared = " ".join(pending) if pending else shared
+            comments[name], pending = shared, []
+        elif not text:
+            pending, shared = [], ""
+    return comments
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def _flag_help(path: tuple[str, ...], f: dataclasses.Field) -> str:
+    """The field's comment, its config path and its default (the paper's; a preset may change it)."""
+    owner = Config if len(path) == 1 else typing.get_type_hints(Config)[path[0]]
+    comment = field_comments(owner).get(f.name, "")
+    text = f"{comment} [{'.'.join(path)}; default: {_default_text(f)}]".strip()
+    return text.replace("%", "%%")  # argparse formats help strings with %
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

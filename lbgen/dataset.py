@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from lbgen.storage import Location, Where, locate
+from lbgen.errors import DatasetError  # noqa: F401  (raised here; defined with the others)
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
@@ -64,10 +65,6 @@ PARQUET_OPTIONS = {
 
 # Columns the summary and inspection read (never the image bytes).
 STAT_COLUMNS = ["label", "index", "clip_score", "clip_agrees", "iqa_score"]
-
-
-class DatasetError(ValueError):
-    """An output directory or dataset cannot be used as asked; the message names the path."""
 
 
 def label_names(ids: Sequence[str], names: Sequence[str]) -> list[str]:

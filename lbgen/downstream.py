@@ -21,16 +21,13 @@ from PIL import Image, ImageDraw
 
 from lbgen.seeds import derive_seed
 from lbgen.transforms import ImageTransform, decode_pixels, transform_pixels
+from lbgen.errors import DownstreamError  # noqa: F401  (raised here; defined with the others)
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
 STYLES = ("filled", "outline")
 SHAPE_CLASSES = tuple(f"{style} {shape}" for shape in SHAPES for style in STYLES)
 EVAL_SPLITS = ("test", "val", "validation")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-class DownstreamError(ValueError):
-    """A downstream dataset cannot be read; the message names the directory."""
 
 
 # ---------------------------------------------------------------- drawing

@@ -9,7 +9,6 @@ and discriminator gradients.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -25,10 +24,12 @@ from torch import nn
 
 from lbgen import faults, runs
 from lbgen.classes import ClassTable, load_class_table
-from lbgen.config import Config, from_dict, require_local, to_yaml
+from lbgen.config import Config, ConfigError, FinetuneConfig, from_dict, require_local, to_yaml
 from lbgen.losses import Discriminator, LbGenLoss, discriminator_loss, draw_real_classes
 from lbgen.models import create_clip, create_generator, create_iqa
 from lbgen.models.generator import LORA_FILE
+from lbgen.models.iqa import SCORERS, has_pixel_gradient
+from lbgen.precision import MixedPrecision
 from lbgen.progress import MetricsProgress
 from lbgen.runs import MetricsLog
 from lbgen.sampler import TrainableSampler, encode_prompts, gradient_step_indices, initial_latents
@@ -47,8 +48,6 @@ RESUMABLE_FIELDS = {
     "output", "max_steps", "epochs", "workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "sample_every",
     "max_failures",
 }
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def total_steps(cfg: Config, num_classes: int) -> int:
@@ -73,6 +72,13 @@ def class_batch(step: int, rank: int, world: int, batch_size: int, num_classes: 
     return torch.tensor(labels, dtype=torch.long)
 
 
+def lora_config(ft: FinetuneConfig):
+    """The peft `LoraConfig` of the trained adapter; exported with the weights, so loaders apply its alpha."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, init_lora_weights="gaussian", target_modules=list(ft.lora_targets))
+
+
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -82,26 +88,21 @@ class Finetuner:
 
     def __init__(self, cfg: Config, *, rank: int = 0, world: int = 1, device="cpu", wrap: Callable = lambda m: m):
         from diffusers import DDPMScheduler
-        from peft import LoraConfig
 
         ft = cfg.finetune
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = torch.device(device)
         self.table: ClassTable = load_class_table(cfg.classes)
-        on_gpu = self.device.type == "cuda"
-        self.amp_dtype = AMP_DTYPES.get(ft.mixed_precision) if on_gpu else None
-        weight_dtype = self.amp_dtype or torch.float32
+        self.precision = MixedPrecision(ft.mixed_precision, self.device)
 
         pipe = create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed)
-        self.pipe = pipe.to(self.device, weight_dtype)
+        self.pipe = pipe.to(self.device, self.precision.weight_dtype)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
         # Same LoRA init on every rank (DDP also broadcasts rank 0's weights).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "lora"))
-            pipe.unet.add_adapter(
-                LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, init_lora_weights="gaussian", target_modules=list(ft.lora_targets))
-            )
+            pipe.unet.add_adapter(lora_config(ft))
         for p in trainable_parameters(pipe.unet):
             p.data = p.data.float()  # LoRA trains in fp32 under autocast
         if ft.gradient_checkpointing:
@@ -118,6 +119,8 @@ class Finetuner:
         self.quality = create_iqa(cfg.model.iqa, device=self.device, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
         text_features = self.clip.encode_text(self.table.prompts(ft.clip_template))
         self.loss_fn = LbGenLoss(self.clip, self.quality, text_features, w_en=ft.w_en, w_in=ft.w_in, lambda_q=ft.lambda_q)
+        # (C, D) the discriminator's "real" side: the class names' own embeddings, not L_in's prompts.
+        self.real_features = self.clip.encode_text(self.table.prompts(ft.real_template))
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "discriminator"))
@@ -127,15 +130,10 @@ class Finetuner:
         self.lora_params = trainable_parameters(pipe.unet)
         self.g_opt = torch.optim.AdamW(self.lora_params, lr=ft.lr, betas=(0.9, 0.999), weight_decay=ft.weight_decay)
         self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=ft.d_lr, betas=(0.0, 0.999))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=on_gpu and ft.mixed_precision == "fp16")
+        self.scaler = self.precision.grad_scaler()
         self.uncond = encode_prompts(self.pipe, [""], self.device)  # (1, L, D): the empty negative prompt
 
     # ------------------------------------------------------------ pieces
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _prompt_states(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         names = [self.table.names[i] for i in labels.tolist()]
@@ -150,7 +148,7 @@ class Finetuner:
 
     def _discriminator_step(self, labels: torch.Tensor, fake: torch.Tensor, generator: torch.Generator) -> dict:
         real_classes = draw_real_classes(labels, len(self.table), generator, self.cfg.finetune.exclude_own_class)
-        real = self.loss_fn.text_features[real_classes.to(self.device)]
+        real = self.real_features[real_classes.to(self.device)]
         self.d_opt.zero_grad(set_to_none=True)
         parts = discriminator_loss(self.disc_ddp, real, fake.detach())
         parts["loss"].backward()
@@ -162,7 +160,7 @@ class Finetuner:
     def generate(self, labels: torch.Tensor, generator) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] from the current generator, no graph."""
         cond, uncond = self._prompt_states(labels)
-        with self._autocast():
+        with self.precision.autocast():
             return self.sampler(self._latents(len(labels), generator), cond, uncond, (), generator)
 
     # ------------------------------------------------------------ training
@@ -193,7 +191,7 @@ class Finetuner:
         cond, uncond = self._prompt_states(labels)
         latents = self._latents(len(labels), generator)
 
-        with self._autocast():
+        with self.precision.autocast():
             images = self.sampler_ddp(latents, cond, uncond, grad_indices, generator)
             parts = self.loss_fn(images, labels.to(self.device), self.disc_ddp)
         self.g_opt.zero_grad(set_to_none=True)
@@ -251,13 +249,18 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     save_image(images.float().cpu(), path, nrow=min(GRID_COLUMNS, len(images)), padding=GRID_PADDING)
 
 
-def export_lora(adapter_file: Path, output: Path) -> Path:
-    """Peft-format LoRA -> diffusers' `pytorch_lora_weights.safetensors` in `output`."""
+def export_lora(adapter_file: Path, output: Path, ft: FinetuneConfig) -> Path:
+    """Peft-format LoRA -> diffusers' `pytorch_lora_weights.safetensors` in `output`.
+
+    The file's metadata carries the adapter's `LoraConfig` (rank, alpha, targets): without it,
+    `load_lora_weights` assumes alpha = rank and scales the update by 1 instead of alpha / rank.
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     state = convert_state_dict_to_diffusers(load_file(adapter_file))
-    StableDiffusionPipeline.save_lora_weights(output, unet_lora_layers=state, safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(output, unet_lora_layers=state, safe_serialization=True,
+                                              unet_lora_adapter_metadata=lora_config(ft).to_dict())
     return output / LORA_FILE
 
 
@@ -284,7 +287,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             start = finetuner.load(Path(directory))
-    log = MetricsLog(output / "metrics.jsonl", start) if rank == 0 else None
+    log = MetricsLog(output / "metrics.jsonl", start, finetuner.precision.record()) if rank == 0 else None
     if start == 0:
         if rank == 0:
             save_grid(finetuner.sample_grid(), output / "samples" / "step-000000.png")
@@ -309,14 +312,31 @@ def check_resumable(output: Path, cfg: Config) -> None:
     runs.check_resumable(output, cfg, "finetune", ("classes", "seed", "model", "finetune"), RESUMABLE_FIELDS, "fine-tuning")
 
 
+def check_quality_loss(cfg: Config) -> None:
+    """Refuse an IQA metric whose score has no gradient to the pixels: its L_q would train nothing.
+
+    Probed on the driver (2 small images). Metrics lbgen wraps itself (`SCORERS`: Q-Align, whose
+    multi-billion-parameter model a driver should not load) are differentiable by construction.
+    """
+    model = cfg.model
+    if cfg.finetune.lambda_q == 0 or model.iqa in SCORERS:
+        return
+    quality = create_iqa(model.iqa, seed=cfg.seed, trust_remote_code=model.trust_remote_code)
+    if not has_pixel_gradient(quality):
+        raise ConfigError(f"model.iqa {model.iqa!r}: its score carries no gradient to the pixels, so the quality loss "
+                          "(finetune.lambda_q) would train nothing; choose a differentiable no-reference metric "
+                          "(e.g. topiq_nr, musiq, qalign) or set --lambda-q 0")
+
+
 def check_inputs(cfg: Config) -> ClassTable:
     """The class table; refuses, before any worker starts or anything is written, a bad table,
-    generator or output (a URI, a file, another run's directory)."""
+    generator, quality metric or output (a URI, a file, another run's directory)."""
     from lbgen.models.generator import check_generator
 
     require_local(cfg, "finetune")
     table = load_class_table(cfg.classes)
     check_generator(cfg.model.generator)
+    check_quality_loss(cfg)
     output = Path(cfg.finetune.output).expanduser()
     runs.check_output_dir(output, "finetune.output")
     if output.is_dir():
@@ -355,6 +375,6 @@ def finetune(cfg: Config) -> Path:
     with MetricsProgress(output / "metrics.jsonl", total_steps(cfg, len(table)), "finetune", postfix=postfix):
         result = trainer.fit()
     with result.checkpoint.as_directory() as directory:
-        export_lora(Path(directory) / ADAPTER_FILE, output)
+        export_lora(Path(directory) / ADAPTER_FILE, output, ft)
         (output / DISC_FILE).write_bytes((Path(directory) / DISC_FILE).read_bytes())
     return output

@@ -54,10 +54,10 @@ from lbgen.dataset import (
 )
 from lbgen.models.generator import LORA_FILE
 from lbgen.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
+from lbgen.precision import weight_dtype
 from lbgen.runs import check_output_dir, differences, use_gpu
 from lbgen.storage import Location, locate
 
-GPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Settings that do not change a single row: a resumed run may change them.
 RESUMABLE_FIELDS = {"output", "batch_size", "workers", "cpus_per_worker", "use_gpu", "overwrite"}
 # Share of a GPU per scoring actor; generation actors take the rest, so both fit on one GPU.
@@ -106,6 +106,25 @@ def load_lora(data: bytes, where: str) -> dict[str, torch.Tensor]:
         raise LoraError(f"LoRA file {where} is unreadable: {err}") from None
 
 
+def load_lora_into(pipe, directory: str, generator: str) -> None:
+    """Load and fuse the LoRA of `directory` (local or a URI) into `pipe`, at the scale it was trained with.
+
+    The file goes through diffusers' own safetensors loader, alone in a temporary directory: the
+    adapter config in its metadata (alpha) is applied, and there is no `.bin` beside it to unpickle.
+    """
+    import tempfile
+    from pathlib import Path
+
+    lora = locate(directory) / LORA_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / LORA_FILE).write_bytes(lora.read_bytes())
+        try:
+            pipe.load_lora_weights(tmp, weight_name=LORA_FILE, use_safetensors=True)
+            pipe.fuse_lora()  # merged once: no adapter overhead per step
+        except Exception as err:  # noqa: BLE001  diffusers/peft raise many types for a mismatched LoRA
+            raise LoraError(f"LoRA {directory} cannot be loaded into {generator}: {err}") from None
+
+
 def generator_id(cfg: Config, lora_sha: str | None) -> str:
     """What made the images: the model id, plus the LoRA's sha256."""
     return cfg.model.generator + (f"+lora:sha256:{lora_sha}" if lora_sha else "")
@@ -135,17 +154,10 @@ class GenerateBatch:
         gen = cfg.generate
         self.cfg, self.device = cfg, torch.device(device)
         torch.set_num_threads(gen.threads)  # equal thread counts keep CPU results bitwise equal
-        dtype = GPU_DTYPES[gen.dtype] if self.device.type == "cuda" else torch.float32
         pipe = create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed)
         if gen.lora:
-            lora = locate(gen.lora) / LORA_FILE
-            try:
-                # The safetensors file's tensors: never diffusers' fallback to unpickling a .bin beside it.
-                pipe.load_lora_weights(load_lora(lora.read_bytes(), str(lora)))
-                pipe.fuse_lora()  # merged once: no adapter overhead per step
-            except Exception as err:  # noqa: BLE001  diffusers/peft raise many types for a mismatched LoRA
-                raise LoraError(f"LoRA {gen.lora} cannot be loaded into {cfg.model.generator}: {err}") from None
-        self.pipe = pipe.to(self.device, dtype)
+            load_lora_into(pipe, gen.lora, cfg.model.generator)
+        self.pipe = pipe.to(self.device, weight_dtype(gen.dtype))
         self.scheduler = create_scheduler(gen.scheduler, pipe.scheduler.config)
         self.uncond = encode_prompts(self.pipe, [""], self.device)  # (1, L, D): the empty negative prompt
 
@@ -328,13 +340,12 @@ class ShardAssembler:
 # ---------------------------------------------------------------- Ray Data pipeline
 
 
-def build_pipeline(cfg: Config, table: ClassTable, shards: list[int]):
-    """The lazy Ray Data dataset of encoded rows for `shards` (see the module docstring)."""
+def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: str):
+    """The lazy Ray Data dataset of encoded rows for `shards` (see the module docstring), its actors on `device`."""
     import ray
 
     gen, config = cfg.generate, dataclasses.asdict(cfg)
-    gpu = use_gpu(cfg.generate.use_gpu)
-    device = "cuda" if gpu else "cpu"
+    gpu = device == "cuda"
     light = 0.25  # CPUs for planning/encoding tasks and the scoring actor: they must fit beside the actors
     ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=max(1, len(shards)))
     # Few light task workers: each new Ray worker process costs an interpreter start.
@@ -388,6 +399,7 @@ def generate(cfg: Config, *, show_progress: bool = True) -> dict:
     manifest = prepare_output(output, content, gen.overwrite)
 
     names = label_names(table.ids, table.names)
+    device = "cuda" if use_gpu(gen.use_gpu) else "cpu"
     n = num_shards(len(table), cfg)
     expected = [len(shard_rows({"shard": k}, names=table.names, ids=table.ids, cfg=cfg)) for k in range(n)]
     manifest = {
@@ -395,6 +407,8 @@ def generate(cfg: Config, *, show_progress: bool = True) -> dict:
         "config": dataclasses.asdict(cfg), "generator": generator_id(cfg, lora_sha),
         "num_classes": len(table), "images_per_class": gen.images_per_class, "label_names": names,
         "num_shards": n, "shards": finished_shards(output, manifest, expected) if manifest else {},
+        # How this run made its images (the last run's, on a resumed dataset).
+        "device": device, "precision": gen.dtype,
     }
     output.mkdir()
     write_json_atomic(output / MANIFEST, manifest)  # first: it claims the directory for this dataset
@@ -417,7 +431,7 @@ def generate(cfg: Config, *, show_progress: bool = True) -> dict:
 
         assembler = ShardAssembler(output, cfg, names, expected, manifest["generator"], on_shard)
         with tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
-            for batch in build_pipeline(cfg, table, todo).iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in build_pipeline(cfg, table, todo, device).iter_batches(batch_size=None, batch_format="numpy"):
                 assembler.add(batch)
                 bar.update(len(batch["label"]))
     seconds = time.perf_counter() - start

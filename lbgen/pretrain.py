@@ -12,7 +12,6 @@ plain PyTorch; `train_loop_per_worker` is the thin Ray Train function around it;
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -29,6 +28,7 @@ from lbgen import runs, storage
 from lbgen.backbones import export_backbone
 from lbgen.classes import load_class_table
 from lbgen.config import Config, ConfigError, from_dict, require_local, to_yaml
+from lbgen.precision import MixedPrecision
 from lbgen.progress import MetricsProgress
 from lbgen.runs import MetricsLog
 from lbgen.seeds import derive_seed
@@ -46,8 +46,6 @@ RESUMABLE_FIELDS = {
     "output", "epochs", "workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "skip_bad_shards",
     "decode_batch_size", "read_block_rows", "shuffle_buffer", "max_failures",
 }
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------- data
@@ -118,7 +116,7 @@ class Pretrainer:
         pt = cfg.pretrain
         self.cfg, self.device = cfg, torch.device(device)
         on_gpu = self.device.type == "cuda"
-        self.amp_dtype = AMP_DTYPES.get(pt.mixed_precision) if on_gpu else None
+        self.precision = MixedPrecision(pt.mixed_precision, self.device)
         self.memory_format = torch.channels_last if on_gpu else torch.contiguous_format
         with torch.random.fork_rng(devices=[]):  # the same init on every rank and every run
             torch.manual_seed(derive_seed(cfg.seed, "pretrain", pt.model))
@@ -132,13 +130,8 @@ class Pretrainer:
             warmup_t=warmup, warmup_lr_init=pt.warmup_lr, warmup_prefix=True, t_in_epochs=False,
         )
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=pt.label_smoothing)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=on_gpu and pt.mixed_precision == "fp16")
+        self.scaler = self.precision.grad_scaler()
         self.step = 0  # optimiser steps done, across resumes
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, S, 3) uint8 -> normalised (B, 3, S, S) float on the device."""
@@ -149,7 +142,7 @@ class Pretrainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimiser step on a batch; returns the (detached) loss tensor without syncing the device."""
         self.model_ddp.train()
-        with self._autocast():
+        with self.precision.autocast():
             loss = self.loss_fn(self.model_ddp(self._inputs(images)), labels.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -177,7 +170,7 @@ class Pretrainer:
         loss_sum = correct = count = 0.0
         for batch in batches:
             labels = batch["label"].to(self.device)
-            with self._autocast():
+            with self.precision.autocast():
                 logits = self.model_ddp(self._inputs(batch["image"])).float()
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             correct += float((logits.argmax(1) == labels).sum())
@@ -231,7 +224,7 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as directory:
             start = trainer.load(Path(directory))
     resumed_from = trainer.step
-    metrics_log = MetricsLog(Path(pt.output) / "metrics.jsonl", trainer.step) if rank == 0 else None
+    metrics_log = MetricsLog(Path(pt.output) / "metrics.jsonl", trainer.step, trainer.precision.record()) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
     shuffle = pt.shuffle_buffer or None

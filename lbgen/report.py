@@ -30,6 +30,7 @@ from PIL import Image
 
 from lbgen.config import Config, ConfigError, ReportConfig, from_dict, load_yaml
 from lbgen.dataset import DATA_DIR, read_manifest, read_stats, summarize
+from lbgen.errors import ReportError  # noqa: F401  (raised here; defined with the others)
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -47,10 +48,6 @@ FINETUNE_PANELS = {
     "discriminator accuracy": ("d_acc_real", "d_acc_fake"),
 }
 PRETRAIN_PANELS = {"loss": ("train_loss", "val_loss"), "validation accuracy": ("val_acc",), "learning rate": ("lr",)}
-
-
-class ReportError(ValueError):
-    """An input of the report cannot be read; the message names the file."""
 
 
 # ---------------------------------------------------------------- composing

@@ -57,14 +57,16 @@ def stage_complete(stage: str, directory: Path) -> bool:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Refuse a bad class table, generator or run directory before any stage starts."""
+    """Refuse a bad class table, generator, quality metric or run directory before any stage starts."""
     from lbgen.classes import load_class_table
+    from lbgen.finetune import check_quality_loss
     from lbgen.models.generator import check_generator
     from lbgen.runs import check_output_dir
 
     require_local(cfg, "run")
     load_class_table(cfg.classes)
     check_generator(cfg.model.generator)
+    check_quality_loss(cfg)
     check_output_dir(cfg.run.output, "run.output")
 
 

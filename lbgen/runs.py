@@ -59,10 +59,12 @@ class MetricsLog:
 
     Lines without a `step` (or with `phase: warmup`) belong to the run's start and are kept, unless
     the run starts over (`resume_step` 0, e.g. a worker died before the first checkpoint).
+    `fields` go into every line: how the numbers were made (`device`, `precision`).
     """
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, fields: dict | None = None):
         self.path = Path(path)
+        self.fields = dict(fields or {})
         kept = []
         if self.path.exists() and resume_step > 0:
             for line in self.path.read_text().splitlines():
@@ -74,7 +76,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         """Append `record` with the wall-clock `time` it was written (throughput from the log)."""
         with self.path.open("a") as f:
-            f.write(json.dumps({**record, "time": time.time()}) + "\n")
+            f.write(json.dumps({**record, **self.fields, "time": time.time()}) + "\n")
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:

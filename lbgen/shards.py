@@ -26,6 +26,7 @@ from lbgen.classes import ClassTable
 from lbgen.dataset import ARROW_SCHEMA, PARQUET_OPTIONS
 from lbgen.seeds import derive_seed
 from lbgen.storage import Location, locate
+from lbgen.errors import ShardError  # noqa: F401  (raised here; defined with the others)
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ log = logging.getLogger(__name__)
 _KIND = {"integer": pa.types.is_integer, "floating": pa.types.is_floating, "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "boolean": pa.types.is_boolean}
 REQUIRED = {"label": "integer", "class_id": "string", "index": "integer"}
 SCORE_COLUMNS = {"clip_score": "floating", "iqa_score": "floating", "clip_agrees": "boolean"}
-
-
-class ShardError(ValueError):
-    """A shard cannot be used; the message names the file."""
 
 
 @dataclass(frozen=True)

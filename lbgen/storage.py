@@ -22,15 +22,12 @@ from typing import Union
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+from lbgen.errors import StorageError  # noqa: F401  (raised here; defined with the others)
 
 # What stages accept wherever a location may be remote.
 Where = Union[str, Path, "Location"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-class StorageError(ValueError):
-    """A location cannot be opened or reached; the message names it."""
 
 
 def is_uri(where: str | Path) -> bool:

@@ -94,7 +94,8 @@ def test_a_config_file_names_its_preset_and_a_given_preset_wins(tmp_path):
     assert resolve(config_file=path) == resolve("sd15-in1k", overrides={"seed": 3})
     assert resolve("tiny", path) == resolve("tiny", overrides={"seed": 3})
     path.write_text("seed: 3\n")
-    assert resolve(config_file=path).model.generator == "tiny"  # no preset anywhere: tiny
+    assert resolve(config_file=path) == resolve(overrides={"seed": 3})  # no preset anywhere: the paper's defaults
+    assert resolve(config_file=path).model.generator == "sd-legacy/stable-diffusion-v1-5"
     path.write_text("preset: huge\n")
     with pytest.raises(ConfigError, match=f"{path}: unknown preset 'huge'"):
         resolve(config_file=path)

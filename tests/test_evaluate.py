@@ -63,7 +63,7 @@ def test_linear_probe_separates_separable_features_and_picks_l2_from_the_grid():
 
 
 def test_make_downstream_writes_a_seeded_image_folder(tmp_path):
-    args = ["make-downstream", "--train-per-class", "3", "--test-per-class", "2", "--size", "32"]
+    args = ["make-downstream", "--preset", "tiny", "--train-per-class", "3", "--test-per-class", "2", "--size", "32"]
     assert main([*args, "--output", str(tmp_path / "a")]) == 0
     assert main([*args, "--output", str(tmp_path / "b")]) == 0
     train, test = open_downstream(tmp_path / "a")
@@ -99,8 +99,8 @@ def _train_backbone(output: Path, shard_dir: Path, epochs: int) -> Path:
 @pytest.fixture(scope="module")
 def downstream(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("downstream")
-    assert main(["make-downstream", "--output", str(root / "shapes"), "--train-per-class", "30", "--test-per-class", "20", "--size", "32"]) == 0
-    assert main(["make-downstream", "--kind", "shapes-in9", "--output", str(root / "in9"), "--train-per-class", "20", "--test-per-class", "10", "--size", "32"]) == 0
+    assert main(["make-downstream", "--preset", "tiny", "--output", str(root / "shapes"), "--train-per-class", "30", "--test-per-class", "20", "--size", "32"]) == 0
+    assert main(["make-downstream", "--preset", "tiny", "--kind", "shapes-in9", "--output", str(root / "in9"), "--train-per-class", "20", "--test-per-class", "10", "--size", "32"]) == 0
     return root
 
 
@@ -112,7 +112,7 @@ def test_trained_backbone_beats_random_init_under_the_linear_probe(ray_local, do
     backbone = _train_backbone(tmp_path / "backbone", shards, epochs=20)
     out = tmp_path / "eval"
     code = main([
-        "evaluate", "--backbone", str(backbone), "random:test_resnet", "--downstream", str(downstream / "shapes"),
+        "evaluate", "--preset", "tiny", "--backbone", str(backbone), "random:test_resnet", "--downstream", str(downstream / "shapes"),
         "--bias", str(downstream / "in9"), "--fractions", "0.2,1.0", "--output", str(out),
     ])
     assert code == 0
@@ -134,7 +134,7 @@ def test_trained_backbone_beats_random_init_under_the_linear_probe(ray_local, do
 def test_finetune_protocol_trains_and_reports(ray_local, downstream, tmp_path):
     out = tmp_path / "eval"
     code = main([
-        "evaluate", "--backbone", "random:test_resnet", "--downstream", str(downstream / "shapes"), "--protocol", "finetune",
+        "evaluate", "--preset", "tiny", "--backbone", "random:test_resnet", "--downstream", str(downstream / "shapes"), "--protocol", "finetune",
         "--fractions", "0.5", "--ft-epochs", "2", "--output", str(out),
     ])
     assert code == 0
@@ -143,7 +143,7 @@ def test_finetune_protocol_trains_and_reports(ray_local, downstream, tmp_path):
 
 
 def test_missing_backbone_is_a_one_line_error(downstream, tmp_path, capsys):
-    code = main(["evaluate", "--backbone", str(tmp_path / "nope"), "--downstream", str(downstream / "shapes"), "--output", str(tmp_path / "o")])
+    code = main(["evaluate", "--preset", "tiny", "--backbone", str(tmp_path / "nope"), "--downstream", str(downstream / "shapes"), "--output", str(tmp_path / "o")])
     assert code == 2 and "no model.json" in capsys.readouterr().err
 
 

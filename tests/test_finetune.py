@@ -72,7 +72,7 @@ def test_discriminator_warmup_beats_chance(tiny_cfg):
         labels = torch.arange(len(ft.table))
         gen = seeded_generator(7, "d-eval")
         fake = ft.clip.encode_image(ft.generate(labels, gen))
-        real = ft.loss_fn.text_features[torch.randint(len(ft.table), (len(labels),), generator=gen)]
+        real = ft.real_features[torch.randint(len(ft.table), (len(labels),), generator=gen)]
         with torch.no_grad():
             return 0.5 * ((ft.disc(real) > 0).float().mean() + (ft.disc(fake) < 0).float().mean()).item()
 
@@ -104,7 +104,7 @@ def test_trained_lora_loads_into_a_saved_pipeline_and_changes_it(tiny_cfg, tmp_p
     for step in range(2):
         ft.train_step(step)
     ft.save(tmp_path, step=2)
-    export_lora(tmp_path / "adapter.safetensors", tmp_path)
+    export_lora(tmp_path / "adapter.safetensors", tmp_path, ft.cfg.finetune)
 
     create_generator("tiny", resolution=64).save_pretrained(tmp_path / "sd")
     pipe = create_generator(str(tmp_path / "sd"))
@@ -222,12 +222,14 @@ def test_cli_finetune_end_to_end(ray_local, tmp_path, capsys):
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss_en", "loss_in", "loss_q", "loss_d", "d_acc_real", "d_acc_fake", "grad_norm", "step_time"):
         assert key in record
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all((r["device"], r["precision"]) == ("cpu", "fp32") for r in rows)  # the warm-up line too
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     bad = tmp_path / "classes.txt"
     bad.write_text("a x\na y\n")
-    assert main(["finetune", "--classes", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert main(["finetune", "--preset", "tiny", "--classes", str(bad), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "duplicate class_id 'a'" in err[0] and str(bad) in err[0]
     assert not (tmp_path / "o").exists()
@@ -236,8 +238,125 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
 @pytest.mark.ray
 def test_cli_worker_error_is_one_clear_line(ray_local, tmp_path, capsys):
     out = tmp_path / "ft"
-    assert main(["finetune", "--generator", "nobody-xyz/no-such-model", "--output", str(out), "--max-steps", "1"]) == 2
+    assert main(["finetune", "--preset", "tiny", "--generator", "nobody-xyz/no-such-model", "--output", str(out), "--max-steps", "1"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lbgen finetune: error: generator 'nobody-xyz/no-such-model' was not found")
     # The failed run binds nothing: the same output works with a valid generator.
-    assert main(["finetune", "--output", str(out), "--max-steps", "1", "--d-warmup-passes", "0"]) == 0
+    assert main(["finetune", "--preset", "tiny", "--output", str(out), "--max-steps", "1", "--d-warmup-passes", "0"]) == 0
+
+
+# ------------------------------------------------------------------ fidelity to the paper
+
+
+def test_discriminator_real_side_embeds_bare_class_names_apart_from_l_in_prompts(tiny_cfg, monkeypatch):
+    import lbgen.finetune as finetune_module
+
+    ft = Finetuner(tiny_cfg())
+    assert ft.cfg.finetune.real_template == "{name}" and ft.cfg.finetune.clip_template == "photo of {name}"
+    bare = ft.clip.encode_text(ft.table.names)
+    assert torch.allclose(ft.real_features, bare)
+    assert not torch.allclose(ft.loss_fn.text_features, bare)  # L_in keeps its own prompts
+    seen = {}
+    original = finetune_module.discriminator_loss
+
+    def spy(disc, real, fake):
+        seen["real"] = real
+        return original(disc, real, fake)
+
+    monkeypatch.setattr(finetune_module, "discriminator_loss", spy)
+    ft.train_step(0)
+    nearest = torch.cdist(seen["real"], bare).min(dim=1).values
+    assert (nearest < 1e-5).all()  # every "real" feature is a bare name's embedding
+
+
+def test_real_text_comes_from_other_classes_by_default(tiny_cfg, monkeypatch):
+    import lbgen.finetune as finetune_module
+
+    assert tiny_cfg().finetune.exclude_own_class and resolve("sd15-in1k").finetune.exclude_own_class
+    ft = Finetuner(tiny_cfg(finetune=dict(batch_size=10, d_warmup_passes=2)))
+    draws = []
+    original = finetune_module.draw_real_classes
+
+    def spy(labels, *args, **kwargs):
+        drawn = original(labels, *args, **kwargs)
+        draws.append((labels.clone(), drawn))
+        return drawn
+
+    monkeypatch.setattr(finetune_module, "draw_real_classes", spy)
+    ft.warmup_discriminator()
+    labels, drawn = (torch.cat(parts) for parts in zip(*draws))
+    assert len(labels) == 20 and not (labels == drawn).any()
+
+
+def test_gradient_reaches_the_unet_output_at_every_chosen_step(tiny_cfg):
+    """The loss reaches each of the K graph-recording UNet calls, the earliest included, through the
+    no-grad calls between them (truncated back-propagation, DESIGN 1.1)."""
+    ft = Finetuner(tiny_cfg(finetune=dict(num_steps=10, grad_steps=3, gradient_checkpointing=False)))
+    unet = ft.sampler.unet
+    outputs: list[torch.Tensor | None] = []
+
+    def keep_output(module, args, kwargs, output):
+        sample = output.sample if hasattr(output, "sample") else output[0]
+        if sample.requires_grad:
+            sample.retain_grad()
+            outputs.append(sample)
+        else:
+            outputs.append(None)
+
+    handle = unet.register_forward_hook(keep_output, with_kwargs=True)
+    labels = torch.tensor([0, 5])
+    gen = seeded_generator(0, "grad-steps")
+    cond, uncond = ft._prompt_states(labels)
+    chosen = [0, 3, 6]  # the earliest possible start, then T//K apart
+    images = ft.sampler(ft._latents(2, gen), cond, uncond, chosen, gen)
+    handle.remove()
+    ft.loss_fn(images, labels, ft.disc)["loss"].backward()
+    assert len(outputs) == 10
+    for step, out in enumerate(outputs):
+        if step in chosen:
+            assert out is not None and out.grad is not None and out.grad.abs().sum() > 0, f"step {step}"
+        else:
+            assert out is None, f"step {step} recorded a graph"
+
+
+def test_exported_lora_keeps_its_alpha_through_diffusers_loading(tiny_cfg, tmp_path):
+    """Rank 4, alpha 16: the pipeline given the exported file computes what the training-time adapter did."""
+    from lbgen.generate import load_lora_into
+    from lbgen.models import create_generator
+    from lbgen.sampler import encode_prompts
+
+    ft = Finetuner(tiny_cfg(finetune=dict(lora_rank=4, lora_alpha=16)))
+    with torch.no_grad():  # a trained-looking adapter: gaussian init leaves lora_B at zero
+        gen = seeded_generator(0, "lora-b")
+        for name, p in ft.pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    ft.save(tmp_path, step=0)
+    export_lora(tmp_path / "adapter.safetensors", tmp_path, ft.cfg.finetune)
+
+    def noise(unet, pipe):
+        latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            return unet(latents, 500, encoder_hidden_states=encode_prompts(pipe, ["tench", "church"], "cpu")).sample
+
+    trained = noise(ft.pipe.unet.eval(), ft.pipe)
+    for load in ("load_lora_weights", "load_lora_into"):  # diffusers' own call, and generate's
+        pipe = create_generator("tiny", resolution=64)
+        plain = noise(pipe.unet, pipe)
+        if load == "load_lora_weights":
+            pipe.load_lora_weights(str(tmp_path))
+        else:
+            load_lora_into(pipe, str(tmp_path), "tiny")
+        loaded = noise(pipe.unet, pipe)
+        assert (trained - plain).abs().max() > 1e-2, "the adapter changes the output"
+        torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4, msg=load)
+
+
+def test_a_quality_metric_without_gradient_is_refused_before_ray(tmp_path, capsys):
+    import ray
+
+    out = tmp_path / "ft"
+    assert main(["finetune", "--preset", "tiny", "--iqa", "piqe", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.iqa 'piqe'" in err[0] and "no gradient" in err[0]
+    assert not out.exists() and not ray.is_initialized()

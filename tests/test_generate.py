@@ -232,6 +232,7 @@ def test_full_run_rows_and_manifest(full_run, table_file):
     assert names == [f"train-{k:05d}-of-00012.parquet" for k in range(12)]
     assert pq.ParquetFile(output / "data" / names[0]).metadata.num_row_groups == 1
     assert manifest["throughput"]["images_this_run"] == 24
+    assert (manifest["device"], manifest["precision"]) == ("cpu", "fp32")  # how the images were made
     found = inspect_dataset(output)
     assert found.ok, found.defects
     assert found.summary["rows"] == 24
@@ -383,7 +384,7 @@ def test_malformed_class_table(tmp_path, capsys, ray_local):  # the CLI attaches
     bad.write_text("n01 tench\nlonely\n")
     with pytest.raises(ClassTableError, match=r"bad.txt:2"):
         generate(tiny_cfg(bad, tmp_path / "out"))
-    assert cli_main(["generate", "--classes", str(bad), "--output", str(tmp_path / "out")]) == 2
+    assert cli_main(["generate", "--preset", "tiny", "--classes", str(bad), "--output", str(tmp_path / "out")]) == 2
     assert "bad.txt:2" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
@@ -395,7 +396,7 @@ def test_unreadable_lora(tmp_path, table_file, content, capsys, ray_local):
         (lora / "pytorch_lora_weights.safetensors").write_bytes(content)
     with pytest.raises(LoraError, match="LoRA"):
         generate(tiny_cfg(table_file, tmp_path / "out", lora=str(lora)))
-    assert cli_main(["generate", "--classes", str(table_file), "--lora", str(lora), "--output", str(tmp_path / "out")]) == 2
+    assert cli_main(["generate", "--preset", "tiny", "--classes", str(table_file), "--lora", str(lora), "--output", str(tmp_path / "out")]) == 2
     assert str(lora) in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
@@ -435,7 +436,7 @@ def test_missing_generator_fails_fast_before_writing(tmp_path, table_file, name,
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     start = time.perf_counter()
-    assert cli_main(["generate", "--classes", str(table_file), "--generator", name, "--output", str(tmp_path / "out")]) == 2
+    assert cli_main(["generate", "--preset", "tiny", "--classes", str(table_file), "--generator", name, "--output", str(tmp_path / "out")]) == 2
     assert time.perf_counter() - start < 10
     assert f"generator {name!r} was not found" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
@@ -444,7 +445,7 @@ def test_non_positive_images_per_class(tmp_path, capsys):
     for n in (0, -3):
         with pytest.raises(ConfigError, match="generate.images_per_class must be > 0"):
             resolve("tiny", overrides={"generate": {"images_per_class": n}})
-        assert cli_main(["generate", "--images-per-class", str(n), "--output", str(tmp_path / "out")]) == 2
+        assert cli_main(["generate", "--preset", "tiny", "--images-per-class", str(n), "--output", str(tmp_path / "out")]) == 2
     assert "images_per_class must be > 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 

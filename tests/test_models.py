@@ -94,3 +94,49 @@ def test_iqa_scores_per_image_with_gradient():
 def test_score_range_mapping():
     assert parse_score_range("~0, ~1") == (0.0, 1.0)
     assert parse_score_range("1, 5") == (1.0, 5.0)
+
+
+def test_gradient_probe_tells_a_loss_from_a_detached_score():
+    from lbgen.models.iqa import has_pixel_gradient
+
+    assert has_pixel_gradient(create_iqa("tiny"))
+    assert not has_pixel_gradient(create_iqa("piqe"))  # pyiqa's piqe: builds offline, no gradient
+
+
+class StandInQAlign(torch.nn.Module):
+    """Q-Align's scoring interface (`model(input_ids, images=...)["logits"]`, `preferential_ids_`) on a tiny net.
+
+    Records what it is fed, so the test sees the wrapper's resize and normalisation.
+    """
+
+    preferential_ids_ = [7, 3, 5, 1, 9]  # excellent, good, fair, poor, bad
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Conv2d(3, 10, 4, stride=4)
+        self.seen = {}
+
+    def forward(self, input_ids, images):
+        self.seen.update(input_ids=input_ids, images=images.detach())
+        pooled = self.net(images).mean(dim=(2, 3))  # (B, 10): one logit per vocabulary id
+        return {"logits": pooled[:, None, :].repeat(1, input_ids.shape[1], 1)}
+
+
+def test_qalign_wrapper_scores_batches_on_tensors_with_gradients_as_the_paper_maps_them():
+    from lbgen.models.iqa import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, QAlignScore, Quality
+
+    torch.manual_seed(0)
+    model = StandInQAlign()
+    quality = Quality(QAlignScore(model, torch.tensor([[1, 2, 3, 4]])), "qalign", lower_better=False, score_range=(0.0, 5.0))
+    images = torch.rand(3, 3, 64, 64, requires_grad=True)
+    score01 = quality(images)
+    fed = model.seen["images"]
+    assert fed.shape == (3, 3, 448, 448) and model.seen["input_ids"].shape == (3, 4)
+    upsized = torch.nn.functional.interpolate(images.detach(), size=(448, 448), mode="bicubic", align_corners=False)
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(fed, (upsized - mean) / std)
+    q = quality.raw(images).detach()
+    assert ((1 <= q) & (q <= 5)).all() and len(set(q.tolist())) == 3  # one Q per image
+    torch.testing.assert_close(score01.detach(), q / 5)  # L_q = 1 - Q/5
+    (1 - score01).mean().backward()
+    assert images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()

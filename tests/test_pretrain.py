@@ -92,7 +92,7 @@ def test_skip_bad_shards_warns_and_counts(shards, tmp_path, caplog):
 
 def test_cli_names_the_bad_shard(ray_local, shards, tmp_path, capsys):
     data, spoiled = _bad_copy(shards, tmp_path, _label_as_string)
-    assert main(["pretrain", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
+    assert main(["pretrain", "--preset", "tiny", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lbgen pretrain: error:") and str(spoiled) in err
 
@@ -102,7 +102,7 @@ def test_unknown_timm_model_is_refused_before_ray_starts(shards, tmp_path, capsy
         raise AssertionError("Ray started for a config that names no timm model")
 
     monkeypatch.setattr("lbgen.cli.init_ray", no_ray)
-    assert main(["pretrain", "--data", str(shards), "--model", "resnet_nonsense", "--output", str(tmp_path / "out")]) == 2
+    assert main(["pretrain", "--preset", "tiny", "--data", str(shards), "--model", "resnet_nonsense", "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'resnet_nonsense' is not a timm model" in err
     assert not (tmp_path / "out").exists()
@@ -126,7 +126,7 @@ def test_cli_reads_the_shards_once(shards, tmp_path, monkeypatch):
     monkeypatch.setattr("lbgen.cli.init_ray", lambda address: None)
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
     with pytest.raises(TrainerReached):
-        main(["pretrain", "--data", str(shards), "--output", str(tmp_path / "out")])
+        main(["pretrain", "--preset", "tiny", "--data", str(shards), "--output", str(tmp_path / "out")])
     assert len(scans) == 1
 
 
@@ -192,6 +192,7 @@ def test_pretrain_learns_resumes_and_exports_loadable_weights(ray_local, shards,
     steps = first[0]["step"]
     assert steps == 360 // 32 and first[1]["step"] == 2 * steps  # 90 % of 400 rows train, batch 32
     assert first[1]["val_images"] > 0 and 0 <= first[1]["val_acc"] <= 1
+    assert all((r["device"], r["precision"]) == ("cpu", "fp32") for r in first)
 
     # Same output, one more epoch: resumes from the checkpoint of epoch 2.
     pretrain(tiny([shards], output, epochs=3))

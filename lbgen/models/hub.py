@@ -13,14 +13,7 @@ import functools
 import os
 import socket
 from urllib.parse import urlparse
-
-
-class ModelNotFoundError(RuntimeError):
-    """A model could not be found locally nor fetched; the message says how to provide it."""
-
-
-class UnsafeWeightsError(ValueError):
-    """A weights file would need full unpickling (it could run code); the message names it."""
+from lbgen.errors import ModelNotFoundError, UnsafeWeightsError  # noqa: F401  (raised here; defined with the others)
 
 
 PROBE_TIMEOUT_S = 3.0

@@ -3,6 +3,11 @@
 The metric's own range and direction (pyiqa's `score_range`, `lower_better`) map
 its raw score so that higher is better and ~[0, 1] covers the range. No clamping:
 a clamp would cut the gradient exactly where the quality loss needs it.
+
+Q-Align (the paper's IQA) scores through PIL, one image at a time and under
+`inference_mode` in pyiqa; `QAlignScore` scores it the way the lbGen authors do:
+a batch of tensors, 448 px bicubic resize and CLIP normalisation, with gradients,
+mapped as the paper's `L_q = 1 - Q/5`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import pickle
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lbgen.models.hub import UnsafeWeightsError, hub_access, not_found, refusal_reason, weights_only_loads
@@ -53,6 +59,70 @@ class Quality(nn.Module):
         low, high = self.score_range
         score01 = (self.raw(images) - low) / (high - low)
         return 1.0 - score01 if self.lower_better else score01
+
+
+def has_pixel_gradient(quality: Quality, size: int = 224) -> bool:
+    """Whether `quality`'s score carries a gradient to the pixels, probed on 2 random images.
+
+    A metric without one (pyiqa's `piqe` is computed from detached statistics) would leave the
+    quality loss a constant: it is logged but never trains anything.
+    """
+    device = next(quality.parameters(), torch.empty(0)).device
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
+    score = quality(images).sum()
+    if not score.requires_grad:
+        return False
+    (grad,) = torch.autograd.grad(score, images, allow_unused=True)
+    return grad is not None and bool(torch.isfinite(grad).all()) and bool(grad.abs().sum() > 0)
+
+
+# Q-Align's prompt and its five rating words, best first, as `MPLUGOwl2LlamaForCausalLM.score` writes them.
+QALIGN_PROMPT = "USER: How would you rate the quality of this image?\n<|image|>\nASSISTANT: The quality of the image is"
+QALIGN_LEVELS = (5.0, 4.0, 3.0, 2.0, 1.0)  # excellent, good, fair, poor, bad
+QALIGN_SIZE = 448
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class QAlignScore(nn.Module):
+    """Q-Align's quality Q in [1, 5] for a batch of image tensors, differentiable (the lbGen authors' wrapper).
+
+    `model` is Q-Align's causal LM (`model(input_ids, images=...)["logits"]`, `model.preferential_ids_`:
+    the token ids of excellent..bad); `input_ids` (1, L) is the tokenised `QALIGN_PROMPT`. Images
+    (B, 3, H, W) in [0, 1] are resized to 448 px (bicubic) and CLIP-normalised in torch, so no PIL
+    round trip cuts the graph; Q is the softmax over the five rating tokens times 5..1.
+    """
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("input_ids", input_ids.reshape(1, -1), persistent=False)
+        self.register_buffer("mean", torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("levels", torch.tensor(QALIGN_LEVELS), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = F.interpolate(images, size=(QALIGN_SIZE, QALIGN_SIZE), mode="bicubic", align_corners=False)
+        pixels = (pixels - self.mean) / self.std
+        dtype = next(self.model.parameters()).dtype
+        logits = self.model(self.input_ids.repeat(len(images), 1), images=pixels.to(dtype))["logits"]
+        rating = logits[:, -1, list(self.model.preferential_ids_)].float()  # (B, 5)
+        return torch.softmax(rating, dim=-1) @ self.levels
+
+
+def qalign_scorer(metric: nn.Module) -> tuple[nn.Module, tuple[float, float]]:
+    """pyiqa's Q-Align metric -> (`QAlignScore`, its range for `Quality`): (0, 5) gives the paper's Q/5."""
+    from pyiqa.archs.q_align.modeling_mplug_owl2 import IMAGE_TOKEN_INDEX, tokenizer_image_token
+
+    model = metric.net.model
+    input_ids = tokenizer_image_token(QALIGN_PROMPT, model.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+    return QAlignScore(model, input_ids), (0.0, 5.0)
+
+
+# pyiqa metrics whose own forward cannot serve as a loss -> the differentiable scorer built from their network.
+SCORERS: dict[str, Callable[[nn.Module], tuple[nn.Module, tuple[float, float]]]] = {
+    name: qalign_scorer for name in ("qalign", "qalign_8bit", "qalign_4bit")
+}
 
 
 def _pyiqa_metric(name: str, device, **kwargs) -> nn.Module:
@@ -103,4 +173,7 @@ def create_iqa(
                                      f"({refusal_reason(err)}); lbgen loads weights with torch.load(weights_only=True) only") from None
         except (OSError, RuntimeError, ValueError) as err:
             raise not_found("IQA weights for", name, HOW_TO_PROVIDE, err) from None
-    return Quality(metric, name, cfg.get("lower_better", False), parse_score_range(cfg.get("score_range")))
+    score_range = parse_score_range(cfg.get("score_range"))
+    if name in SCORERS:
+        metric, score_range = SCORERS[name](metric)
+    return Quality(metric, name, cfg.get("lower_better", False), score_range)
