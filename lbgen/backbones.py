@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lbgen.seeds import derive_seed
 from lbgen.errors import BackboneError  # noqa: F401  (raised here; defined with the others)
+from lbgen.runs import umask_mode
+from lbgen.seeds import derive_seed
 
 WEIGHTS_FILE = "backbone.safetensors"
 META_FILE = "model.json"
@@ -63,6 +64,7 @@ def export_backbone(model: torch.nn.Module, directory: Path, *, timm_name: str, 
     weights = directory / WEIGHTS_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, weights, metadata={"format": "pt", "timm_model": timm_name})
+    umask_mode(weights)
     meta = {
         "model": timm_name,
         "num_classes": len(class_ids),

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
 from lbgen.errors import BiasDataError  # noqa: F401  (raised here; defined with the others)
 
 IN9_VARIANTS = ("original", "mixed_same", "mixed_rand")

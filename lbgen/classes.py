@@ -15,6 +15,7 @@ import io
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
 from lbgen.errors import ClassTableError  # noqa: F401  (raised here; defined with the others)
 
 SHIPPED_TABLES = ("imagenet1k", "tiny10")

@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 import yaml
 
-from lbgen.precision import MIXED_PRECISION, WEIGHT_DTYPES
 from lbgen.errors import ConfigError  # noqa: F401  (raised here; defined with the others)
+from lbgen.precision import MIXED_PRECISION, WEIGHT_DTYPES
 
 
 @dataclass

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from lbgen.storage import Location, Where, locate
 from lbgen.errors import DatasetError  # noqa: F401  (raised here; defined with the others)
+from lbgen.storage import Location, Where, locate
 
 MANIFEST = "manifest.json"
 CARD = "README.md"

@@ -261,7 +261,7 @@ def export_lora(adapter_file: Path, output: Path, ft: FinetuneConfig) -> Path:
     state = convert_state_dict_to_diffusers(load_file(adapter_file))
     StableDiffusionPipeline.save_lora_weights(output, unet_lora_layers=state, safe_serialization=True,
                                               unet_lora_adapter_metadata=lora_config(ft).to_dict())
-    return output / LORA_FILE
+    return runs.umask_mode(output / LORA_FILE)
 
 
 # ---------------------------------------------------------------- Ray Train

@@ -79,6 +79,18 @@ class MetricsLog:
             f.write(json.dumps({**record, **self.fields, "time": time.time()}) + "\n")
 
 
+def umask_mode(path: Path) -> Path:
+    """Give a final output file the mode the user's umask asks for, and return it.
+
+    safetensors creates its files 0600: a LoRA or backbone on shared storage would be unreadable
+    to a teammate, unlike every other file a run writes.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    return Path(path)
+
+
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """`"key.path: old -> new"` for every leaf that differs between two nested dicts."""
     out = []

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 
 from lbgen.classes import ClassTable
 from lbgen.dataset import ARROW_SCHEMA, PARQUET_OPTIONS
+from lbgen.errors import ShardError  # noqa: F401  (raised here; defined with the others)
 from lbgen.seeds import derive_seed
 from lbgen.storage import Location, locate
-from lbgen.errors import ShardError  # noqa: F401  (raised here; defined with the others)
 
 log = logging.getLogger(__name__)
 

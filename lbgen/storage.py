@@ -22,6 +22,7 @@ from typing import Union
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
 from lbgen.errors import StorageError  # noqa: F401  (raised here; defined with the others)
 
 # What stages accept wherever a location may be remote.

@@ -1,6 +1,7 @@
 """Fine-tuning: gradients, optimisation effects (plain PyTorch), DDP, resume and CLI (real local Ray)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -332,7 +333,10 @@ def test_exported_lora_keeps_its_alpha_through_diffusers_loading(tiny_cfg, tmp_p
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     ft.save(tmp_path, step=0)
-    export_lora(tmp_path / "adapter.safetensors", tmp_path, ft.cfg.finetune)
+    exported = export_lora(tmp_path / "adapter.safetensors", tmp_path, ft.cfg.finetune)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert exported.stat().st_mode & 0o777 == 0o666 & ~umask  # readable to a teammate, as the user's other files
 
     def noise(unet, pipe):
         latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))

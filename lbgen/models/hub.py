@@ -13,8 +13,8 @@ import functools
 import os
 import socket
 from urllib.parse import urlparse
-from lbgen.errors import ModelNotFoundError, UnsafeWeightsError  # noqa: F401  (raised here; defined with the others)
 
+from lbgen.errors import ModelNotFoundError, UnsafeWeightsError  # noqa: F401  (raised here; defined with the others)
 
 PROBE_TIMEOUT_S = 3.0
 
