@@ -297,6 +297,7 @@ def estimate_train_step(models: SimpleNamespace, cfg, precision: Precision, chec
         tracker = FrozenAwareMemTracker()
         tracker.track_external(unet, vae, models.pipe.text_encoder, models.clip, models.quality, disc,
                                text_features, real_features, uncond, g_opt, d_opt)
+        resident = tracker.get_tracker_snapshot()[torch.device("cpu")][_TOTAL_KEY]
         with tracker, flop_counter() as counter:
             cond = prompt_states(models, ft.batch_size)
             latents = torch.randn(ft.batch_size, unet.config.in_channels, latent_side, latent_side)
@@ -334,8 +335,9 @@ def estimate_train_step(models: SimpleNamespace, cfg, precision: Precision, chec
         "grad_indices": grad_indices,
         "flops": total,
         "flops_parts": parts,
-        "peak_bytes": peak["Total"],
-        "peak_breakdown_bytes": {str(kind.value if hasattr(kind, "value") else kind): int(b) for kind, b in peak.items() if kind != "Total"},
+        "resident_bytes": resident,
+        "peak_bytes": peak[_TOTAL_KEY],
+        "peak_breakdown_bytes": {kind.value: size for kind, size in peak.items() if kind != _TOTAL_KEY},
     }
 
 
@@ -459,10 +461,11 @@ class RssSampler:
 class PartTimer:
     """Where one train_step's time goes, from hooks on the Finetuner's modules (no change to lbgen).
 
-    Forward: pre/post hooks on the UNet (with and without a graph), the VAE decoder, CLIP's image
-    tower and the IQA network. Backward: the autograd engine runs IQA's branch, then CLIP's, then
-    the VAE, then the UNet chain; tensor hooks on each part's output and input mark when its
-    backward starts and ends, and the LoRA weights' gradient hooks mark the end of the UNet's.
+    Forward: pre/post hooks on the UNet (calls with and without a graph), the VAE decoder, CLIP's
+    image tower and the IQA network. Backward: the autograd engine runs ready nodes latest-created
+    first, so it goes through IQA's branch, then CLIP's (and the losses'), then the VAE, then the
+    UNet chain. Gradient hooks mark when each stretch starts: the first gradient at the IQA output,
+    at CLIP's output, at the VAE decoder's output, at the VAE's input; the last LoRA gradient ends it.
     """
 
     def __init__(self, finetuner: Finetuner):
@@ -470,50 +473,47 @@ class PartTimer:
         self.marks: dict[str, float] = {}
         self._started: dict[str, float] = {}
         vae = finetuner.pipe.vae
-        self._time_forward(finetuner.pipe.unet, "unet", split_by_grad=True)
-        self._time_forward(finetuner.clip.model.visual, "clip")
-        self._time_forward(finetuner.quality.metric, "iqa")
-        vae.post_quant_conv.register_forward_pre_hook(self._start("vae"))
-        vae.decoder.register_forward_hook(self._stop("vae"))
+        self._time_forward(finetuner.pipe.unet, finetuner.pipe.unet, "unet")
+        self._time_forward(finetuner.clip.model.visual, finetuner.clip.model.visual, "clip")
+        self._time_forward(finetuner.quality.metric, finetuner.quality.metric, "iqa")
+        self._time_forward(vae.post_quant_conv, vae.decoder, "vae")
+        vae.post_quant_conv.register_forward_pre_hook(lambda module, args: self._mark_on_grad(args[0], "vae.in"))
         for p in finetuner.lora_params:
-            p.register_post_accumulate_grad_hook(lambda _: self._mark("unet.in"))
+            p.register_post_accumulate_grad_hook(lambda _: self._mark("lora grads", last=True))
 
-    def _start(self, part: str, split_by_grad: bool = False):
-        def hook(module, args):
+    def _time_forward(self, first, last, part: str) -> None:
+        """Time from `first`'s forward start to `last`'s forward end; mark `part.out`'s first gradient."""
+
+        def start(module, args):
             self._started[part] = time.perf_counter()
-            self._mark_on_grad(args[0], f"{part}.in")
-        return hook
 
-    def _stop(self, part: str, split_by_grad: bool = False):
-        def hook(module, args, output):
-            tensor = output.sample if hasattr(output, "sample") else output
-            key = f"{part} fwd" + ((" (graph)" if torch.is_grad_enabled() else " (no grad)") if split_by_grad else "")
+        def stop(module, args, output):
+            key = f"{part} fwd" + ((" (graph)" if torch.is_grad_enabled() else " (no grad)") if part == "unet" else "")
             self.forward[key] = self.forward.get(key, 0.0) + time.perf_counter() - self._started[part]
-            self._mark_on_grad(tensor, f"{part}.out", first=True)
-        return hook
+            self._mark_on_grad(output.sample if hasattr(output, "sample") else output, f"{part}.out")
 
-    def _time_forward(self, module, part: str, split_by_grad: bool = False) -> None:
-        module.register_forward_pre_hook(self._start(part, split_by_grad))
-        module.register_forward_hook(self._stop(part, split_by_grad))
+        first.register_forward_pre_hook(start)
+        last.register_forward_hook(stop)
 
-    def _mark_on_grad(self, tensor, name: str, first: bool = False) -> None:
+    def _mark_on_grad(self, tensor, name: str) -> None:
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-            tensor.register_hook(lambda grad: self._mark(name, first))
+            tensor.register_hook(lambda grad: self._mark(name))
 
-    def _mark(self, name: str, first: bool = False) -> None:
-        if not (first and name in self.marks):
+    def _mark(self, name: str, last: bool = False) -> None:
+        """Record when `name` happens: the first time, or with `last` the latest (a hook must return None)."""
+        if last or name not in self.marks:
             self.marks[name] = time.perf_counter()
 
     def parts(self, wall: float) -> dict[str, float]:
         """Seconds per part; the remainder (prompts, schedulers, losses, optimisers, D step) is 'other'."""
         m = self.marks
-        backward = {
-            "iqa bwd": m["iqa.in"] - m["iqa.out"],
-            "clip bwd": m["clip.in"] - m["clip.out"],
+        parts = {
+            **self.forward,
+            "iqa bwd": m["clip.out"] - m["iqa.out"],
+            "clip bwd (incl. resize to 224)": m["vae.out"] - m["clip.out"],
             "vae bwd": m["vae.in"] - m["vae.out"],
-            "unet bwd (incl. recompute)": m["unet.in"] - m["vae.in"],
+            "unet bwd (incl. recompute, scheduler chain)": m["lora grads"] - m["vae.in"],
         }
-        parts = {**self.forward, **backward}
         parts["other"] = wall - sum(parts.values())
         return parts
 
@@ -601,6 +601,8 @@ def memory_check(args) -> dict:
         "measured_resident_gib": real["resident_bytes"] / GiB,
         "measured_step_delta_gib": real["profiler_peak_delta_bytes"] / GiB,
         "ratio_estimate_over_measured": estimate["peak_bytes"] / real["measured_peak_bytes"],
+        "estimate_step_delta_gib": (estimate["peak_bytes"] - estimate["resident_bytes"]) / GiB,
+        "ratio_step_delta": (estimate["peak_bytes"] - estimate["resident_bytes"]) / real["profiler_peak_delta_bytes"],
     }
 
 
@@ -699,7 +701,9 @@ def print_cost_sheet(r: dict) -> None:
     c = r["memory_check"]
     print(f"\nMemory check, real Finetuner.train_step on this CPU at {c['geometry']}:")
     print(f"  measured {c['measured_gib']:.3f} GiB (resident {c['measured_resident_gib']:.3f} + step peak "
-          f"{c['measured_step_delta_gib']:.3f}), estimated {c['estimate_gib']:.3f} GiB, ratio {c['ratio_estimate_over_measured']:.3f}")
+          f"{c['measured_step_delta_gib']:.3f}), estimated {c['estimate_gib']:.3f} GiB: ratio {c['ratio_estimate_over_measured']:.3f}")
+    print(f"  the step's own peak above what is resident: measured {c['measured_step_delta_gib']:.3f} GiB, estimated "
+          f"{c['estimate_step_delta_gib']:.3f} GiB: ratio {c['ratio_step_delta']:.3f}")
     p = r["pretrain_gflops_per_image"]
     print(f"\nPre-training {r['paper_run']['pretrain_model']}: {p['forward']:.2f} GFLOPs forward, {p['train']:.2f} GFLOPs "
           f"forward+backward per image (x{p['train'] / p['forward']:.2f})")
@@ -734,7 +738,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=50, help="DDPM steps T, for generation and fine-tuning")
     parser.add_argument("--batch", type=int, default=4, help="classes per fine-tuning worker per step (B)")
-    parser.add_argument("--grad-steps", type=int, default=5, help="fine-tuning steps that record a graph (K)")
+    parser.add_argument("--grad-steps", type=int, help="fine-tuning steps that record a graph (K); default: 5 "
+                        "(the paper's), or --steps if fewer")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"], help="finetune.mixed_precision")
     parser.add_argument("--utilization", type=float, default=0.35,
                         help="model-FLOPs utilisation assumed for GPU-hours: the public A100 SD 1.5 figure implies "
@@ -744,6 +749,7 @@ def main() -> None:
                         help="instead: run one real train_step at 512 px, K=2 of T=4, batch 1 on this CPU (long)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
+    args.grad_steps = args.grad_steps or min(5, args.steps)
 
     result = measure_step(args) if args.measure_step else cost_sheet(args)
     (print_measured_step if args.measure_step else print_cost_sheet)(result)

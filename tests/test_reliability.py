@@ -481,12 +481,31 @@ def test_remote_code_is_off_unless_the_flag_is_given():
     assert Config().model.trust_remote_code is False and resolve("tiny").model.trust_remote_code is False
     args = cli.build_parser().parse_args(["generate", "--trust-remote-code"])
     assert resolve("tiny", overrides=cli.overrides_from_args(args)).model.trust_remote_code is True
-    # Every place lbgen builds the IQA model passes the setting on; nothing else passes trust_remote_code.
-    sources = {p.name: p.read_text() for p in Path(cli.__file__).parent.rglob("*.py")}
-    passing = sorted(name for name, text in sources.items() if "trust_remote_code=" in text)
-    assert passing == ["finetune.py", "generate.py"]
-    assert all(text.count("trust_remote_code=cfg.model.trust_remote_code") == text.count("trust_remote_code=")
-               for name, text in sources.items() if name in passing)
+
+
+def test_every_place_that_builds_the_iqa_model_passes_the_trust_setting_on(monkeypatch):
+    import dataclasses
+
+    import lbgen.finetune
+    import lbgen.models
+    from lbgen.generate import ScoreBatch
+    from lbgen.models.iqa import create_iqa
+
+    asked = []
+
+    def spy(name, **kwargs):
+        asked.append(kwargs.get("trust_remote_code"))
+        return create_iqa(name, **kwargs)
+
+    monkeypatch.setattr(lbgen.finetune, "create_iqa", spy)
+    monkeypatch.setattr(lbgen.models, "create_iqa", spy)
+    for trust in (True, False):
+        asked.clear()
+        cfg = resolve("tiny", overrides={"model": {"trust_remote_code": trust}})
+        lbgen.finetune.check_quality_loss(cfg)  # the driver's gradient probe
+        lbgen.finetune.Finetuner(cfg)  # fine-tuning workers
+        ScoreBatch(dataclasses.asdict(cfg))  # generation's scoring actors
+        assert asked == [trust] * 3
 
 
 # ---------------------------------------------------------------- disk full (item 6)
@@ -499,12 +518,47 @@ def tmpfs(path: Path, size_kib: int, remount: bool = False) -> bool:
 
 
 @pytest.mark.ray
+class PartialWrite:
+    """A stream on a full disk: half of the bytes land in the file, then the write fails with ENOSPC."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.close()
+
+    def write(self, data):
+        self.stream.write(memoryview(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def full_after_shards(count: int):
+    """pyarrow's local file system, whose disk is full once `count` shards are written."""
+    import pyarrow.fs as pafs
+
+    written = []
+
+    class FullDisk(pafs.LocalFileSystem):
+        def open_output_stream(self, path, *args, **kwargs):
+            stream = super().open_output_stream(path, *args, **kwargs)
+            if Path(path).name.startswith(".train-"):  # a shard's temp file (lbgen.storage.Location.write_bytes)
+                written.append(path)
+                if len(written) > count:
+                    return PartialWrite(stream)
+            return stream
+
+    return FullDisk
+
+
 def test_disk_full_stops_generate_keeping_whole_shards_and_resume_completes(tmp_path, monkeypatch, capsys, ray_local):
     """A real size-limited tmpfs where mounting works (root), else a shard writer that fails like one."""
     import numpy as np
     from PIL import Image
 
-    import lbgen.dataset
+    import lbgen.storage
     from lbgen.dataset import inspect_dataset
     from lbgen.generate import GenerateBatch, generate, plan
 
@@ -516,17 +570,8 @@ def test_disk_full_stops_generate_keeping_whole_shards_and_resume_completes(tmp_
     full.mkdir()
     # Card, config and manifest (about 10 KiB, a temp copy of the manifest beside it), then ~17 KiB shards.
     mounted = tmpfs(full, 100)
-    if not mounted:  # no mount here: the shard writer fails after three shards, as a full disk would
-        real_write, calls = lbgen.dataset.pq.write_table, []
-
-        def write_table(table, where, **kwargs):
-            calls.append(where)
-            if len(calls) > 3:
-                Path(where).write_bytes(b"PAR1 partial")  # a partial temp file, as ENOSPC leaves one
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real_write(table, where, **kwargs)
-
-        monkeypatch.setattr(lbgen.dataset.pq, "write_table", write_table)
+    if not mounted:  # no mount here: the local file system fills up at the fourth shard, part-way through it
+        monkeypatch.setattr(lbgen.storage.pafs, "LocalFileSystem", full_after_shards(3))
     output = full / "ds"
     try:
         capsys.readouterr()
