@@ -74,6 +74,7 @@ TERA = 1e12
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts; fp16 is the same).
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12}
 # Public SD 1.5 speeds at 512 px, 50 steps, fp16 (diffusers docs and benchmark READMEs; ENVIRONMENT.md).
+PUBLIC_GEOMETRY = {"resolution": 512, "steps": 50}
 PUBLIC_GENERATION = {
     "A100": (1.5, "batch 16, SDPA + torch.compile + channels_last"),
     "H100": (2.1, "batch 1, stable-fast"),
@@ -646,7 +647,9 @@ def cost_sheet(args) -> dict:
         "paper_run": paper,
         "gpu_peak_tflops": {k: v / TERA for k, v in GPU_PEAK_FLOPS.items()},
         "gpu_hours": paper_run_hours(paper, gen_total, steps[True]["flops"], pretrain["train"], args.utilization),
-        "public_generation": public_generation(paper, diffusion),
+        # Only comparable at the geometry the public figures were taken at.
+        "public_generation": public_generation(paper, diffusion)
+        if (args.resolution, args.steps) == tuple(PUBLIC_GEOMETRY.values()) else None,
     }
 
 
@@ -697,7 +700,7 @@ def print_cost_sheet(r: dict) -> None:
           f"{r['finetune_tflops_per_step_no_checkpointing']:.2f} TFLOPs")
     print(f"  peak memory, checkpointing on / off: {r['finetune_peak_gib']:.2f} / {r['finetune_peak_gib_no_checkpointing']:.2f} GiB")
     for label, key in (("on", "finetune_peak_breakdown_gib"), ("off", "finetune_peak_breakdown_gib_no_checkpointing")):
-        print(f"    at the peak, checkpointing {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in r[key].items() if v))
+        print(f"    at the peak, checkpointing {label} (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in r[key].items() if v >= 0.005))
     c = r["memory_check"]
     print(f"\nMemory check, real Finetuner.train_step on this CPU at {c['geometry']}:")
     print(f"  measured {c['measured_gib']:.3f} GiB (resident {c['measured_resident_gib']:.3f} + step peak "
@@ -715,6 +718,9 @@ def print_cost_sheet(r: dict) -> None:
     for gpu, h in r["gpu_hours"].items():
         print(f"  {gpu:<6} {h['finetune']:9.1f} {h['generate']:9.1f} {h['pretrain']:9.1f} {h['total']:9.1f}")
     print("\nPublic SD 1.5 speeds (512 px, 50 steps, fp16) for the same images:")
+    if r["public_generation"] is None:
+        print(f"  not compared: this sheet is for {g['resolution']} px, {g['steps']} steps")
+        return
     for gpu, pub in r["public_generation"].items():
         print(f"  {gpu}: {pub['images_per_s']} images/s ({pub['setting']}): {pub['generate_gpu_hours']:.1f} GPU-hours; "
               f"implies {pub['implied_utilization']:.0%} utilisation")

@@ -131,15 +131,17 @@ def test_trained_backbone_beats_random_init_under_the_linear_probe(ray_local, do
 
 
 @pytest.mark.ray
-def test_finetune_protocol_trains_and_reports(ray_local, downstream, tmp_path):
+def test_finetune_protocol_learns_the_shapes(ray_local, downstream, tmp_path):
     out = tmp_path / "eval"
     code = main([
         "evaluate", "--preset", "tiny", "--backbone", "random:test_resnet", "--downstream", str(downstream / "shapes"), "--protocol", "finetune",
-        "--fractions", "0.5", "--ft-epochs", "2", "--output", str(out),
+        "--fractions", "1.0", "--ft-epochs", "15", "--ft-lr", "0.003", "--output", str(out),
     ])
     assert code == 0
     (row,) = list(csv.DictReader((out / "results.csv").open()))
-    assert row["protocol"] == "finetune" and row["train_images"] == "150" and 0 <= float(row["accuracy"]) <= 100
+    assert row["protocol"] == "finetune" and row["train_images"] == "300"
+    # 10 shape classes on shifted test backgrounds: chance is 10 %; 15 epochs from random init reach ~25 %.
+    assert float(row["accuracy"]) >= 18, row
 
 
 def test_missing_backbone_is_a_one_line_error(downstream, tmp_path, capsys):
