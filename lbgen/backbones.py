@@ -80,16 +80,29 @@ def export_backbone(model: torch.nn.Module, directory: Path, *, timm_name: str, 
     return directory
 
 
+WHAT_A_BACKBONE_IS = (f"a backbone is a `lbgen pretrain` output: its directory, its {META_FILE} or its {WEIGHTS_FILE}; "
+                      "or random:<timm name>, or timm:<timm name>")
+
+
+def _meta_file(path: Path) -> Path:
+    """The `model.json` a backbone argument names: the export directory's, itself, or the one beside a weights file."""
+    if path.is_dir():
+        return path / META_FILE
+    if path.suffix == ".safetensors":
+        return path.parent / META_FILE
+    return path
+
+
 def read_meta(path: Path) -> tuple[dict, Path]:
-    """`model.json` of an export (dir or file) and its weights file, which is looked up beside it."""
+    """`model.json` of an export (its dir, itself or its weights file) and its weights file, looked up beside it."""
     path = Path(path)
-    meta_file = path / META_FILE if path.is_dir() else path
+    meta_file = _meta_file(path)
     if not meta_file.is_file():
-        raise BackboneError(f"backbone {path}: no {META_FILE} (expected a `lbgen pretrain` output)")
+        raise BackboneError(f"backbone {path}: no {META_FILE} there; {WHAT_A_BACKBONE_IS}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BackboneError(f"backbone {meta_file}: not valid JSON ({err})") from None
+        raise BackboneError(f"backbone {meta_file}: not valid JSON ({str(err)[:120]}); {WHAT_A_BACKBONE_IS}") from None
     missing = sorted(META_KEYS - set(meta)) if isinstance(meta, dict) else ["(not a JSON object)"]
     if missing:
         raise BackboneError(f"backbone {meta_file}: not a `lbgen pretrain` model.json (lacks {', '.join(missing)})")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from shape_shards import write_shape_shards
 
-from lbgen.backbones import export_backbone, load_backbone
+from lbgen.backbones import BackboneError, export_backbone, load_backbone
 from lbgen.bias import background_gap
 from lbgen.classes import load_class_table
 from lbgen.cli import main
@@ -154,3 +154,22 @@ def test_random_backbone_is_seeded():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(a.model.eval()(x), b.model.eval()(x))
+
+
+def test_backbone_named_by_its_directory_model_json_or_weights_file(tmp_path):
+    import timm
+
+    export = export_backbone(timm.create_model("test_resnet", num_classes=2), tmp_path / "pretrain", timm_name="test_resnet",
+                             class_ids=["a", "b"], class_names=["a", "b"], image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                             crop_pct=1.0)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for spec in (export, export / "model.json", export / "backbone.safetensors"):  # what `pretrain` prints: the weights file
+        backbone = load_backbone(str(spec))
+        assert backbone.image_size == 32
+        with torch.no_grad():
+            outputs.append(backbone.model.eval()(x))
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
+    (tmp_path / "notes.txt").write_text("not a backbone")
+    with pytest.raises(BackboneError, match="a backbone is a `lbgen pretrain` output: its directory, its model.json or its"):
+        load_backbone(str(tmp_path / "notes.txt"))
