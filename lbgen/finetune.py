@@ -351,30 +351,18 @@ def finetune(cfg: Config) -> Path:
     `config.yaml`, `metrics.jsonl`, `samples/` and Ray Train checkpoints.
     Ray is started locally by Ray Train if no cluster is attached.
     """
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     table = check_inputs(cfg)  # here, before any worker starts
     output = Path(cfg.finetune.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, output=str(output)))
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(to_yaml(cfg))
 
-    ft = cfg.finetune
-    use_gpu = runs.use_gpu(ft.use_gpu)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=dataclasses.asdict(cfg),
-        scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=use_gpu, resources_per_worker={"CPU": ft.cpus_per_worker},
-                                     accelerator_type=ft.accelerator_type),
-        run_config=runs.run_config(output, ft.max_failures),
-    )
     def postfix(m: dict) -> str:
         return f"L={m['loss']:.3f} in={m['loss_in']:.3f} en={m['loss_en']:.3f} q={m['loss_q']:.3f} D={m['d_acc_real']:.2f}/{m['d_acc_fake']:.2f}"
 
-    with MetricsProgress(output / "metrics.jsonl", total_steps(cfg, len(table)), "finetune", postfix=postfix):
-        result = trainer.fit()
+    progress = MetricsProgress(output / "metrics.jsonl", total_steps(cfg, len(table)), "finetune", postfix=postfix)
+    result = runs.fit(train_loop_per_worker, dataclasses.asdict(cfg), cfg.finetune, output, progress)
     with result.checkpoint.as_directory() as directory:
-        export_lora(Path(directory) / ADAPTER_FILE, output, ft)
+        export_lora(Path(directory) / ADAPTER_FILE, output, cfg.finetune)
         (output / DISC_FILE).write_bytes((Path(directory) / DISC_FILE).read_bytes())
     return output

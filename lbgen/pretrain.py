@@ -285,9 +285,6 @@ def pretrain(cfg: Config, shards: ShardSet | None = None) -> Path:
     `shards`: what `check_inputs(cfg)` returned, when the caller has already checked
     (every shard's footer and labels are read once, not twice).
     """
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     shards = shards or check_inputs(cfg)
     cfg = _absolute(cfg)
     pt = cfg.pretrain
@@ -301,27 +298,19 @@ def pretrain(cfg: Config, shards: ShardSet | None = None) -> Path:
     datasets = {"train": build_dataset(shards, cfg, "train")}
     if shards.val_rows:
         datasets["val"] = build_dataset(shards, cfg, "val")
-    use_gpu = runs.use_gpu(pt.use_gpu)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": dataclasses.asdict(cfg),
-            "num_classes": len(table),
-            "steps_per_epoch": steps_per_epoch(shards.train_rows, cfg),
-            "has_val": bool(shards.val_rows),
-        },
-        scaling_config=ScalingConfig(num_workers=pt.workers, use_gpu=use_gpu, resources_per_worker={"CPU": pt.cpus_per_worker},
-                                     accelerator_type=pt.accelerator_type),
-        run_config=runs.run_config(output, pt.max_failures),
-        datasets=datasets,
-    )
+    loop_config = {
+        "cfg": dataclasses.asdict(cfg),
+        "num_classes": len(table),
+        "steps_per_epoch": steps_per_epoch(shards.train_rows, cfg),
+        "has_val": bool(shards.val_rows),
+    }
 
     def postfix(m: dict) -> str:
         val = f" val_acc={m['val_acc']:.3f}" if "val_acc" in m else ""
         return f"loss={m['train_loss']:.3f}{val} {m['images_per_s']:.0f} img/s"
 
-    with MetricsProgress(output / "metrics.jsonl", pt.epochs, "pretrain", key="epoch", postfix=postfix):
-        result = trainer.fit()
+    progress = MetricsProgress(output / "metrics.jsonl", pt.epochs, "pretrain", key="epoch", postfix=postfix)
+    result = runs.fit(train_loop_per_worker, loop_config, pt, output, progress, datasets)
     with result.checkpoint.as_directory() as directory:
         export_checkpoint(Path(directory), cfg, output)
     return output

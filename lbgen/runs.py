@@ -1,8 +1,7 @@
-"""Run directories and cluster settings shared by the stages: metrics log, resume guard, GPU choice.
+"""What the training stages (finetune, pretrain) share: the Ray Train driver, metrics log, resume guard, GPU choice.
 
-Moved out of `finetune.py` so that `pretrain` uses the same code: a stage's output
-directory holds `config.yaml` and `metrics.jsonl`, and re-running into it resumes
-only when the settings that define the run's content are unchanged.
+A stage's output directory holds `config.yaml` and `metrics.jsonl`, and re-running into
+it resumes only when the settings that define the run's content are unchanged.
 """
 
 from __future__ import annotations
@@ -166,6 +165,24 @@ def run_config(output: Path, max_failures: int):
 
     return RunConfig(name="checkpoints", storage_path=str(output), checkpoint_config=CheckpointConfig(num_to_keep=2),
                      failure_config=FailureConfig(max_failures=max_failures))
+
+
+def fit(train_loop: Callable[[dict], None], loop_config: dict, section, output: Path, progress, datasets: dict | None = None):
+    """The Ray Train driver of a training stage (finetune, pretrain); returns the `Result` of the last checkpoint.
+
+    `section` is the stage's config (its `workers`, `use_gpu`, `cpus_per_worker`, `accelerator_type`
+    and `max_failures`); `progress` is the `MetricsProgress` bar that follows `output/metrics.jsonl`
+    while the workers train. The same `train_loop` runs in 1 or N DDP workers.
+    """
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scaling = ScalingConfig(num_workers=section.workers, use_gpu=use_gpu(section.use_gpu),
+                            resources_per_worker={"CPU": section.cpus_per_worker}, accelerator_type=section.accelerator_type)
+    trainer = TorchTrainer(train_loop, train_loop_config=loop_config, scaling_config=scaling,
+                           run_config=run_config(output, section.max_failures), datasets=datasets)
+    with progress:
+        return trainer.fit()
 
 
 def report(metrics: dict, save: Callable[[Path], None] | None) -> None:

@@ -217,14 +217,15 @@ def test_resume_refuses_other_settings(ray_local, tiny_cfg, tmp_path):
 @pytest.mark.ray
 def test_cli_finetune_end_to_end(ray_local, tmp_path, capsys):
     out = tmp_path / "ft"
-    assert main(["finetune", "--preset", "tiny", "--output", str(out), "--max-steps", "2", "--sample-every", "1"]) == 0
+    assert main(["finetune", "--preset", "tiny", "--output", str(out), "--max-steps", "2", "--sample-every", "1",
+                 "--mixed-precision", "bf16"]) == 0
     for name in (LORA_FILE, DISC_FILE, "config.yaml", "metrics.jsonl", "samples/step-000000.png", "samples/step-000001.png"):
         assert (out / name).exists(), name
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss_en", "loss_in", "loss_q", "loss_d", "d_acc_real", "d_acc_fake", "grad_norm", "step_time"):
         assert key in record
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all((r["device"], r["precision"]) == ("cpu", "fp32") for r in rows)  # the warm-up line too
+    assert all((r["device"], r["precision"]) == ("cpu", "bf16") for r in rows)  # the warm-up line too
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
