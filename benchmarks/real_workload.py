@@ -10,22 +10,24 @@ FLOPs and bytes as the real weights, which only change values, not shapes):
   classes, K=`--grad-steps` of T=`--steps` steps recording a graph, LoRA on the paper's targets, in
   `--precision`, with and without gradient checkpointing; plus the discriminator step;
 - pre-training: ResNet-50 train FLOPs per image at 224 px (forward + backward, counted);
-- GPU-hours of the paper's ImageNet-1K run (preset `sd15-in1k`: its fine-tuning steps and workers,
-  1.3 M images, 100 pre-training epochs) on an A100 and an H100 at `--utilization`, beside the
-  public SD 1.5 generation speeds and the utilisation those speeds imply.
+- GPU-hours of the paper's ImageNet-1K run (preset `sd15-in1k`: its fine-tuning steps and workers
+  with the discriminator's warm-up pass before them, 1.3 M images, 100 pre-training epochs) on an
+  A100 and an H100 at `--utilization`, beside the public SD 1.5 generation speeds and the
+  utilisation those speeds imply.
 
 How: lbgen's own factories build the models on the meta device (no weights, no memory); they are
 materialised as FakeTensors (`torch._subclasses.fake_tensor.FakeTensorMode`: shapes, dtypes and
-devices but no data) and run through lbgen's own sampler and losses. `FlopCounterMode` counts the
-FLOPs of what runs (matmuls, convolutions, attention; elementwise work is not counted), and
-`torch.distributed._tools.mem_tracker.MemTracker` follows every tensor alive, so its peak is what
-`torch.cuda.max_memory_allocated` would show (no allocator fragmentation). The fine-tuning step
+devices but no data) and run through lbgen's own sampler and losses, twice: `FlopCounterMode` counts
+the FLOPs of what runs (matmuls, convolutions, attention; elementwise work is not counted), and in a
+separate pass `torch.distributed._tools.mem_tracker.MemTracker` follows every tensor alive, so its peak is what
+`torch.cuda.max_memory_allocated` would show (no allocator fragmentation; the tensors CPU kernels
+keep for backward, which for these ops, flash attention included, match the CUDA ones). The fine-tuning step
 mirrors `Finetuner.train_step`, whose own code cannot run on fake tensors (it reads values:
 `.item()`, data-dependent timestep lookups); each run of consecutive no-gradient UNet calls is
 simulated once (they free what they allocate) and its FLOPs counted per call.
 
 The estimate is checked against a real `Finetuner.train_step` on this CPU at a small geometry
-(128 px, B=1, K=1, T=2 by default): the tensors alive before the step plus the peak of the
+(128 px, B=1, K=1, T=2): the tensors alive before the step plus the peak of the
 allocations torch's profiler records during it, against the estimator's peak at that geometry.
 
 `--measure-step` instead runs ONE real `Finetuner.train_step` at 512 px, K=2 of T=4, gradient
@@ -33,9 +35,9 @@ checkpointing, `--precision`, LoRA r128 on the paper's targets, batch 1 (a CPU c
 reasonable time), and reports wall time, peak RSS, the profiler's peak allocations, the estimator's
 prediction for that geometry, and where the time went (UNet, VAE, CLIP, IQA; forward and backward).
 
-    python benchmarks/real_workload.py --json /tmp/cost.json              # 512 px, 50 steps (~10 min)
-    python benchmarks/real_workload.py --resolution 128 --steps 4         # quick (~2 min)
-    nice -n 10 python benchmarks/real_workload.py --measure-step --json /tmp/step.json   # long (~30+ min)
+    python benchmarks/real_workload.py --json /tmp/cost.json         # 512 px, 50 steps: ~5 min, 2 of them the check
+    python benchmarks/real_workload.py --resolution 128 --steps 4    # quick: ~4 min on a busy 2-core machine
+    nice -n 10 python benchmarks/real_workload.py --measure-step --json /tmp/step.json   # long: tens of minutes
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import resource
 import sys
 import threading
@@ -159,11 +162,12 @@ class Precision:
     iqa: torch.dtype
 
     @classmethod
-    def of(cls, finetuner: Finetuner) -> "Precision":
+    def of(cls, finetuner: Finetuner) -> Precision:
         def dtype(module):
             return next(p.dtype for p in module.parameters() if not p.requires_grad)
 
-        return cls(finetuner.precision.dtype, dtype(finetuner.pipe.vae), dtype(finetuner.clip), dtype(finetuner.quality))
+        return cls(finetuner.precision.dtype, dtype(finetuner.pipe.vae), dtype(finetuner.clip),
+                   dtype(finetuner.quality))
 
     def describe(self) -> str:
         name = {None: "none", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -174,9 +178,10 @@ class Precision:
         return torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None)
 
 
-def build_fake_models(cfg, precision: Precision, fake_mode: FakeTensorMode) -> SimpleNamespace:
-    """lbgen's generator (+ the Finetuner's LoRA), CLIP and IQA as fake tensors on the CPU device."""
+def build_fake_models(cfg, precision: Precision) -> SimpleNamespace:
+    """lbgen's generator (+ the Finetuner's LoRA), CLIP and IQA as fake tensors on the CPU device, and their mode."""
     ft = cfg.finetune
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with torch.device("meta"):
         pipe = create_generator(cfg.model.generator, resolution=cfg.model.resolution, torch_dtype=precision.generator,
                                 device="meta", seed=cfg.seed)
@@ -191,7 +196,8 @@ def build_fake_models(cfg, precision: Precision, fake_mode: FakeTensorMode) -> S
     with fake_mode:
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, clip, quality):
             module.to_empty(device="cpu")
-    return SimpleNamespace(pipe=pipe, clip=clip, quality=quality, scheduler_config=pipe.scheduler.config)
+    return SimpleNamespace(pipe=pipe, clip=clip, quality=quality, scheduler_config=pipe.scheduler.config,
+                           fake_mode=fake_mode)
 
 
 def set_checkpointing(models: SimpleNamespace, enabled: bool) -> None:
@@ -201,18 +207,28 @@ def set_checkpointing(models: SimpleNamespace, enabled: bool) -> None:
 
 class FrozenAwareMemTracker(MemTracker):
     """torch's MemTracker, except that it hooks gradients only of parameters that require them, and
-    keeps the global peak only.
+    keeps the global peak only, with where it was reached (`peak_at`: the phase and the innermost
+    module running, as torch's ModTracker sees it; in the backward pass that module is approximate).
 
     torch's registers a gradient hook on every parameter a module holds, which a frozen parameter
     (all of SD's and CLIP's here) refuses with an error; and after every op it updates each tracked
     module's own peak, a loop over the UNet's ~1000 modules that took 90% of the run time.
     """
 
+    peak_at = ""
+
     def _update_peak_stats(self, peak_state) -> None:
         for device, snapshot in self._curr_mem_snap.items():
             if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
                 self._peak_mem[device] = snapshot[_TOTAL_KEY]
                 self._peak_mem_snap[device] = dict(snapshot)
+                self.peak_at = self._where()
+
+    def _where(self) -> str:
+        if self._in_opt:
+            return "optimiser step"
+        innermost = max(self._mod_tracker.parents, key=lambda name: name.count("."))
+        return f"{'backward' if self._mod_tracker.is_bw else 'forward'}, in {innermost}"
 
     def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
         memory = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
@@ -238,22 +254,28 @@ def prompt_states(models: SimpleNamespace, batch: int) -> torch.Tensor:
 # ---------------------------------------------------------------- generation
 
 
-def generation_flops(models: SimpleNamespace, cfg, steps: int, fake_mode: FakeTensorMode) -> dict[str, float]:
-    """FLOPs per generated and scored image, by part (GenerateBatch's sampling + ScoreBatch's scoring)."""
+def generation_flops(models: SimpleNamespace, cfg, steps: int) -> dict[str, float]:
+    """FLOPs per generated and scored image, by part (GenerateBatch's sampling + ScoreBatch's scoring).
+
+    The LoRA adapter is switched off: GenerateBatch fuses it into the weights, so it costs nothing there.
+    """
     side = cfg.model.resolution
     latent_side = side // models.pipe.vae_scale_factor
     unet = models.pipe.unet
-    with fake_mode, torch.no_grad():
+    unet.disable_adapters()
+    with models.fake_mode, torch.no_grad():
         cond = prompt_states(models, 1)
         latents = torch.randn(1, unet.config.in_channels, latent_side, latent_side, dtype=unet.dtype)
         images = torch.rand(1, 3, side, side)
-        return {
+        flops = {
             "text_encoder": counted_flops(lambda: prompt_states(models, 1)),
             "unet": steps * counted_flops(lambda: guided_noise(unet, latents, 500, cond, cond, cfg.generate.guidance)),
             "vae_decode": counted_flops(lambda: models.pipe.vae.decode(latents.to(models.pipe.vae.dtype))),
             "clip_score": counted_flops(lambda: models.clip.encode_image(images)),
             "iqa_score": counted_flops(lambda: models.quality(images)),
         }
+    unet.enable_adapters()
+    return flops
 
 
 # ---------------------------------------------------------------- fine-tuning step
@@ -273,61 +295,100 @@ def collapsed_schedule(num_steps: int, grad_indices: list[int]) -> tuple[int, li
     return len(kinds), [i for i, grad in enumerate(kinds) if grad], num_steps - len(kinds)
 
 
+class SimulatedStep:
+    """The work of one `Finetuner.train_step` on fake models: its sampler, losses, discriminator and optimisers.
+
+    Built fresh for each pass, so that no pass starts with another's gradients or optimiser state.
+    """
+
+    def __init__(self, models: SimpleNamespace, cfg, precision: Precision, sim_steps: int, sim_indices: list[int]):
+        ft = cfg.finetune
+        self.models, self.cfg, self.precision, self.sim_indices = models, cfg, precision, sim_indices
+        unet, clip = models.pipe.unet, models.clip
+        self.sampler = TrainableSampler(unet, models.pipe.vae, TraceableDDPM.from_config(models.scheduler_config),
+                                        num_steps=sim_steps, guidance=ft.guidance)
+        classes = len(load_class_table(cfg.classes))
+        self.lora = trainable_parameters(unet)
+        for p in self.lora:
+            p.grad = None
+        with models.fake_mode:
+            self.text_features = F.normalize(torch.randn(classes, clip.embed_dim), dim=-1)
+            self.real_features = F.normalize(torch.randn(classes, clip.embed_dim), dim=-1)
+            self.loss_fn = LbGenLoss(clip, models.quality, self.text_features,
+                                     w_en=ft.w_en, w_in=ft.w_in, lambda_q=ft.lambda_q)
+            self.disc = Discriminator(clip.embed_dim, ft.d_hidden)
+            self.g_opt = torch.optim.AdamW(self.lora, lr=ft.lr, weight_decay=ft.weight_decay)
+            self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=ft.d_lr, betas=(0.0, 0.999))
+            self.uncond = prompt_states(models, 1)
+
+    def resident(self) -> tuple:
+        """What a Finetuner holds between steps (its optimiser state appears during the first step)."""
+        pipe = self.models.pipe
+        return (pipe.unet, pipe.vae, pipe.text_encoder, self.models.clip, self.models.quality, self.disc,
+                self.text_features, self.real_features, self.uncond, self.g_opt, self.d_opt)
+
+    def generator_step(self) -> torch.Tensor:
+        """Sample with K graph-recording steps, decode, losses, backward, clip, AdamW; returns the image features."""
+        ft, unet = self.cfg.finetune, self.models.pipe.unet
+        side = self.cfg.model.resolution // self.models.pipe.vae_scale_factor
+        cond = prompt_states(self.models, ft.batch_size)
+        latents = torch.randn(ft.batch_size, unet.config.in_channels, side, side)
+        self.labels = torch.zeros(ft.batch_size, dtype=torch.long)
+        with self.precision.autocast_context():
+            images = self.sampler(latents, cond, self.uncond.expand(ft.batch_size, -1, -1), self.sim_indices, None)
+            parts = self.loss_fn(images, self.labels, self.disc)
+        self.g_opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.lora, ft.grad_clip)
+        self.g_opt.step()
+        return parts["image_features"]
+
+    def discriminator_step(self, image_features: torch.Tensor) -> None:
+        self.d_opt.zero_grad(set_to_none=True)
+        discriminator_loss(self.disc, self.real_features[self.labels], image_features.detach())["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.finetune.d_grad_clip)
+        self.d_opt.step()
+
+
 def estimate_train_step(models: SimpleNamespace, cfg, precision: Precision, checkpointing: bool) -> dict:
-    """FLOPs (by part) and peak bytes of one `Finetuner.train_step` (generator step + D step), on fake tensors."""
+    """FLOPs (by part) and peak bytes of one `Finetuner.train_step` (generator step + D step), on fake tensors.
+
+    Memory and FLOPs are taken in two passes: under FlopCounterMode, activations recomputed in the
+    backward stay alive longer than they do in a plain run (its module tracking holds them), which
+    raised the estimate of a real 512 px step by 40%.
+    """
     ft = cfg.finetune
-    fake_mode = models.fake_mode
     set_checkpointing(models, checkpointing)
-    unet, vae = models.pipe.unet, models.pipe.vae
     # Step 0's draw, as train_step makes it.
     grad_indices = gradient_step_indices(ft.num_steps, ft.grad_steps, seeded_generator(cfg.seed, "step", 0, 0))
     sim_steps, sim_indices, skipped = collapsed_schedule(ft.num_steps, grad_indices)
-    sampler = TrainableSampler(unet, vae, TraceableDDPM.from_config(models.scheduler_config),
-                               num_steps=sim_steps, guidance=ft.guidance)
-    classes = len(load_class_table(cfg.classes))
-    latent_side = cfg.model.resolution // models.pipe.vae_scale_factor
-    with fake_mode:
-        text_features = F.normalize(torch.randn(classes, models.clip.embed_dim), dim=-1)
-        real_features = F.normalize(torch.randn(classes, models.clip.embed_dim), dim=-1)
-        loss_fn = LbGenLoss(models.clip, models.quality, text_features, w_en=ft.w_en, w_in=ft.w_in, lambda_q=ft.lambda_q)
-        disc = Discriminator(models.clip.embed_dim, ft.d_hidden)
-        lora = trainable_parameters(unet)
-        g_opt = torch.optim.AdamW(lora, lr=ft.lr, weight_decay=ft.weight_decay)
-        d_opt = torch.optim.AdamW(disc.parameters(), lr=ft.d_lr, betas=(0.0, 0.999))
-        uncond = prompt_states(models, 1)
+    with models.fake_mode:
+        step = SimulatedStep(models, cfg, precision, sim_steps, sim_indices)
         tracker = FrozenAwareMemTracker()
-        tracker.track_external(unet, vae, models.pipe.text_encoder, models.clip, models.quality, disc,
-                               text_features, real_features, uncond, g_opt, d_opt)
+        tracker.track_external(*step.resident())
         resident = tracker.get_tracker_snapshot()[torch.device("cpu")][_TOTAL_KEY]
-        with tracker, flop_counter() as counter:
-            cond = prompt_states(models, ft.batch_size)
-            latents = torch.randn(ft.batch_size, unet.config.in_channels, latent_side, latent_side)
-            labels = torch.zeros(ft.batch_size, dtype=torch.long)
-            with precision.autocast_context():
-                images = sampler(latents, cond, uncond.expand(ft.batch_size, -1, -1), sim_indices, None)
-                parts = loss_fn(images, labels, disc)
-            g_opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(lora, ft.grad_clip)
-            g_opt.step()
+        with tracker:
+            features = step.generator_step()
             # D runs again as a root module, which MemTracker takes for a new iteration unless its
             # per-module stats are cleared; the totals and the peak so far are kept.
             tracker.reset_mod_stats()
-            d_opt.zero_grad(set_to_none=True)
-            discriminator_loss(disc, real_features[labels], parts["image_features"].detach())["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), ft.d_grad_clip)
-            d_opt.step()
+            step.discriminator_step(features)
         peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+
+        step = SimulatedStep(models, cfg, precision, sim_steps, sim_indices)
+        with flop_counter() as counter:
+            step.discriminator_step(step.generator_step())
         nograd_call = unet_call_flops(models, cfg, precision)
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     total = counter.get_total_flops() + skipped * nograd_call
     # Per part by FlopCounterMode's module attribution. CLIP and IQA read the same images, so their
     # backward passes cannot be told apart this way: they are reported together, as LbGenLoss.
-    sampler_name, unet_name = type(sampler).__name__, f"{type(sampler).__name__}.unet"
+    sampler_name = type(step.sampler).__name__
+    unet_name = f"{sampler_name}.unet"
     parts = {
         "unet (T-K no-grad calls; K calls fwd+bwd)": flops.get(unet_name, 0) + skipped * nograd_call,
         "vae decode fwd+bwd": flops.get(sampler_name, 0) - flops.get(unet_name, 0),
-        "clip + iqa fwd+bwd (LbGenLoss)": flops.get(type(loss_fn).__name__, 0),
+        "clip + iqa fwd+bwd (LbGenLoss)": flops.get(type(step.loss_fn).__name__, 0),
         "text encoder (prompts)": flops.get(type(models.pipe.text_encoder).__name__, 0),
     }
     parts["other (discriminator, optimisers)"] = total - sum(parts.values())
@@ -338,6 +399,7 @@ def estimate_train_step(models: SimpleNamespace, cfg, precision: Precision, chec
         "flops_parts": parts,
         "resident_bytes": resident,
         "peak_bytes": peak[_TOTAL_KEY],
+        "peak_at": tracker.peak_at,
         "peak_breakdown_bytes": {kind.value: size for kind, size in peak.items() if kind != _TOTAL_KEY},
     }
 
@@ -350,13 +412,6 @@ def unet_call_flops(models: SimpleNamespace, cfg, precision: Precision) -> int:
         latents = torch.randn(batch, unet.config.in_channels, side, side)
         states = prompt_states(models, batch)
         return counted_flops(lambda: guided_noise(unet, latents, 500, states, states, cfg.finetune.guidance))
-
-
-def fake_models(cfg, precision: Precision) -> SimpleNamespace:
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    models = build_fake_models(cfg, precision, fake_mode)
-    models.fake_mode = fake_mode
-    return models
 
 
 # ---------------------------------------------------------------- real step on this CPU
@@ -383,23 +438,33 @@ def finetuner_resident_bytes(finetuner: Finetuner) -> int:
 
 
 def profiler_peak_bytes(prof) -> int:
-    """Peak of the bytes allocated during the profile (net of frees), from the profiler's allocation records."""
+    """Peak of the bytes allocated during the profile, net of frees, from the profiler's allocation records.
+
+    The running sum of the records, in time order: their `total_allocated` field carries over what
+    an earlier profile in the same process allocated and never freed, so it is not used.
+    """
     from torch._C._profiler import _EventType
 
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    records, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         if node.tag == _EventType.Allocation:
-            peak = max(peak, node.extra_fields.total_allocated)
+            records.append((node.start_time_ns, node.extra_fields.alloc_size))
         stack.extend(node.children)
+    peak = allocated = 0
+    for _, size in sorted(records):
+        allocated += size
+        peak = max(peak, allocated)
     return peak
 
 
-def finetune_config(geometry: dict, precision: str, checkpointing: bool = True, classes: str | None = None):
+def finetune_config(geometry: dict, precision: str, classes: str | None = None):
+    """Preset sd15-shape at `geometry`, gradient checkpointing on; train_step is called directly, so no D warm-up."""
     overrides = {
         "model": {"resolution": geometry["resolution"]},
-        "finetune": {"batch_size": geometry["batch"], "grad_steps": geometry["grad_steps"], "num_steps": geometry["steps"],
-                     "mixed_precision": precision, "gradient_checkpointing": checkpointing, "d_warmup_passes": 0},
+        "finetune": {"batch_size": geometry["batch"], "grad_steps": geometry["grad_steps"],
+                     "num_steps": geometry["steps"], "mixed_precision": precision, "gradient_checkpointing": True,
+                     "d_warmup_passes": 0},
     }
     if classes:
         overrides["classes"] = classes
@@ -430,7 +495,7 @@ def real_step(cfg, timer_factory=None) -> dict:
         "measured_peak_bytes": resident + peak_delta,
         "rss_peak_bytes": rss.peak,
         "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "finite_loss": bool(torch.isfinite(torch.tensor(metrics["loss"]))),
+        "finite_loss": math.isfinite(metrics["loss"]),
         "parts_s": timer.parts(wall) if timer else None,
     }
 
@@ -544,27 +609,38 @@ def gpu_hours(flops: float, peak: float, utilization: float) -> float:
     return flops / (peak * utilization) / 3600
 
 
-def paper_run_hours(paper, gen_flops: float, step_flops: float, pretrain_flops: float, utilization: float) -> dict:
-    """GPU-hours per stage of the paper's ImageNet-1K run, per GPU type, at one model-FLOPs utilisation."""
+def paper_run_hours(paper, gen: dict[str, float], step_flops: float, pretrain_flops: float, utilization: float) -> dict:
+    """GPU-hours per stage of the paper's ImageNet-1K run, per GPU type, at one model-FLOPs utilisation.
+
+    `gen`: generation FLOPs per image by part. The discriminator's warm-up before the first step
+    samples `finetune_batch` images per D step with the frozen generator and embeds them with CLIP.
+    """
+    warmup_images = paper["d_warmup_steps"] * paper["finetune_workers"] * paper["finetune_batch"]
+    warmup_flops = warmup_images * (gen["text_encoder"] + gen["unet"] + gen["vae_decode"] + gen["clip_score"])
     hours = {}
     for gpu, peak in GPU_PEAK_FLOPS.items():
         stages = {
             "finetune": gpu_hours(paper["finetune_steps"] * paper["finetune_workers"] * step_flops, peak, utilization),
-            "generate": gpu_hours(paper["images"] * gen_flops, peak, utilization),
-            "pretrain": gpu_hours(paper["pretrain_epochs"] * paper["pretrain_images"] * pretrain_flops, peak, utilization),
+            "finetune_d_warmup": gpu_hours(warmup_flops, peak, utilization),
+            "generate": gpu_hours(paper["images"] * sum(gen.values()), peak, utilization),
+            "pretrain": gpu_hours(paper["pretrain_epochs"] * paper["pretrain_images"] * pretrain_flops, peak,
+                                  utilization),
         }
         hours[gpu] = {**stages, "total": sum(stages.values())}
     return hours
 
 
-def paper_run() -> dict:
-    """The paper's ImageNet-1K run as preset `sd15-in1k` sets it."""
-    cfg = resolve("sd15-in1k")
+def paper_run(batch: int) -> dict:
+    """The paper's ImageNet-1K run as preset `sd15-in1k` sets it, at `batch` classes per worker and step."""
+    cfg = resolve("sd15-in1k", overrides={"finetune": {"batch_size": batch}})
+    ft = cfg.finetune
     classes = len(load_class_table(cfg.classes))
     images = classes * cfg.generate.images_per_class
     return {
         "finetune_steps": total_steps(cfg, classes),
-        "finetune_workers": cfg.finetune.workers,
+        "finetune_workers": ft.workers,
+        "finetune_batch": ft.batch_size,
+        "d_warmup_steps": ft.d_warmup_passes * math.ceil(classes / (ft.batch_size * ft.workers)),
         "images": images,
         "pretrain_images": round(images * (1 - cfg.pretrain.val_fraction)),
         "pretrain_epochs": cfg.pretrain.epochs,
@@ -592,11 +668,12 @@ def memory_check(args) -> dict:
     """The estimator against a real step at CHECK_GEOMETRY; also yields the Finetuner's precision policy."""
     cfg = finetune_config(CHECK_GEOMETRY, args.precision)
     real = real_step(cfg)
-    log(f"real step: {real['wall_s']:.1f} s; estimating the same step on fake tensors ({real['precision'].describe()})")
-    estimate = estimate_train_step(fake_models(cfg, real["precision"]), cfg, real["precision"], checkpointing=True)
+    precision = real["precision"]
+    log(f"real step: {real['wall_s']:.1f} s; estimating the same step on fake tensors ({precision.describe()})")
+    estimate = estimate_train_step(build_fake_models(cfg, precision), cfg, precision, checkpointing=True)
     return {
         "geometry": CHECK_GEOMETRY,
-        "precision": real["precision"],
+        "precision": precision,
         "estimate_gib": estimate["peak_bytes"] / GiB,
         "measured_gib": real["measured_peak_bytes"] / GiB,
         "measured_resident_gib": real["resident_bytes"] / GiB,
@@ -613,14 +690,14 @@ def cost_sheet(args) -> dict:
     geometry = {"resolution": args.resolution, "batch": args.batch, "grad_steps": args.grad_steps, "steps": args.steps}
     cfg = finetune_config(geometry, args.precision, classes="imagenet1k")
     log(f"building fake sd15-shape models at {args.resolution} px")
-    models = fake_models(cfg, precision)
+    models = build_fake_models(cfg, precision)
     log("counting generation FLOPs")
-    gen = generation_flops(models, cfg, args.steps, models.fake_mode)
+    gen = generation_flops(models, cfg, args.steps)
     steps = {}
     for checkpointing in (True, False):
         log(f"estimating the fine-tuning step, gradient checkpointing {'on' if checkpointing else 'off'}")
         steps[checkpointing] = estimate_train_step(models, cfg, precision, checkpointing)
-    paper = paper_run()
+    paper = paper_run(args.batch)
     log(f"counting {paper['pretrain_model']} train FLOPs")
     pretrain = train_flops_per_image(paper["pretrain_model"], paper["pretrain_image_size"])
     gen_total = sum(gen.values())
@@ -640,13 +717,16 @@ def cost_sheet(args) -> dict:
         "finetune_grad_indices": steps[True]["grad_indices"],
         "finetune_peak_gib": steps[True]["peak_bytes"] / GiB,
         "finetune_peak_gib_no_checkpointing": steps[False]["peak_bytes"] / GiB,
+        "finetune_peak_at": steps[True]["peak_at"],
+        "finetune_peak_at_no_checkpointing": steps[False]["peak_at"],
         "finetune_peak_breakdown_gib": {k: v / GiB for k, v in steps[True]["peak_breakdown_bytes"].items()},
-        "finetune_peak_breakdown_gib_no_checkpointing": {k: v / GiB for k, v in steps[False]["peak_breakdown_bytes"].items()},
+        "finetune_peak_breakdown_gib_no_checkpointing": {
+            k: v / GiB for k, v in steps[False]["peak_breakdown_bytes"].items()},
         "memory_check": check,
         "pretrain_gflops_per_image": {k: v / 1e9 for k, v in pretrain.items()},
         "paper_run": paper,
         "gpu_peak_tflops": {k: v / TERA for k, v in GPU_PEAK_FLOPS.items()},
-        "gpu_hours": paper_run_hours(paper, gen_total, steps[True]["flops"], pretrain["train"], args.utilization),
+        "gpu_hours": paper_run_hours(paper, gen, steps[True]["flops"], pretrain["train"], args.utilization),
         # Only comparable at the geometry the public figures were taken at.
         "public_generation": public_generation(paper, diffusion)
         if (args.resolution, args.steps) == tuple(PUBLIC_GEOMETRY.values()) else None,
@@ -659,8 +739,11 @@ def measure_step(args) -> dict:
     real = real_step(cfg, timer_factory=PartTimer)
     precision = real.pop("precision")
     log("estimating the same step on fake tensors")
-    estimate = estimate_train_step(fake_models(cfg, precision), cfg, precision, checkpointing=True)
+    estimate = estimate_train_step(build_fake_models(cfg, precision), cfg, precision, checkpointing=True)
     parts = real["parts_s"]
+    by_model: dict[str, float] = {}
+    for part, seconds in parts.items():  # "vae fwd", "vae bwd" -> "vae"
+        by_model[part.split()[0]] = by_model.get(part.split()[0], 0.0) + seconds
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -679,6 +762,8 @@ def measure_step(args) -> dict:
         "finite_loss": real["finite_loss"],
         "parts_s": parts,
         "dominant_part": max(parts, key=parts.get),
+        "seconds_by_model": by_model,
+        "dominant_model": max(by_model, key=by_model.get),
     }
 
 
@@ -698,25 +783,32 @@ def print_cost_sheet(r: dict) -> None:
         print(f"  {part:<45} {tflops:10.2f} TFLOPs")
     print(f"  {'total, checkpointing on / off':<45} {r['finetune_tflops_per_step']:10.2f} / "
           f"{r['finetune_tflops_per_step_no_checkpointing']:.2f} TFLOPs")
-    print(f"  peak memory, checkpointing on / off: {r['finetune_peak_gib']:.2f} / {r['finetune_peak_gib_no_checkpointing']:.2f} GiB")
-    for label, key in (("on", "finetune_peak_breakdown_gib"), ("off", "finetune_peak_breakdown_gib_no_checkpointing")):
-        print(f"    at the peak, checkpointing {label} (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in r[key].items() if v >= 0.005))
+    print(f"  peak memory, checkpointing on / off: {r['finetune_peak_gib']:.2f} / "
+          f"{r['finetune_peak_gib_no_checkpointing']:.2f} GiB")
+    for label, suffix in (("on", ""), ("off", "_no_checkpointing")):
+        breakdown = r["finetune_peak_breakdown_gib" + suffix]
+        print(f"    checkpointing {label}: reached in {r['finetune_peak_at' + suffix]}; (GiB) "
+              + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items() if v >= 0.005))
     c = r["memory_check"]
     print(f"\nMemory check, real Finetuner.train_step on this CPU at {c['geometry']}:")
     print(f"  measured {c['measured_gib']:.3f} GiB (resident {c['measured_resident_gib']:.3f} + step peak "
-          f"{c['measured_step_delta_gib']:.3f}), estimated {c['estimate_gib']:.3f} GiB: ratio {c['ratio_estimate_over_measured']:.3f}")
+          f"{c['measured_step_delta_gib']:.3f}), estimated {c['estimate_gib']:.3f} GiB: "
+          f"ratio {c['ratio_estimate_over_measured']:.3f}")
     print(f"  the step's own peak above what is resident: measured {c['measured_step_delta_gib']:.3f} GiB, estimated "
           f"{c['estimate_step_delta_gib']:.3f} GiB: ratio {c['ratio_step_delta']:.3f}")
     p = r["pretrain_gflops_per_image"]
-    print(f"\nPre-training {r['paper_run']['pretrain_model']}: {p['forward']:.2f} GFLOPs forward, {p['train']:.2f} GFLOPs "
+    print(f"\nPre-training {r['paper_run']['pretrain_model']}: {p['forward']:.2f} GFLOPs forward, "
+          f"{p['train']:.2f} GFLOPs "
           f"forward+backward per image (x{p['train'] / p['forward']:.2f})")
     run = r["paper_run"]
-    print(f"\nGPU-hours of the paper's run ({run['finetune_steps']} steps x {run['finetune_workers']} GPUs, "
-          f"{run['images']:,} images, {run['pretrain_epochs']} epochs x {run['pretrain_images']:,}) "
-          f"at {r['utilization']:.0%} of the bf16 dense peak:")
-    print(f"  {'GPU':<6} {'finetune':>9} {'generate':>9} {'pretrain':>9} {'total':>9}")
+    print(f"\nGPU-hours of the paper's run ({run['finetune_steps']} steps x {run['finetune_workers']} GPUs after "
+          f"{run['d_warmup_steps']} D warm-up steps, {run['images']:,} images, {run['pretrain_epochs']} epochs x "
+          f"{run['pretrain_images']:,}) at {r['utilization']:.0%} of the bf16 dense peak:")
+    print(f"  {'GPU':<6} {'finetune':>9} {'D warm-up':>9} {'generate':>9} {'pretrain':>9} {'total':>9}")
     for gpu, h in r["gpu_hours"].items():
-        print(f"  {gpu:<6} {h['finetune']:9.1f} {h['generate']:9.1f} {h['pretrain']:9.1f} {h['total']:9.1f}")
+        print(f"  {gpu:<6} {h['finetune']:9.2f} {h['finetune_d_warmup']:9.2f} {h['generate']:9.1f} "
+              f"{h['pretrain']:9.1f} "
+              f"{h['total']:9.1f}")
     print("\nPublic SD 1.5 speeds (512 px, 50 steps, fp16) for the same images:")
     if r["public_generation"] is None:
         print(f"  not compared: this sheet is for {g['resolution']} px, {g['steps']} steps")
@@ -728,14 +820,19 @@ def print_cost_sheet(r: dict) -> None:
 
 def print_measured_step(r: dict) -> None:
     g = r["geometry"]
-    print(f"One real Finetuner.train_step on CPU ({r['threads']} threads): sd15-shape, {g['resolution']} px, batch {g['batch']}, "
+    print(f"One real Finetuner.train_step on CPU ({r['threads']} threads): sd15-shape, {g['resolution']} px, "
+          f"batch {g['batch']}, "
           f"K={g['grad_steps']} of T={g['steps']}, gradient checkpointing, LoRA r128; {r['precision']}")
-    print(f"  wall {r['wall_s']:.1f} s; peak RSS {r['rss_peak_gib']:.2f} GiB (sampled), maxrss {r['maxrss_gib']:.2f} GiB")
-    print(f"  profiler: peak allocations during the step {r['profiler_peak_gib']:.2f} GiB over {r['resident_gib']:.2f} GiB "
+    print(f"  wall {r['wall_s']:.1f} s; peak RSS {r['rss_peak_gib']:.2f} GiB (sampled), "
+          f"maxrss {r['maxrss_gib']:.2f} GiB")
+    print(f"  profiler: peak allocations during the step {r['profiler_peak_gib']:.2f} GiB over "
+          f"{r['resident_gib']:.2f} GiB "
           f"resident = {r['measured_peak_gib']:.2f} GiB; estimator {r['estimated_peak_gib']:.2f} GiB "
           f"(ratio {r['ratio_estimate_over_measured']:.3f}); finite loss: {r['finite_loss']}")
     for part, seconds in sorted(r["parts_s"].items(), key=lambda kv: -kv[1]):
-        print(f"  {part:<28} {seconds:8.1f} s  {seconds / r['wall_s']:6.1%}")
+        print(f"  {part:<44} {seconds:8.1f} s  {seconds / r['wall_s']:6.1%}")
+    print("  by model: " + ", ".join(f"{model} {seconds / r['wall_s']:.0%}" for model, seconds in
+                                     sorted(r["seconds_by_model"].items(), key=lambda kv: -kv[1])))
 
 
 def main() -> None:
