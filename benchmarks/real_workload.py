@@ -703,11 +703,7 @@ def cost_sheet(args) -> dict:
     gen_total = sum(gen.values())
     diffusion = gen["text_encoder"] + gen["unet"] + gen["vae_decode"]
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv),
-        "geometry": geometry,
-        "precision": precision.describe(),
+        **run_header(geometry, precision),
         "utilization": args.utilization,
         "generate_tflops_per_image": gen_total / TERA,
         "generate_tflops_parts": {k: v / TERA for k, v in gen.items()},
@@ -733,6 +729,17 @@ def cost_sheet(args) -> dict:
     }
 
 
+def run_header(geometry: dict, precision) -> dict:
+    """What every JSON document of this script starts with: when, with what, how it was called."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "geometry": geometry,
+        "precision": precision.describe(),
+    }
+
+
 def measure_step(args) -> dict:
     """One real train_step at MEASURE_GEOMETRY, with the estimator's prediction for it beside."""
     cfg = finetune_config(MEASURE_GEOMETRY, args.precision)
@@ -745,11 +752,7 @@ def measure_step(args) -> dict:
     for part, seconds in parts.items():  # "vae fwd", "vae bwd" -> "vae"
         by_model[part.split()[0]] = by_model.get(part.split()[0], 0.0) + seconds
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv),
-        "geometry": MEASURE_GEOMETRY,
-        "precision": precision.describe(),
+        **run_header(MEASURE_GEOMETRY, precision),
         "threads": torch.get_num_threads(),
         "wall_s": real["wall_s"],
         "rss_peak_gib": real["rss_peak_bytes"] / GiB,

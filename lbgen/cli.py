@@ -20,10 +20,10 @@ from lbgen.config import (
     Config,
     ConfigError,
     add_config_flags,
-    load_yaml,
     overrides_from_args,
     require_local,
     resolve,
+    resolve_with_preset,
 )
 from lbgen.errors import UserError
 
@@ -67,7 +67,7 @@ def init_ray(address: str | None) -> None:
 def run_finetune(cfg: Config, checked) -> None:
     from lbgen.finetune import finetune
 
-    output = finetune(cfg)
+    output = finetune(cfg, table=checked)  # the inputs the pre-flight checked: not checked twice
     print(f"fine-tuned LoRA: {output / 'pytorch_lora_weights.safetensors'}")
 
 
@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _, command, _ = COMMANDS[args.command]
     try:
-        cfg = resolve(args.preset, args.config, overrides_from_args(args))
-        print(first_line(args.command, args.preset or (load_yaml(args.config).get("preset") if args.config else None), cfg))
+        cfg, preset = resolve_with_preset(args.preset, args.config, overrides_from_args(args))
+        print(first_line(args.command, preset, cfg))
         ray_address(args.address)
         load_class_table(cfg.classes)
         checked = check_inputs(args.command, cfg)

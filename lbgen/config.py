@@ -712,7 +712,14 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def resolve(preset: str | None = None, config_file: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """Defaults <- preset <- YAML file <- overrides (nested dicts), validated.
+    """Defaults <- preset <- YAML file <- overrides (nested dicts), validated (see `resolve_with_preset`)."""
+    return resolve_with_preset(preset, config_file, overrides)[0]
+
+
+def resolve_with_preset(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: dict | None = None
+) -> tuple[Config, str | None]:
+    """Defaults <- preset <- YAML file <- overrides (nested dicts), validated; and the preset that applied.
 
     A YAML file may name its preset (`preset: sd15-in1k`), so that a job file carries its whole
     setup; a `preset` given here wins over the file's. When neither names one, the dataclass
@@ -724,7 +731,7 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None, ov
     data = _merge(_merge(asdict(Config()), PRESETS[preset] if preset else {}), file_data)
     from_dict(Config, data, where)  # the file alone must be well-formed: a flag must not hide `generate: 3`
     data = _merge(data, overrides or {})
-    return validate(from_dict(Config, data, where))
+    return validate(from_dict(Config, data, where)), preset
 
 
 def preset_name(preset: str | None, file_data: dict, where: str = "config") -> str | None:

@@ -344,14 +344,17 @@ def check_inputs(cfg: Config) -> ClassTable:
     return table
 
 
-def finetune(cfg: Config) -> Path:
+def finetune(cfg: Config, table: ClassTable | None = None) -> Path:
     """Run (or resume) fine-tuning into `cfg.finetune.output`; returns that directory.
+
+    `table`: what `check_inputs(cfg)` returned, when the caller has already checked (the
+    quality metric is then built and probed once, not twice).
 
     Writes `pytorch_lora_weights.safetensors`, `discriminator.safetensors`,
     `config.yaml`, `metrics.jsonl`, `samples/` and Ray Train checkpoints.
     Ray is started locally by Ray Train if no cluster is attached.
     """
-    table = check_inputs(cfg)  # here, before any worker starts
+    table = table or check_inputs(cfg)  # here, before any worker starts
     output = Path(cfg.finetune.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, output=str(output)))
     output.mkdir(parents=True, exist_ok=True)
