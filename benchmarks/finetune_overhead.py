@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lbgen.config import resolve
-from lbgen.finetune import Finetuner, finetune
+from lbgen.stages.finetune import Finetuner, finetune
 
 
 def plain_step_time(cfg, steps: int, threads: int) -> float:

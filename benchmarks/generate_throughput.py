@@ -48,13 +48,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from lbgen.classes import load_class_table
 from lbgen.config import Config, resolve
-from lbgen.generate import generate
+from lbgen.data.classes import load_class_table
 from lbgen.models import create_generator
 from lbgen.models.generator import create_scheduler
-from lbgen.precision import weight_dtype
-from lbgen.seeds import seeded_generator
+from lbgen.runtime.precision import weight_dtype
+from lbgen.runtime.seeds import seeded_generator
+from lbgen.stages.generate import generate
 
 
 class PeakMemory:

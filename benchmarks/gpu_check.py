@@ -115,9 +115,9 @@ def throughput(call, images_per_call: int, device: torch.device, budget: Budget)
 
 
 def check_generation(settings: dict, device: torch.device, budget: Budget) -> dict:
-    from lbgen.classes import load_class_table
     from lbgen.config import resolve
-    from lbgen.generate import GenerateBatch
+    from lbgen.data.classes import load_class_table
+    from lbgen.stages.generate import GenerateBatch
 
     batch, steps = settings["gen_batch"], settings["gen_steps"]
     cfg = resolve(settings["preset"], overrides={
@@ -155,7 +155,7 @@ def check_generation(settings: dict, device: torch.device, budget: Budget) -> di
 def check_finetune_step(settings: dict, precision: str, device: torch.device, budget: Budget) -> dict:
     """One warm-up `train_step` and, when the budget allows, one timed one; peak memory over both."""
     from lbgen.config import resolve
-    from lbgen.finetune import Finetuner
+    from lbgen.stages.finetune import Finetuner
 
     ft = {**settings["ft"], "mixed_precision": precision, "gradient_checkpointing": True,
           "lora_rank": 128, "lora_alpha": 128, "d_warmup_passes": 0}

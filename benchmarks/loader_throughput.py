@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from lbgen.config import resolve
-from lbgen.downstream import render_shape
-from lbgen.pretrain import Pretrainer, build_dataset, check_data, image_transform
-from lbgen.seeds import derive_seed
-from lbgen.shards import image_bytes, write_shard
-from lbgen.transforms import decode_pixels, transform_pixels
+from lbgen.data.downstream import render_shape
+from lbgen.data.shards import image_bytes, write_shard
+from lbgen.data.transforms import decode_pixels, transform_pixels
+from lbgen.runtime.seeds import derive_seed
+from lbgen.stages.pretrain import Pretrainer, build_dataset, check_data, image_transform
 
 
 def make_images(root: Path, count: int, size: int, shards: int, classes: int, quality: int) -> tuple[Path, Path]:

@@ -64,13 +64,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from lbgen.classes import load_class_table
 from lbgen.config import resolve
-from lbgen.finetune import Finetuner, lora_config, total_steps, trainable_parameters
-from lbgen.losses import Discriminator, LbGenLoss, discriminator_loss
+from lbgen.data.classes import load_class_table
+from lbgen.method.losses import Discriminator, LbGenLoss, discriminator_loss
+from lbgen.method.sampler import TrainableSampler, gradient_step_indices, guided_noise
 from lbgen.models import create_clip, create_generator, create_iqa
-from lbgen.sampler import TrainableSampler, gradient_step_indices, guided_noise
-from lbgen.seeds import seeded_generator
+from lbgen.runtime.seeds import seeded_generator
+from lbgen.stages.finetune import Finetuner, lora_config, total_steps, trainable_parameters
 
 GiB = 2**30
 TERA = 1e12

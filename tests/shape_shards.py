@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lbgen.classes import ClassTable
-from lbgen.downstream import SHAPE_CLASSES, render_shape
-from lbgen.seeds import derive_seed
-from lbgen.shards import image_bytes, write_shard
+from lbgen.data.classes import ClassTable
+from lbgen.data.downstream import SHAPE_CLASSES, render_shape
+from lbgen.data.shards import image_bytes, write_shard
+from lbgen.runtime.seeds import derive_seed
 
 
 def shape_rows(table: ClassTable, per_class: int, size: int, seed: int = 0) -> list[dict]:

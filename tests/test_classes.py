@@ -2,7 +2,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lbgen.classes import ClassTableError, load_class_table
+from lbgen.data.classes import ClassTableError, load_class_table
 
 
 def test_imagenet_table_ships_with_duplicate_names_as_distinct_labels():

@@ -1,4 +1,4 @@
-"""lbgen.dataset: shard schema and HF features, atomic shard writes, card, manifest, inspection (no models)."""
+"""lbgen.data.dataset: shard schema and HF features, atomic shard writes, card, manifest, inspection (no models)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lbgen.dataset import (
+from lbgen.data.dataset import (
     COLUMNS,
     DatasetError,
     encode_images,

@@ -11,15 +11,15 @@ import pytest
 import torch
 from shape_shards import write_shape_shards
 
-from lbgen.backbones import BackboneError, export_backbone, load_backbone
-from lbgen.bias import background_gap
-from lbgen.classes import load_class_table
 from lbgen.cli import main
 from lbgen.config import resolve
-from lbgen.downstream import SHAPE_CLASSES, open_downstream
-from lbgen.evaluate import fit_probe, stratified_subset
-from lbgen.pretrain import Pretrainer, image_transform, row_filter
-from lbgen.transforms import decode_batch
+from lbgen.data.classes import load_class_table
+from lbgen.data.downstream import SHAPE_CLASSES, open_downstream
+from lbgen.data.transforms import decode_batch
+from lbgen.method.bias import background_gap
+from lbgen.models.backbones import BackboneError, export_backbone, load_backbone
+from lbgen.stages.evaluate import fit_probe, stratified_subset
+from lbgen.stages.pretrain import Pretrainer, image_transform, row_filter
 
 TABLE = load_class_table("tiny10")
 

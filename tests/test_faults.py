@@ -19,7 +19,7 @@ def visit(point: str, times: int, after: int, marker: Path) -> subprocess.Comple
     """A fresh process reaching `point` `times` times under a fault at `finetune.step`; prints how far it got."""
     code = (
         "from lbgen.config import FaultConfig\n"
-        "from lbgen.faults import maybe_die\n"
+        "from lbgen.runtime.faults import maybe_die\n"
         f"fault = FaultConfig(point='finetune.step', after={after}, marker={str(marker)!r})\n"
         f"for i in range({times}):\n"
         f"    maybe_die(fault, {point!r})\n"

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from lbgen.cli import main
 from lbgen.config import ConfigError, resolve
-from lbgen.finetune import DISC_FILE, LORA_FILE, Finetuner, class_batch, export_lora, finetune, total_steps
-from lbgen.seeds import seeded_generator
+from lbgen.runtime.seeds import seeded_generator
+from lbgen.stages.finetune import DISC_FILE, LORA_FILE, Finetuner, class_batch, export_lora, finetune, total_steps
 
 torch.set_num_threads(2)
 
@@ -251,7 +251,7 @@ def test_cli_worker_error_is_one_clear_line(ray_local, tmp_path, capsys):
 
 
 def test_discriminator_real_side_embeds_bare_class_names_apart_from_l_in_prompts(tiny_cfg, monkeypatch):
-    import lbgen.finetune as finetune_module
+    import lbgen.stages.finetune as finetune_module
 
     ft = Finetuner(tiny_cfg())
     assert ft.cfg.finetune.real_template == "{name}" and ft.cfg.finetune.clip_template == "photo of {name}"
@@ -272,7 +272,7 @@ def test_discriminator_real_side_embeds_bare_class_names_apart_from_l_in_prompts
 
 
 def test_real_text_comes_from_other_classes_by_default(tiny_cfg, monkeypatch):
-    import lbgen.finetune as finetune_module
+    import lbgen.stages.finetune as finetune_module
 
     assert tiny_cfg().finetune.exclude_own_class and resolve("sd15-in1k").finetune.exclude_own_class
     ft = Finetuner(tiny_cfg(finetune=dict(batch_size=10, d_warmup_passes=2)))
@@ -323,9 +323,9 @@ def test_gradient_reaches_the_unet_output_at_every_chosen_step(tiny_cfg):
 
 def test_exported_lora_keeps_its_alpha_through_diffusers_loading(tiny_cfg, tmp_path):
     """Rank 4, alpha 16: the pipeline given the exported file computes what the training-time adapter did."""
-    from lbgen.generate import load_lora_into
+    from lbgen.method.sampler import encode_prompts
     from lbgen.models import create_generator
-    from lbgen.sampler import encode_prompts
+    from lbgen.stages.generate import load_lora_into
 
     ft = Finetuner(tiny_cfg(finetune=dict(lora_rank=4, lora_alpha=16)))
     with torch.no_grad():  # a trained-looking adapter: gaussian init leaves lora_B at zero

@@ -21,11 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lbgen.classes import ClassTable, ClassTableError, load_class_table
 from lbgen.cli import main as cli_main
 from lbgen.config import Config, ConfigError, FaultConfig, resolve
-from lbgen.dataset import DatasetError, inspect_dataset, label_names
-from lbgen.generate import (
+from lbgen.data.classes import ClassTable, ClassTableError, load_class_table
+from lbgen.data.dataset import DatasetError, inspect_dataset, label_names
+from lbgen.data.plan import num_shards
+from lbgen.data.storage import locate
+from lbgen.stages.generate import (
     GenerateBatch,
     LoraError,
     ScoreBatch,
@@ -36,8 +38,6 @@ from lbgen.generate import (
     plan,
     prepare_output,
 )
-from lbgen.plan import num_shards
-from lbgen.storage import locate
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray"]
@@ -304,7 +304,7 @@ def run_and_kill(cmd: list[str], output: Path, new_shards: int, delay: float) ->
 
 def assert_manifest_matches_disk(output: Path) -> None:
     """After a kill: the manifest (if any) records only whole shards that are on disk with its sha256."""
-    from lbgen.dataset import read_manifest, sha256_file
+    from lbgen.data.dataset import read_manifest, sha256_file
 
     manifest = read_manifest(output) if (output / "manifest.json").exists() else {"shards": {}}
     for name, entry in manifest["shards"].items():

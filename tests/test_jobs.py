@@ -22,7 +22,7 @@ import pytest
 
 from lbgen.cli import COMMANDS, main
 from lbgen.config import PRESETS, resolve
-from lbgen.run import stage_configs
+from lbgen.stages.run import stage_configs
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
@@ -59,7 +59,7 @@ def test_stage_jobs_chain_each_output_into_the_next_stage(setup):
 
 
 def test_in1k_jobs_write_to_shared_storage_and_ask_for_gpus():
-    from lbgen.storage import is_uri
+    from lbgen.data.storage import is_uri
 
     # The shards go to the object store; the stages that keep local directories write to the file
     # system cluster.yaml mounts on every node (tests/test_cluster.py), never to a node's own disk.
@@ -188,7 +188,7 @@ def ray_head():
 def test_submitted_generate_job_attaches_to_the_cluster_and_writes_shards(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from lbgen.dataset import inspect_dataset
+    from lbgen.data.dataset import inspect_dataset
 
     client = JobSubmissionClient(ray_head)
     output = tmp_path / "generate"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lbgen.losses import (
+from lbgen.method.losses import (
     Discriminator,
     adversarial_loss,
     discriminator_loss,

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from lbgen.classes import load_class_table
-from lbgen.finetune import Finetuner
-from lbgen.generate import GenerateBatch
-from lbgen.plan import plan
-from lbgen.precision import MixedPrecision, weight_dtype
-from lbgen.pretrain import Pretrainer
+from lbgen.data.classes import load_class_table
+from lbgen.data.plan import plan
+from lbgen.runtime.precision import MixedPrecision, weight_dtype
+from lbgen.stages.finetune import Finetuner
+from lbgen.stages.generate import GenerateBatch
+from lbgen.stages.pretrain import Pretrainer
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 from shape_shards import shape_rows, write_shape_shards
 
-from lbgen.classes import load_class_table
 from lbgen.cli import main
 from lbgen.config import ConfigError, resolve
-from lbgen.pretrain import check_data, image_transform, pretrain, row_filter
-from lbgen.shards import ShardError, write_shard
-from lbgen.transforms import decode_batch
+from lbgen.data.classes import load_class_table
+from lbgen.data.shards import ShardError, write_shard
+from lbgen.data.transforms import decode_batch
+from lbgen.stages.pretrain import check_data, image_transform, pretrain, row_filter
 
 TABLE = load_class_table("tiny10")
 
@@ -112,7 +112,7 @@ def test_cli_reads_the_shards_once(shards, tmp_path, monkeypatch):
     """The pre-flight's scan of every footer and label column is handed to `pretrain`, not repeated."""
     import ray.train.torch
 
-    import lbgen.pretrain
+    import lbgen.stages.pretrain
 
     class TrainerReached(Exception):
         pass
@@ -121,8 +121,8 @@ def test_cli_reads_the_shards_once(shards, tmp_path, monkeypatch):
         raise TrainerReached
 
     scans = []
-    open_shards = lbgen.pretrain.open_shards
-    monkeypatch.setattr("lbgen.pretrain.open_shards", lambda *a, **k: scans.append(a) or open_shards(*a, **k))
+    open_shards = lbgen.stages.pretrain.open_shards
+    monkeypatch.setattr("lbgen.stages.pretrain.open_shards", lambda *a, **k: scans.append(a) or open_shards(*a, **k))
     monkeypatch.setattr("lbgen.cli.init_ray", lambda address: None)
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
     with pytest.raises(TrainerReached):

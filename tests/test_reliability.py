@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lbgen import cli
-from lbgen.classes import ClassTableError, load_class_table
 from lbgen.config import Config, _leaf_fields, resolve
+from lbgen.data.classes import ClassTableError, load_class_table
 
 
 def fuzz(examples: int) -> settings:
@@ -187,10 +187,10 @@ def test_cli_refuses_a_bad_table_before_ray_and_writes_nothing(cli_until_ray, ro
 
 def test_long_names_are_truncated_to_the_text_context_and_encode(tmp_path):
     """A name longer than the text encoders' context loads, plans, and encodes (truncated, no crash)."""
+    from lbgen.data.plan import plan
+    from lbgen.method.sampler import encode_prompts
     from lbgen.models.clip import build_tiny as tiny_clip
     from lbgen.models.generator import create_generator
-    from lbgen.plan import plan
-    from lbgen.sampler import encode_prompts
 
     long_a, long_b = "very " * 2000 + "long fish", "very " * 2000 + "long bird"  # differ only past the context
     path = tmp_path / "long.txt"
@@ -213,8 +213,8 @@ def test_long_names_are_truncated_to_the_text_context_and_encode(tmp_path):
 
 
 def test_ten_thousand_classes_load_and_plan_fast(tmp_path, cli_until_ray):
-    from lbgen.dataset import label_names
-    from lbgen.plan import num_shards, shard_rows
+    from lbgen.data.dataset import label_names
+    from lbgen.data.plan import num_shards, shard_rows
 
     path = tmp_path / "big.txt"
     path.write_text("".join(f"c{i:05d} class number {i % 9000}\n" for i in range(10_000)))  # 1000 repeated names
@@ -316,7 +316,7 @@ def inputs(tmp_path_factory):
     """Valid inputs for every command, so that each case breaks exactly one path."""
     from shape_shards import write_shape_shards
 
-    from lbgen.downstream import make_downstream
+    from lbgen.data.downstream import make_downstream
 
     root = tmp_path_factory.mktemp("inputs")
     (root / "file").write_text("not a directory\n")
@@ -388,8 +388,8 @@ def test_the_payload_runs_when_unpickled(tmp_path):
 
 
 def test_pretrain_resume_refuses_a_pickled_train_state(tmp_path, tiny_cfg):
-    from lbgen.pretrain import TRAIN_STATE_FILE, Pretrainer
-    from lbgen.runs import CheckpointError
+    from lbgen.runtime.training import CheckpointError
+    from lbgen.stages.pretrain import TRAIN_STATE_FILE, Pretrainer
 
     trainer = Pretrainer(tiny_cfg(), num_classes=10, steps_per_epoch=2)
     trainer.save(tmp_path, epoch=1)
@@ -401,8 +401,8 @@ def test_pretrain_resume_refuses_a_pickled_train_state(tmp_path, tiny_cfg):
 
 
 def test_finetune_resume_refuses_a_pickled_optimizer_state(tmp_path, tiny_cfg):
-    from lbgen.finetune import OPTIM_FILE, Finetuner
-    from lbgen.runs import CheckpointError
+    from lbgen.runtime.training import CheckpointError
+    from lbgen.stages.finetune import OPTIM_FILE, Finetuner
 
     finetuner = Finetuner(tiny_cfg())
     finetuner.save(tmp_path, step=3)
@@ -419,7 +419,7 @@ def test_finetune_resume_refuses_a_pickled_optimizer_state(tmp_path, tiny_cfg):
 def test_evaluate_refuses_a_pickled_backbone(tmp_path, cli_until_ray, inputs):
     import timm
 
-    from lbgen.backbones import export_backbone
+    from lbgen.models.backbones import export_backbone
 
     export = tmp_path / "pretrain"
     export_backbone(timm.create_model("test_resnet", num_classes=2), export, timm_name="test_resnet", class_ids=["a", "b"],
@@ -432,7 +432,7 @@ def test_evaluate_refuses_a_pickled_backbone(tmp_path, cli_until_ray, inputs):
 
 
 def test_generate_refuses_a_pickled_lora_and_never_falls_back_to_bin(tmp_path, cli_until_ray):
-    from lbgen.generate import GenerateBatch, LoraError
+    from lbgen.stages.generate import GenerateBatch, LoraError
 
     lora = tmp_path / "lora"
     plant(lora / "pytorch_lora_weights.safetensors", tmp_path / "ran")
@@ -486,10 +486,10 @@ def test_remote_code_is_off_unless_the_flag_is_given():
 def test_every_place_that_builds_the_iqa_model_passes_the_trust_setting_on(monkeypatch):
     import dataclasses
 
-    import lbgen.finetune
     import lbgen.models
-    from lbgen.generate import ScoreBatch
+    import lbgen.stages.finetune
     from lbgen.models.iqa import create_iqa
+    from lbgen.stages.generate import ScoreBatch
 
     asked = []
 
@@ -497,13 +497,13 @@ def test_every_place_that_builds_the_iqa_model_passes_the_trust_setting_on(monke
         asked.append(kwargs.get("trust_remote_code"))
         return create_iqa(name, **kwargs)
 
-    monkeypatch.setattr(lbgen.finetune, "create_iqa", spy)
+    monkeypatch.setattr(lbgen.stages.finetune, "create_iqa", spy)
     monkeypatch.setattr(lbgen.models, "create_iqa", spy)
     for trust in (True, False):
         asked.clear()
         cfg = resolve("tiny", overrides={"model": {"trust_remote_code": trust}})
-        lbgen.finetune.check_quality_loss(cfg)  # the driver's gradient probe
-        lbgen.finetune.Finetuner(cfg)  # fine-tuning workers
+        lbgen.stages.finetune.check_quality_loss(cfg)  # the driver's gradient probe
+        lbgen.stages.finetune.Finetuner(cfg)  # fine-tuning workers
         ScoreBatch(dataclasses.asdict(cfg))  # generation's scoring actors
         assert asked == [trust] * 3
 
@@ -544,7 +544,7 @@ def full_after_shards(count: int):
     class FullDisk(pafs.LocalFileSystem):
         def open_output_stream(self, path, *args, **kwargs):
             stream = super().open_output_stream(path, *args, **kwargs)
-            if Path(path).name.startswith(".train-"):  # a shard's temp file (lbgen.storage.Location.write_bytes)
+            if Path(path).name.startswith(".train-"):  # a shard's temp file (lbgen.data.storage.Location.write_bytes)
                 written.append(path)
                 if len(written) > count:
                     return PartialWrite(stream)
@@ -558,9 +558,9 @@ def test_disk_full_stops_generate_keeping_whole_shards_and_resume_completes(tmp_
     import numpy as np
     from PIL import Image
 
-    import lbgen.storage
-    from lbgen.dataset import inspect_dataset
-    from lbgen.generate import GenerateBatch, generate, plan
+    import lbgen.data.storage
+    from lbgen.data.dataset import inspect_dataset
+    from lbgen.stages.generate import GenerateBatch, generate, plan
 
     table = tmp_path / "three.txt"
     table.write_text("n1 tench\nn2 goldfish\nn3 shark\n")
@@ -571,7 +571,7 @@ def test_disk_full_stops_generate_keeping_whole_shards_and_resume_completes(tmp_
     # Card, config and manifest (about 10 KiB, a temp copy of the manifest beside it), then ~17 KiB shards.
     mounted = tmpfs(full, 100)
     if not mounted:  # no mount here: the local file system fills up at the fourth shard, part-way through it
-        monkeypatch.setattr(lbgen.storage.pafs, "LocalFileSystem", full_after_shards(3))
+        monkeypatch.setattr(lbgen.data.storage.pafs, "LocalFileSystem", full_after_shards(3))
     output = full / "ds"
     try:
         capsys.readouterr()

@@ -17,8 +17,8 @@ from PIL import Image
 
 from lbgen.cli import main
 from lbgen.config import ReportConfig, resolve, to_yaml
-from lbgen.dataset import DATA_DIR, FORMAT, schema, shard_name, write_json_atomic, write_shard
-from lbgen.report import (
+from lbgen.data.dataset import DATA_DIR, FORMAT, schema, shard_name, write_json_atomic, write_shard
+from lbgen.stages.report import (
     FILES_DIR,
     ReportError,
     build_report,
@@ -75,7 +75,7 @@ def write_finetune(directory: Path, cfg, colours: np.ndarray) -> None:
     """metrics.jsonl (warm-up + 3 steps), config.yaml, and two sample grids with one flat colour per class."""
     import torch
 
-    from lbgen.finetune import save_grid
+    from lbgen.stages.finetune import save_grid
 
     directory.mkdir(parents=True)
     (directory / "config.yaml").write_text(to_yaml(cfg))
@@ -90,7 +90,7 @@ def write_finetune(directory: Path, cfg, colours: np.ndarray) -> None:
 
 
 def write_pretrain_and_evaluate(run: Path) -> None:
-    from lbgen.evaluate import plot_results, results_markdown
+    from lbgen.stages.evaluate import plot_results, results_markdown
 
     (run / "pretrain").mkdir()
     (run / "pretrain" / "metrics.jsonl").write_text("".join(json.dumps(

@@ -14,7 +14,7 @@ import pytest
 from test_generate import assert_same_row, read_rows
 
 from lbgen.cli import main
-from lbgen.dataset import inspect_dataset
+from lbgen.data.dataset import inspect_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from lbgen.method.sampler import decode, denoise, gradient_step_indices, initial_latents
 from lbgen.models import create_generator
-from lbgen.sampler import decode, denoise, gradient_step_indices, initial_latents
 
 
 @pytest.mark.parametrize("T, K", [(50, 5), (10, 2), (7, 3), (5, 5)])

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from lbgen.classes import load_class_table
 from lbgen.config import resolve
-from lbgen.finetune import Finetuner
-from lbgen.generate import GenerateBatch
-from lbgen.plan import plan
+from lbgen.data.classes import load_class_table
+from lbgen.data.plan import plan
+from lbgen.stages.finetune import Finetuner
+from lbgen.stages.generate import GenerateBatch
 
 pytestmark = pytest.mark.slow
 

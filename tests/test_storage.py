@@ -1,4 +1,4 @@
-"""lbgen.storage: local paths and object-store URIs, against a real S3 API (moto's server on 127.0.0.1).
+"""lbgen.data.storage: local paths and object-store URIs, against a real S3 API (moto's server on 127.0.0.1).
 
 The S3 endpoint travels in the URI's query (`?endpoint_override=...&scheme=http`), the dummy
 credentials in the usual AWS variables (set in conftest, before Ray starts, for Ray's workers too).
@@ -14,14 +14,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from lbgen.classes import load_class_table
 from lbgen.cli import main as cli_main
 from lbgen.config import resolve
-from lbgen.dataset import MANIFEST, DatasetError, inspect_dataset, read_manifest
-from lbgen.generate import GenerateBatch, check_lora, generate, plan, prepare_output
+from lbgen.data.classes import load_class_table
+from lbgen.data.dataset import MANIFEST, DatasetError, inspect_dataset, read_manifest
+from lbgen.data.shards import RowFilter, ShardError, open_shards
+from lbgen.data.storage import Location, StorageError, absolute, is_uri, locate
 from lbgen.models.generator import LORA_FILE
-from lbgen.shards import RowFilter, ShardError, open_shards
-from lbgen.storage import Location, StorageError, absolute, is_uri, locate
+from lbgen.stages.generate import GenerateBatch, check_lora, generate, plan, prepare_output
 
 BUCKET = "lbgen-test"
 CLASSES = ["tench", "goldfish", "hammerhead"]  # x 2 images, 2 rows per shard: 3 shards
@@ -264,7 +264,7 @@ def test_pretrain_trains_on_shards_in_s3(ray_local, s3_run, table_file, tmp_path
     """Ray Data's read tasks get the filesystem (endpoint included) from the driver's `--data` URI."""
     import json
 
-    from lbgen.pretrain import pretrain
+    from lbgen.stages.pretrain import pretrain
 
     uri, _ = s3_run
     output = tmp_path / "pretrain"

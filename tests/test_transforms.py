@@ -1,4 +1,4 @@
-"""lbgen.transforms: decoding to tensors and the train/eval recipe, against PIL as the reference."""
+"""lbgen.data.transforms: decoding to tensors and the train/eval recipe, against PIL as the reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lbgen.transforms import ImageTransform, center_box, decode_image, decode_pixels, random_resized_box, transform_pixels
+from lbgen.data.transforms import (
+    ImageTransform,
+    center_box,
+    decode_image,
+    decode_pixels,
+    random_resized_box,
+    transform_pixels,
+)
 
 
 def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:

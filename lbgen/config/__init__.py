@@ -23,7 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from lbgen.errors import ConfigError  # noqa: F401  (raised here; defined with the others)
-from lbgen.precision import MIXED_PRECISION, WEIGHT_DTYPES
+from lbgen.runtime.precision import MIXED_PRECISION, WEIGHT_DTYPES
 
 
 @dataclass
@@ -304,13 +304,13 @@ class GenerateConfig:
 
 @dataclass
 class FaultConfig:
-    """TEST ONLY: kill one worker process hard, once, to prove a stage survives it (`lbgen.faults`).
+    """TEST ONLY: kill one worker process hard, once, to prove a stage survives it (`lbgen.runtime.faults`).
 
     Off by default; set only in YAML or overrides (no command has flags for it). It travels
     inside the config to every Ray actor and train worker.
     """
 
-    # Where to die: one of lbgen.faults.POINTS, or null (no fault).
+    # Where to die: one of lbgen.runtime.faults.POINTS, or null (no fault).
     point: Optional[str] = None
     # Die on the `after`-th time one process reaches `point` (1: the first time).
     after: int = 1
@@ -504,7 +504,7 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# Locations that may be object-store URIs (lbgen.storage).
+# Locations that may be object-store URIs (lbgen.data.storage).
 URI_FIELDS = ("generate.output", "generate.lora", "pretrain.data")
 # Per stage, the locations it still reads or writes through the local file system only.
 LOCAL_FIELDS = {
@@ -517,7 +517,7 @@ def require_local(cfg: Config, stage: str) -> None:
     """Refuse an object-store URI where `stage` reads or writes through the local file system only
     (it would become a local directory named `s3:`). Checked when the stage starts, not when a config
     resolves: one config file may hold every stage's settings."""
-    from lbgen.storage import is_uri
+    from lbgen.data.storage import is_uri
 
     accepted = ", ".join(URI_FIELDS) + " and `lbgen inspect`"
     for name in LOCAL_FIELDS[stage]:
@@ -633,7 +633,7 @@ def _validate_pretrain(pt: PretrainConfig) -> None:
 
 
 def _validate_fault(fault: FaultConfig) -> None:
-    from lbgen.faults import POINTS
+    from lbgen.runtime.faults import POINTS
 
     if fault.point is None:
         return

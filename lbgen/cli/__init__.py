@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lbgen.classes import load_class_table
 from lbgen.config import (
     PRESETS,
     Config,
@@ -25,6 +24,7 @@ from lbgen.config import (
     resolve,
     resolve_with_preset,
 )
+from lbgen.data.classes import load_class_table
 from lbgen.errors import UserError
 
 # Errors whose message is the whole story: printed as one line, no traceback. PermissionError and
@@ -65,14 +65,14 @@ def init_ray(address: str | None) -> None:
 
 
 def run_finetune(cfg: Config, checked) -> None:
-    from lbgen.finetune import finetune
+    from lbgen.stages.finetune import finetune
 
     output = finetune(cfg, table=checked)  # the inputs the pre-flight checked: not checked twice
     print(f"fine-tuned LoRA: {output / 'pytorch_lora_weights.safetensors'}")
 
 
 def run_generate(cfg: Config, checked) -> None:
-    from lbgen.generate import generate, summary_text
+    from lbgen.stages.generate import generate, summary_text
 
     manifest = generate(cfg)
     print(summary_text(manifest))
@@ -81,7 +81,7 @@ def run_generate(cfg: Config, checked) -> None:
 
 def inspect_command(directory: str) -> int:
     """`lbgen inspect DIR`: print the summary and every defect; 1 if any defect."""
-    from lbgen.dataset import format_summary, inspect_dataset
+    from lbgen.data.dataset import format_summary, inspect_dataset
 
     found = inspect_dataset(directory)
     if found.summary:
@@ -96,35 +96,35 @@ def inspect_command(directory: str) -> int:
 
 def report_command(directory: str, overrides: dict) -> None:
     """`lbgen report DIR`: rebuild the run report of DIR."""
-    from lbgen.report import build_report
+    from lbgen.stages.report import build_report
 
     paths = build_report(directory, resolve(overrides=overrides).report)
     print(f"report: {paths['html']} (Markdown: {paths['markdown']})")
 
 
 def run_pretrain(cfg: Config, checked) -> None:
-    from lbgen.pretrain import pretrain
+    from lbgen.stages.pretrain import pretrain
 
     output = pretrain(cfg, shards=checked)  # the shards the pre-flight checked: not scanned twice
     print(f"pre-trained backbone: {output / 'backbone.safetensors'} (+ model.json)")
 
 
 def run_evaluate(cfg: Config, checked) -> None:
-    from lbgen.evaluate import evaluate
+    from lbgen.stages.evaluate import evaluate
 
     output = evaluate(cfg)
     print(f"results: {output / 'results.md'}")
 
 
 def run_all(cfg: Config, checked) -> None:
-    from lbgen.run import run
+    from lbgen.stages.run import run
 
     output = run(cfg)
     print(f"all stages done: {output} (results: {output / 'evaluate' / 'results.md'}, report: {output / 'report.html'})")
 
 
 def run_make_downstream(cfg: Config, checked) -> None:
-    from lbgen.downstream import make_downstream
+    from lbgen.data.downstream import make_downstream
 
     md = cfg.make_downstream
     output = make_downstream(md.kind, md.output, train_per_class=md.train_per_class, test_per_class=md.test_per_class, size=md.size, seed=cfg.seed)
@@ -145,7 +145,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], Callable[[Config, Any], None], str]] 
 LOCAL_COMMANDS = {"make-downstream"}
 
 # Command -> module whose `check_inputs(cfg)` refuses unusable inputs and outputs before Ray starts.
-INPUT_CHECKS = {name: f"lbgen.{name}" for name in ("finetune", "generate", "pretrain", "evaluate", "run")}
+INPUT_CHECKS = {name: f"lbgen.stages.{name}" for name in ("finetune", "generate", "pretrain", "evaluate", "run")}
 
 
 # Per command, the models it resolves: named in its first line, so a run never builds models silently.
@@ -176,7 +176,7 @@ def check_inputs(command: str, cfg: Config) -> Any:
     """
     from importlib import import_module
 
-    from lbgen.runs import check_output_dir
+    from lbgen.runtime.training import check_output_dir
 
     if command == "make-downstream":
         require_local(cfg, "make_downstream")

@@ -2,7 +2,7 @@
 
 import json
 
-from lbgen.runs import MetricsLog
+from lbgen.runtime.training import MetricsLog
 
 
 def _steps(path):

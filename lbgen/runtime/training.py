@@ -116,7 +116,7 @@ def check_output_dir(path: str | Path, field: str) -> None:
 
     `field` names the setting in the message (e.g. "generate.output"). Object-store URIs pass.
     """
-    from lbgen.storage import is_uri
+    from lbgen.data.storage import is_uri
 
     if is_uri(path):
         return

@@ -9,7 +9,7 @@ subsets for every backbone:
 - `finetune`: the whole backbone and a new head trained with one fixed recipe
   (AdamW, warm-up + cosine, label smoothing 0.1, random resized crop + flip).
 ImageNet-9-style sets (`bias`) get a linear classifier fitted on original/train and
-the background gap (`lbgen.bias`). Outputs: `results.csv`, `results.md`,
+the background gap (`lbgen.method.bias`). Outputs: `results.csv`, `results.md`,
 `accuracy_vs_fraction.png` (and `bias.csv` when bias sets are given).
 """
 
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lbgen.backbones import Backbone, load_backbone
-from lbgen.bias import accuracy, background_gap, in9_folders
 from lbgen.config import Config, from_dict, require_local, to_yaml
-from lbgen.downstream import ImageFolderImages, TransformedImages, open_downstream
-from lbgen.seeds import derive_seed
-from lbgen.transforms import ImageTransform, normalize
+from lbgen.data.downstream import ImageFolderImages, TransformedImages, open_downstream
+from lbgen.data.transforms import ImageTransform, normalize
+from lbgen.method.bias import accuracy, background_gap, in9_folders
+from lbgen.models.backbones import Backbone, load_backbone
+from lbgen.runtime.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +313,9 @@ def plot_results(rows: list[dict], path: Path) -> None:
 
 def check_inputs(cfg: Config) -> None:
     """Fail before any task starts when a backbone or dataset is missing, or the output unusable."""
-    from lbgen.backbones import BackboneError, read_meta
     from lbgen.config import ConfigError
-    from lbgen.runs import check_output_dir
+    from lbgen.models.backbones import BackboneError, read_meta
+    from lbgen.runtime.training import check_output_dir
 
     require_local(cfg, "evaluate")
     ev = cfg.evaluate

@@ -8,7 +8,7 @@ Layout of a dataset directory (the Hugging Face `datasets` Parquet convention):
 
 A shard exists under its final name only once it is whole, so "the file exists" is the
 completion marker that resume relies on. `inspect_dataset` re-checks all of it.
-OUT is a local path or an object-store URI (`s3://bucket/ds`): all I/O goes through `lbgen.storage`.
+OUT is a local path or an object-store URI (`s3://bucket/ds`): all I/O goes through `lbgen.data.storage`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from lbgen.data.storage import Location, Where, locate
 from lbgen.errors import DatasetError  # noqa: F401  (raised here; defined with the others)
-from lbgen.storage import Location, Where, locate
 
 MANIFEST = "manifest.json"
 CARD = "README.md"

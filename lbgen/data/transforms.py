@@ -27,7 +27,7 @@ from torchcodec.decoders import decode_image as codec_decode
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from lbgen.shards import RowFilter, ShardError
+from lbgen.data.shards import RowFilter, ShardError
 
 
 @dataclass(frozen=True)

@@ -22,18 +22,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lbgen import faults, runs
-from lbgen.classes import ClassTable, load_class_table
 from lbgen.config import Config, ConfigError, FinetuneConfig, from_dict, require_local, to_yaml
-from lbgen.losses import Discriminator, LbGenLoss, discriminator_loss, draw_real_classes
+from lbgen.data.classes import ClassTable, load_class_table
+from lbgen.method.losses import Discriminator, LbGenLoss, discriminator_loss, draw_real_classes
+from lbgen.method.sampler import TrainableSampler, encode_prompts, gradient_step_indices, initial_latents
 from lbgen.models import create_clip, create_generator, create_iqa
 from lbgen.models.generator import LORA_FILE
 from lbgen.models.iqa import SCORERS, has_pixel_gradient
-from lbgen.precision import MixedPrecision
-from lbgen.progress import MetricsProgress
-from lbgen.runs import MetricsLog
-from lbgen.sampler import TrainableSampler, encode_prompts, gradient_step_indices, initial_latents
-from lbgen.seeds import derive_seed, seeded_generator
+from lbgen.runtime import faults, training
+from lbgen.runtime.precision import MixedPrecision
+from lbgen.runtime.progress import MetricsProgress
+from lbgen.runtime.seeds import derive_seed, seeded_generator
+from lbgen.runtime.training import MetricsLog
 
 DISC_FILE = "discriminator.safetensors"
 ADAPTER_FILE = "adapter.safetensors"  # peft-format LoRA inside checkpoints
@@ -225,9 +225,9 @@ class Finetuner:
         from peft.utils import set_peft_model_state_dict
 
         directory = Path(directory)
-        set_peft_model_state_dict(self.pipe.unet, runs.load_tensors(directory / ADAPTER_FILE, self.device))
-        self.disc.load_state_dict(runs.load_tensors(directory / DISC_FILE, self.device))
-        optim = runs.load_train_state(directory / OPTIM_FILE, self.device)
+        set_peft_model_state_dict(self.pipe.unet, training.load_tensors(directory / ADAPTER_FILE, self.device))
+        self.disc.load_state_dict(training.load_tensors(directory / DISC_FILE, self.device))
+        optim = training.load_train_state(directory / OPTIM_FILE, self.device)
         self.g_opt.load_state_dict(optim["g_opt"])
         self.d_opt.load_state_dict(optim["d_opt"])
         self.scaler.load_state_dict(optim["scaler"])
@@ -261,7 +261,7 @@ def export_lora(adapter_file: Path, output: Path, ft: FinetuneConfig) -> Path:
     state = convert_state_dict_to_diffusers(load_file(adapter_file))
     StableDiffusionPipeline.save_lora_weights(output, unet_lora_layers=state, safe_serialization=True,
                                               unet_lora_adapter_metadata=lora_config(ft).to_dict())
-    return runs.umask_mode(output / LORA_FILE)
+    return training.umask_mode(output / LORA_FILE)
 
 
 # ---------------------------------------------------------------- Ray Train
@@ -303,13 +303,13 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and (done == steps or (ft.sample_every and done % ft.sample_every == 0)):
             save_grid(finetuner.sample_grid(), output / "samples" / f"step-{done:06d}.png")
         if done == steps or done % ft.checkpoint_every == 0:
-            runs.report(metrics, partial(finetuner.save, step=done) if rank == 0 else None)
+            training.report(metrics, partial(finetuner.save, step=done) if rank == 0 else None)
         faults.maybe_die(cfg.fault, "finetune.step")
 
 
 def check_resumable(output: Path, cfg: Config) -> None:
     """Refuse to resume into `output` if it holds a run with different content-defining settings."""
-    runs.check_resumable(output, cfg, "finetune", ("classes", "seed", "model", "finetune"), RESUMABLE_FIELDS, "fine-tuning")
+    training.check_resumable(output, cfg, "finetune", ("classes", "seed", "model", "finetune"), RESUMABLE_FIELDS, "fine-tuning")
 
 
 def check_quality_loss(cfg: Config) -> None:
@@ -338,7 +338,7 @@ def check_inputs(cfg: Config) -> ClassTable:
     check_generator(cfg.model.generator)
     check_quality_loss(cfg)
     output = Path(cfg.finetune.output).expanduser()
-    runs.check_output_dir(output, "finetune.output")
+    training.check_output_dir(output, "finetune.output")
     if output.is_dir():
         check_resumable(output.resolve(), cfg)
     return table
@@ -364,7 +364,7 @@ def finetune(cfg: Config, table: ClassTable | None = None) -> Path:
         return f"L={m['loss']:.3f} in={m['loss_in']:.3f} en={m['loss_en']:.3f} q={m['loss_q']:.3f} D={m['d_acc_real']:.2f}/{m['d_acc_fake']:.2f}"
 
     progress = MetricsProgress(output / "metrics.jsonl", total_steps(cfg, len(table)), "finetune", postfix=postfix)
-    result = runs.fit(train_loop_per_worker, dataclasses.asdict(cfg), cfg.finetune, output, progress)
+    result = training.fit(train_loop_per_worker, dataclasses.asdict(cfg), cfg.finetune, output, progress)
     with result.checkpoint.as_directory() as directory:
         export_lora(Path(directory) / ADAPTER_FILE, output, cfg.finetune)
         (output / DISC_FILE).write_bytes((Path(directory) / DISC_FILE).read_bytes())

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from functools import partial
 
-from lbgen.classes import ClassTable
 from lbgen.config import Config
-from lbgen.seeds import derive_seed
+from lbgen.data.classes import ClassTable
+from lbgen.runtime.seeds import derive_seed
 
 
 def num_shards(num_classes: int, cfg: Config) -> int:

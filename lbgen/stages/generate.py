@@ -6,9 +6,9 @@ Pipeline (each stage streams; memory does not grow with the dataset size):
               -> map_batches(GenerateBatch)    diffusion (+ LoRA) on actors: pixels (B, H, W, 3) uint8
               -> map_batches(ScoreBatch)       CLIP score / zero-shot agreement, IQA score on actors
               -> map_batches(encode_images)    PNG/JPEG/WebP bytes, CPU tasks
-              -> driver: ShardAssembler        whole shards written atomically (lbgen.dataset)
+              -> driver: ShardAssembler        whole shards written atomically (lbgen.data.dataset)
 
-The output (and the LoRA) may be a local path or an object-store URI (`lbgen.storage`).
+The output (and the LoRA) may be a local path or an object-store URI (`lbgen.data.storage`).
 
 An image's seed is a pure function of (run seed, label, index) and every image draws
 its noise from its own generator, so batch size, actor count and resume never change
@@ -30,10 +30,9 @@ from functools import partial
 import numpy as np
 import torch
 
-from lbgen import faults
-from lbgen.classes import ClassTable, load_class_table
 from lbgen.config import Config, ConfigError, from_dict, to_yaml
-from lbgen.dataset import (
+from lbgen.data.classes import ClassTable, load_class_table
+from lbgen.data.dataset import (
     CARD,
     DATA_DIR,
     FORMAT,
@@ -52,11 +51,12 @@ from lbgen.dataset import (
     write_json_atomic,
     write_shard,
 )
+from lbgen.data.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
+from lbgen.data.storage import Location, locate
 from lbgen.models.generator import LORA_FILE
-from lbgen.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
-from lbgen.precision import weight_dtype
-from lbgen.runs import check_output_dir, differences, use_gpu
-from lbgen.storage import Location, locate
+from lbgen.runtime import faults
+from lbgen.runtime.precision import weight_dtype
+from lbgen.runtime.training import check_output_dir, differences, use_gpu
 
 # Settings that do not change a single row: a resumed run may change them.
 RESUMABLE_FIELDS = {"output", "batch_size", "workers", "cpus_per_worker", "use_gpu", "overwrite"}
@@ -97,7 +97,7 @@ def check_lora(directory: str | None) -> str | None:
 
 
 def load_lora(data: bytes, where: str) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA safetensors file's bytes (read through `lbgen.storage`: local or a URI)."""
+    """The tensors of a LoRA safetensors file's bytes (read through `lbgen.data.storage`: local or a URI)."""
     from safetensors.torch import load
 
     try:
@@ -147,8 +147,8 @@ class GenerateBatch:
     """
 
     def __init__(self, config: dict, device: str = "cpu"):
+        from lbgen.method.sampler import encode_prompts
         from lbgen.models.generator import create_generator, create_scheduler
-        from lbgen.sampler import encode_prompts
 
         cfg = from_dict(Config, config)
         gen = cfg.generate
@@ -170,7 +170,7 @@ class GenerateBatch:
 
     def _sample(self, seeds: list[int], prompts: list[str]) -> np.ndarray:
         """(len(seeds), H, W, 3) uint8 pixels of one micro-batch, run padded to `micro_batch` images."""
-        from lbgen.sampler import decode, denoise, encode_prompts, initial_latents
+        from lbgen.method.sampler import decode, denoise, encode_prompts, initial_latents
 
         gen, rows = self.cfg.generate, len(seeds)
         seeds, prompts = _pad_rows(seeds, gen.micro_batch), _pad_rows(prompts, gen.micro_batch)

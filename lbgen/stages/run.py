@@ -36,7 +36,7 @@ def stage_configs(cfg: Config) -> Config:
 
 
 def _generated_whole(directory: Path) -> bool:
-    from lbgen.dataset import read_manifest
+    from lbgen.data.dataset import read_manifest
 
     data = read_manifest(directory)
     return data is not None and len(data.get("shards", {})) == data.get("num_shards", -1) and "totals" in data
@@ -58,10 +58,10 @@ def stage_complete(stage: str, directory: Path) -> bool:
 
 def check_inputs(cfg: Config) -> None:
     """Refuse a bad class table, generator, quality metric or run directory before any stage starts."""
-    from lbgen.classes import load_class_table
-    from lbgen.finetune import check_quality_loss
+    from lbgen.data.classes import load_class_table
     from lbgen.models.generator import check_generator
-    from lbgen.runs import check_output_dir
+    from lbgen.runtime.training import check_output_dir
+    from lbgen.stages.finetune import check_quality_loss
 
     require_local(cfg, "run")
     load_class_table(cfg.classes)
@@ -72,12 +72,12 @@ def check_inputs(cfg: Config) -> None:
 
 def run(cfg: Config, log=print) -> Path:
     """Run every stage not yet complete under `cfg.run.output`, then write the report; returns that directory."""
-    from lbgen.downstream import make_downstream
-    from lbgen.evaluate import evaluate
-    from lbgen.finetune import finetune
-    from lbgen.generate import generate
-    from lbgen.pretrain import pretrain
-    from lbgen.report import build_report
+    from lbgen.data.downstream import make_downstream
+    from lbgen.stages.evaluate import evaluate
+    from lbgen.stages.finetune import finetune
+    from lbgen.stages.generate import generate
+    from lbgen.stages.pretrain import pretrain
+    from lbgen.stages.report import build_report
 
     check_inputs(cfg)
     cfg = stage_configs(cfg)

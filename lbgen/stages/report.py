@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from lbgen.config import Config, ConfigError, ReportConfig, from_dict, load_yaml
-from lbgen.dataset import DATA_DIR, read_manifest, read_stats, summarize
+from lbgen.data.dataset import DATA_DIR, read_manifest, read_stats, summarize
 from lbgen.errors import ReportError  # noqa: F401  (raised here; defined with the others)
 
 REPORT_HTML = "report.html"
@@ -125,7 +125,7 @@ def read_text(path: Path) -> str:
 
 
 def read_image(path: Path) -> Image.Image:
-    from lbgen.transforms import decode_image
+    from lbgen.data.transforms import decode_image
 
     try:
         return decode_image(path.read_bytes())
@@ -163,7 +163,7 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def status_section(report: Report, run_dir: Path) -> None:
-    from lbgen.run import STAGES, stage_complete
+    from lbgen.stages.run import STAGES, stage_complete
 
     report.add("## Stages")
     rows = []
@@ -204,7 +204,7 @@ def finetune_section(report: Report, directory: Path) -> None:
 
 def grid_tiles(grid: Image.Image, count: int, path: Path) -> list[Image.Image]:
     """Cut a sample grid (finetune's `save_grid` of `count` images) back into its tiles, in label order."""
-    from lbgen.finetune import GRID_COLUMNS, GRID_PADDING
+    from lbgen.stages.finetune import GRID_COLUMNS, GRID_PADDING
 
     columns = min(GRID_COLUMNS, count)
     rows = math.ceil(count / columns)
@@ -220,7 +220,7 @@ def samples_section(report: Report, directory: Path) -> None:
     """Per class, the sample from the first grid (before fine-tuning) beside the one from the last."""
     from matplotlib.figure import Figure
 
-    from lbgen.classes import load_class_table
+    from lbgen.data.classes import load_class_table
 
     report.add("### Samples per class, before and after fine-tuning")
     grids = sorted((directory / "samples").glob("step-*.png"))
@@ -333,7 +333,7 @@ def choose_rows(labels: np.ndarray, per_class: int, seed: int) -> dict[int, np.n
 
     Each class draws from its own seed, so a class's choice does not depend on the other classes.
     """
-    from lbgen.seeds import derive_seed
+    from lbgen.runtime.seeds import derive_seed
 
     chosen = {}
     for label in np.unique(labels):
@@ -380,8 +380,8 @@ def dataset_diversity(shards: list[Path], labels: np.ndarray, cfg: Config, per_c
     """
     import torch
 
+    from lbgen.data.transforms import decode_pixels
     from lbgen.models.clip import create_clip
-    from lbgen.transforms import decode_pixels
 
     chosen = {label: rows for label, rows in choose_rows(labels, per_class, cfg.seed).items() if len(rows) >= 2}
     if not chosen:
@@ -404,7 +404,7 @@ def on_a_gpu_if_any(fn: Callable, *args, num_gpus: float | None = None):
     """`fn(*args)` in a Ray task holding `num_gpus` GPUs; by default one when the attached Ray
     cluster has GPUs (a cluster's driver often has none: CLIP ViT-L on CPU takes seconds per
     image), else `fn(*args)` right here."""
-    from lbgen.runs import use_gpu
+    from lbgen.runtime.training import use_gpu
 
     if num_gpus is None:
         num_gpus = 1 if use_gpu(None) else 0

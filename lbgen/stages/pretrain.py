@@ -6,7 +6,7 @@ filter, decode, random resized crop + flip, uint8 out) in Ray Data tasks on CPU 
 training device. `Pretrainer` is one worker's model, optimiser and schedule in
 plain PyTorch; `train_loop_per_worker` is the thin Ray Train function around it;
 `pretrain(cfg)` is the driver. Outputs: `backbone.safetensors` + `model.json`
-(see `lbgen.backbones`), `metrics.jsonl` (one line per epoch), `config.yaml`,
+(see `lbgen.models.backbones`), `metrics.jsonl` (one line per epoch), `config.yaml`,
 `shards.json` and Ray Train checkpoints (re-running the command resumes).
 """
 
@@ -24,16 +24,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lbgen import runs, storage
-from lbgen.backbones import export_backbone
-from lbgen.classes import load_class_table
 from lbgen.config import Config, ConfigError, from_dict, require_local, to_yaml
-from lbgen.precision import MixedPrecision
-from lbgen.progress import MetricsProgress
-from lbgen.runs import MetricsLog
-from lbgen.seeds import derive_seed
-from lbgen.shards import RowFilter, ShardError, ShardSet, open_shards
-from lbgen.transforms import ImageTransform, decode_batch, normalize
+from lbgen.data import storage
+from lbgen.data.classes import load_class_table
+from lbgen.data.shards import RowFilter, ShardError, ShardSet, open_shards
+from lbgen.data.transforms import ImageTransform, decode_batch, normalize
+from lbgen.models.backbones import export_backbone
+from lbgen.runtime import training
+from lbgen.runtime.precision import MixedPrecision
+from lbgen.runtime.progress import MetricsProgress
+from lbgen.runtime.seeds import derive_seed
+from lbgen.runtime.training import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,8 @@ class Pretrainer:
     def load(self, directory: Path) -> int:
         """Restore a checkpoint written by `save`; returns the number of epochs done."""
         directory = Path(directory)
-        self.model.load_state_dict(runs.load_tensors(directory / MODEL_FILE, self.device))
-        state = runs.load_train_state(directory / TRAIN_STATE_FILE, self.device)
+        self.model.load_state_dict(training.load_tensors(directory / MODEL_FILE, self.device))
+        state = training.load_train_state(directory / TRAIN_STATE_FILE, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -230,7 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
     shuffle = pt.shuffle_buffer or None
 
     if start >= pt.epochs:  # nothing left: hand the restored weights back for the export
-        runs.report({"epoch": start, "step": trainer.step}, partial(trainer.save, epoch=start) if rank == 0 else None)
+        training.report({"epoch": start, "step": trainer.step}, partial(trainer.save, epoch=start) if rank == 0 else None)
     for epoch in range(start, pt.epochs):
         batches = train_shard.iter_torch_batches(batch_size=pt.batch_size, local_shuffle_buffer_size=shuffle, drop_last=True, prefetch_batches=2)
         record = {"epoch": epoch + 1, **trainer.train_epoch(batches)}
@@ -241,7 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics_log.write(record)
         done = epoch + 1
         last = done == pt.epochs or done % pt.checkpoint_every == 0
-        runs.report(record, partial(trainer.save, epoch=done) if rank == 0 and last else None)
+        training.report(record, partial(trainer.save, epoch=done) if rank == 0 and last else None)
 
 
 def _absolute(cfg: Config) -> Config:
@@ -272,7 +273,7 @@ def check_inputs(cfg: Config) -> ShardSet:
     import timm
 
     require_local(cfg, "pretrain")
-    runs.check_output_dir(cfg.pretrain.output, "pretrain.output")
+    training.check_output_dir(cfg.pretrain.output, "pretrain.output")
     # Here, not in the workers: Ray Train would retry a worker's error `max_failures` times.
     if not timm.is_model(cfg.pretrain.model):
         raise ConfigError(f"pretrain.model: {cfg.pretrain.model!r} is not a timm model (see timm.list_models())")
@@ -291,7 +292,7 @@ def pretrain(cfg: Config, shards: ShardSet | None = None) -> Path:
     output = Path(pt.output)
     table = load_class_table(cfg.classes)
     output.mkdir(parents=True, exist_ok=True)
-    runs.check_resumable(output, cfg, "pretrain", ("classes", "seed", "pretrain"), RESUMABLE_FIELDS)
+    training.check_resumable(output, cfg, "pretrain", ("classes", "seed", "pretrain"), RESUMABLE_FIELDS)
     (output / "config.yaml").write_text(to_yaml(cfg))
     (output / "shards.json").write_text(json.dumps(shards.to_json(), indent=2) + "\n")
 
@@ -310,7 +311,7 @@ def pretrain(cfg: Config, shards: ShardSet | None = None) -> Path:
         return f"loss={m['train_loss']:.3f}{val} {m['images_per_s']:.0f} img/s"
 
     progress = MetricsProgress(output / "metrics.jsonl", pt.epochs, "pretrain", key="epoch", postfix=postfix)
-    result = runs.fit(train_loop_per_worker, loop_config, pt, output, progress, datasets)
+    result = training.fit(train_loop_per_worker, loop_config, pt, output, progress, datasets)
     with result.checkpoint.as_directory() as directory:
         export_checkpoint(Path(directory), cfg, output)
     return output

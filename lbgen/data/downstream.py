@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from lbgen.data.transforms import ImageTransform, decode_pixels, transform_pixels
 from lbgen.errors import DownstreamError  # noqa: F401  (raised here; defined with the others)
-from lbgen.seeds import derive_seed
-from lbgen.transforms import ImageTransform, decode_pixels, transform_pixels
+from lbgen.runtime.seeds import derive_seed
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
 STYLES = ("filled", "outline")

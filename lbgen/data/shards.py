@@ -5,7 +5,7 @@ Hugging Face `datasets` Image convention for the image column). Reading checks
 every shard before training starts: an unreadable file, a missing or mistyped
 column, or a label that disagrees with the class table is an error naming the
 file (or, with `skip_bad_shards`, a warning and a count), never a wrong label.
-A `--data` entry is a local path or an object-store URI (`lbgen.storage`).
+A `--data` entry is a local path or an object-store URI (`lbgen.data.storage`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lbgen.classes import ClassTable
-from lbgen.dataset import ARROW_SCHEMA, PARQUET_OPTIONS
+from lbgen.data.classes import ClassTable
+from lbgen.data.dataset import ARROW_SCHEMA, PARQUET_OPTIONS
+from lbgen.data.storage import Location, locate
 from lbgen.errors import ShardError  # noqa: F401  (raised here; defined with the others)
-from lbgen.seeds import derive_seed
-from lbgen.storage import Location, locate
+from lbgen.runtime.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 

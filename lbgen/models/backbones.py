@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from lbgen.errors import BackboneError  # noqa: F401  (raised here; defined with the others)
-from lbgen.runs import umask_mode
-from lbgen.seeds import derive_seed
+from lbgen.runtime.seeds import derive_seed
+from lbgen.runtime.training import umask_mode
 
 WEIGHTS_FILE = "backbone.safetensors"
 META_FILE = "model.json"
