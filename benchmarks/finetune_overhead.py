@@ -41,7 +41,8 @@ def ray_step_time(cfg, steps: int, threads: int) -> float:
     import dataclasses
 
     with tempfile.TemporaryDirectory() as tmp:
-        ft_cfg = dataclasses.replace(cfg.finetune, output=tmp, max_steps=steps + 1, cpus_per_worker=float(threads))
+        cluster = dataclasses.replace(cfg.finetune.cluster, cpus_per_worker=float(threads))
+        ft_cfg = dataclasses.replace(cfg.finetune, output=tmp, max_steps=steps + 1, cluster=cluster)
         finetune(dataclasses.replace(cfg, finetune=ft_cfg))
         stamps = [json.loads(line)["time"] for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()[1:]]
     # Step 0's line closes the warm-up step; the span after it covers `steps` steps.
@@ -64,7 +65,7 @@ def main() -> None:
     under_ray = ray_step_time(cfg, args.steps, args.threads)
     plain_b = plain_step_time(cfg, args.steps, args.threads)
     plain = statistics.mean([plain_a, plain_b])
-    print(f"preset={args.preset} steps={args.steps} threads={args.threads} checkpoint_every={cfg.finetune.checkpoint_every}")
+    print(f"preset={args.preset} steps={args.steps} threads={args.threads} checkpoint_every={cfg.finetune.cluster.checkpoint_every}")
     print(f"plain loop : {plain:.3f} s/step  (runs: {plain_a:.3f}, {plain_b:.3f})")
     print(f"Ray Train  : {under_ray:.3f} s/step  (1 worker, checkpoints included)")
     print(f"ratio Ray/plain = {under_ray / plain:.3f}  (target <= 1.10)")

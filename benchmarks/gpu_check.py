@@ -157,7 +157,7 @@ def check_finetune_step(settings: dict, precision: str, device: torch.device, bu
     from lbgen.config import resolve
     from lbgen.stages.finetune import Finetuner
 
-    ft = {**settings["ft"], "mixed_precision": precision, "gradient_checkpointing": True,
+    ft = {**settings["ft"], "cluster": {"mixed_precision": precision}, "gradient_checkpointing": True,
           "lora_rank": 128, "lora_alpha": 128, "d_warmup_passes": 0}
     cfg = resolve(settings["preset"], overrides={"model": {"resolution": settings["resolution"]}, "finetune": ft})
     log(f"fine-tuning {precision}: building Finetuner "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import platform
@@ -29,11 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from lbgen.config import resolve
 from lbgen.data.downstream import render_shape
-from lbgen.data.shards import image_bytes, write_shard
+from lbgen.data.format import ARROW_SCHEMA, write_shard
 from lbgen.data.transforms import decode_pixels, transform_pixels
 from lbgen.runtime.seeds import derive_seed
 from lbgen.stages.pretrain import Pretrainer, build_dataset, check_data, image_transform
@@ -45,7 +47,9 @@ def make_images(root: Path, count: int, size: int, shards: int, classes: int, qu
     for index in range(count):
         label = index % classes
         seed = derive_seed(0, "bench", index)
-        data = image_bytes(render_shape(label % 10, np.random.default_rng(seed), size), quality=quality)
+        buffer = io.BytesIO()
+        render_shape(label % 10, np.random.default_rng(seed), size).save(buffer, format="JPEG", quality=quality)
+        data = buffer.getvalue()
         folder = root / "folder" / f"{label:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{index:06d}.jpg").write_bytes(data)
@@ -53,7 +57,8 @@ def make_images(root: Path, count: int, size: int, shards: int, classes: int, qu
                      "class_name": f"class {label}", "prompt": "", "seed": seed, "index": index, "width": size, "height": size,
                      "clip_score": 1.0, "clip_agrees": True, "iqa_score": 1.0, "generator": "bench"})
     for i in range(shards):
-        write_shard(root / "shards" / "data" / f"train-{i:05d}-of-{shards:05d}.parquet", rows[i::shards])
+        table = pa.Table.from_pylist(rows[i::shards], schema=ARROW_SCHEMA)
+        write_shard(table, root / "shards" / "data" / f"train-{i:05d}-of-{shards:05d}.parquet", row_group_rows=100)
     return root / "shards", root / "folder"
 
 
@@ -117,7 +122,7 @@ def trainer_loop(config: dict) -> None:
 
     cfg = from_dict(Config, config["cfg"])
     pt, steps = cfg.pretrain, config["steps"]
-    torch.set_num_threads(max(1, int(pt.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(pt.cluster.cpus_per_worker)))
     trainer = Pretrainer(cfg, config["classes"], steps_per_epoch=steps)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (pt.batch_size, pt.image_size, pt.image_size, 3), dtype=torch.uint8, generator=g)
@@ -174,7 +179,7 @@ def main() -> None:
         shards, folder = make_images(Path(tmp), args.images, args.size, args.shards, args.classes, args.quality)
         cfg = resolve("tiny", overrides={"pretrain": {
             "data": [str(shards)], "image_size": args.crop, "batch_size": args.batch_size, "val_fraction": 0.0,
-            "crop_scale": [0.08, 1.0], "model": args.model, "cpus_per_worker": args.cpus_per_worker, "shuffle_buffer": 1000,
+            "crop_scale": [0.08, 1.0], "model": args.model, "cluster": {"cpus_per_worker": args.cpus_per_worker}, "shuffle_buffer": 1000,
             "decode_batch_size": 64, "read_block_rows": args.read_block_rows,
         }, "classes": str(table_file)})
         found = check_data(cfg)

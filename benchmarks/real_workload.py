@@ -463,7 +463,7 @@ def finetune_config(geometry: dict, precision: str, classes: str | None = None):
     overrides = {
         "model": {"resolution": geometry["resolution"]},
         "finetune": {"batch_size": geometry["batch"], "grad_steps": geometry["grad_steps"],
-                     "num_steps": geometry["steps"], "mixed_precision": precision, "gradient_checkpointing": True,
+                     "num_steps": geometry["steps"], "cluster": {"mixed_precision": precision}, "gradient_checkpointing": True,
                      "d_warmup_passes": 0},
     }
     if classes:
@@ -476,7 +476,7 @@ def real_step(cfg, timer_factory=None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     log(f"building Finetuner (sd15-shape, {cfg.model.resolution} px, B={cfg.finetune.batch_size}, "
-        f"K={cfg.finetune.grad_steps} of T={cfg.finetune.num_steps}, {cfg.finetune.mixed_precision})")
+        f"K={cfg.finetune.grad_steps} of T={cfg.finetune.num_steps}, {cfg.finetune.cluster.mixed_precision})")
     finetuner = Finetuner(cfg, device="cpu")
     resident = finetuner_resident_bytes(finetuner)
     timer = timer_factory(finetuner) if timer_factory else None
@@ -638,9 +638,9 @@ def paper_run(batch: int) -> dict:
     images = classes * cfg.generate.images_per_class
     return {
         "finetune_steps": total_steps(cfg, classes),
-        "finetune_workers": ft.workers,
+        "finetune_workers": ft.cluster.workers,
         "finetune_batch": ft.batch_size,
-        "d_warmup_steps": ft.d_warmup_passes * math.ceil(classes / (ft.batch_size * ft.workers)),
+        "d_warmup_steps": ft.d_warmup_passes * math.ceil(classes / (ft.batch_size * ft.cluster.workers)),
         "images": images,
         "pretrain_images": round(images * (1 - cfg.pretrain.val_fraction)),
         "pretrain_epochs": cfg.pretrain.epochs,
@@ -846,7 +846,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="classes per fine-tuning worker per step (B)")
     parser.add_argument("--grad-steps", type=int, help="fine-tuning steps that record a graph (K); default: 5 "
                         "(the paper's), or --steps if fewer")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"], help="finetune.mixed_precision")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"], help="finetune.cluster.mixed_precision")
     parser.add_argument("--utilization", type=float, default=0.35,
                         help="model-FLOPs utilisation assumed for GPU-hours: the public A100 SD 1.5 figure implies "
                              "~0.4 for generation at batch 16; LoRA training with recomputation and small batches "

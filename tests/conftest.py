@@ -31,10 +31,7 @@ def ray_local():
 
 @pytest.fixture
 def tiny_cfg():
-    """A factory: the tiny preset with nested overrides."""
-    from lbgen.config import resolve
+    """A factory: the tiny preset with nested overrides (`tests/configs.py`)."""
+    from configs import tiny
 
-    def make(**sections):
-        return resolve("tiny", overrides=sections)
-
-    return make
+    return tiny

@@ -20,7 +20,13 @@ def test_help_imports_neither_torch_nor_ray():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-SECTIONS = [Config] + [tp for tp in typing.get_type_hints(Config).values() if dataclasses.is_dataclass(tp)]
+def _sections(cls) -> list:
+    """`cls` and every dataclass nested in it (a section, a section's `cluster`)."""
+    nested = [tp for tp in typing.get_type_hints(cls).values() if dataclasses.is_dataclass(tp)]
+    return [cls] + [s for tp in nested for s in _sections(tp) if s is not cls]
+
+
+SECTIONS = list(dict.fromkeys(_sections(Config)))
 
 
 @pytest.mark.parametrize("section", SECTIONS, ids=lambda c: c.__name__)

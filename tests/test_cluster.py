@@ -56,7 +56,7 @@ def test_generation_runs_on_single_gpu_spot_nodes_and_training_on_on_demand_a100
     assert len(generation) >= 2 and all(t["resources"]["GPU"] == 1 for t in generation)
     # The training jobs' accelerator type exists on on-demand nodes only, with enough GPUs and CPUs
     # for all of their workers on one node.
-    for job in (in1k("finetune").finetune, in1k("pretrain").pretrain):
+    for job in (in1k("finetune").finetune.cluster, in1k("pretrain").pretrain.cluster):
         resource = f"accelerator_type:{job.accelerator_type}"
         hosts = [t for t in types.values() if resource in t["resources"]]
         assert hosts and not any(is_spot(t) for t in hosts)

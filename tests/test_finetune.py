@@ -47,6 +47,7 @@ def _mean_eval(ft: Finetuner):
         return cos, ft.quality(images).mean().item()
 
 
+@pytest.mark.slow
 def test_alignment_only_run_raises_clip_cosine_on_held_out_seeds(tiny_cfg):
     ft = Finetuner(tiny_cfg(finetune=dict(w_en=0.0, w_in=1.0, lambda_q=0.0, lr=0.1, grad_clip=1e6)))
     before, _ = _mean_eval(ft)
@@ -66,6 +67,7 @@ def test_quality_only_run_raises_iqa_score(tiny_cfg):
     assert sum(b > a for a, b in zip(scores, scores[1:])) >= 4
 
 
+@pytest.mark.slow
 def test_discriminator_warmup_beats_chance(tiny_cfg):
     ft = Finetuner(tiny_cfg(finetune=dict(d_warmup_passes=4, d_lr=1e-2)))
 
@@ -92,7 +94,7 @@ def test_class_batches_walk_the_table_in_epochs():
 
 
 def test_total_steps_from_epochs(tiny_cfg):
-    cfg = tiny_cfg(finetune=dict(max_steps=None, epochs=3.0, batch_size=4, workers=2))
+    cfg = tiny_cfg(finetune=dict(max_steps=None, epochs=3.0, batch_size=4, cluster=dict(workers=2)))
     assert total_steps(cfg, 1000) == 375
 
 
@@ -139,6 +141,7 @@ def _ddp_loop(config):
     save_file(ft.lora_state_dict(), f"{config['out']}/rank{ctx.get_world_rank()}.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_two_workers_keep_identical_lora(ray_local, tiny_cfg, tmp_path):
     import dataclasses
@@ -165,7 +168,7 @@ def _weights(directory: Path) -> dict:
 
 def _tiny_run(output: Path, max_steps: int = 4, **sections) -> Path:
     """Tiny fine-tuning into `output`, a checkpoint every 2 steps."""
-    settings = dict(output=str(output), max_steps=max_steps, checkpoint_every=2, lr=0.05)
+    settings = dict(output=str(output), max_steps=max_steps, cluster=dict(checkpoint_every=2), lr=0.05)
     return finetune(resolve("tiny", overrides={"finetune": settings, **sections}))
 
 
@@ -184,6 +187,7 @@ def _logged_steps(output: Path) -> list:
     return [json.loads(line).get("step") for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_resumed_run_equals_uninterrupted_run(straight_run, tmp_path):
     _tiny_run(tmp_path / "a", max_steps=2)  # "stopped" after 2 steps
@@ -193,6 +197,7 @@ def test_resumed_run_equals_uninterrupted_run(straight_run, tmp_path):
     assert (resumed / "samples" / "step-000004.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_worker_killed_mid_run_is_restored_from_its_last_checkpoint(straight_run, tmp_path):
     """The worker dies hard after step 3; Ray Train restarts it from the step-2 checkpoint and the run
@@ -214,6 +219,7 @@ def test_resume_refuses_other_settings(ray_local, tiny_cfg, tmp_path):
         finetune(tiny_cfg(finetune=dict(output=str(tmp_path))))
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_cli_finetune_end_to_end(ray_local, tmp_path, capsys):
     out = tmp_path / "ft"
@@ -237,6 +243,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_cli_worker_error_is_one_clear_line(ray_local, tmp_path, capsys):
     out = tmp_path / "ft"

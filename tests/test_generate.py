@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import random
 import shutil
@@ -11,32 +12,32 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from configs import tiny_generate
 from PIL import Image
+from rows import assert_same_row
 
 from lbgen.cli import main as cli_main
 from lbgen.config import Config, ConfigError, FaultConfig, resolve
-from lbgen.data.classes import ClassTable, ClassTableError, load_class_table
-from lbgen.data.dataset import DatasetError, inspect_dataset, label_names
-from lbgen.data.plan import num_shards
+from lbgen.data.classes import ClassTableError, load_class_table
+from lbgen.data.images import encode_images
+from lbgen.data.reader import inspect_dataset
 from lbgen.data.storage import locate
+from lbgen.data.writer import claim_output
+from lbgen.errors import DatasetError
 from lbgen.stages.generate import (
     GenerateBatch,
     LoraError,
     ScoreBatch,
     check_lora,
-    encode_images,
     generate,
     generator_id,
     plan,
-    prepare_output,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,10 +52,8 @@ def table_file(tmp_path_factory) -> Path:
     return path
 
 
-def tiny_cfg(table: Path | str, output: Path, **generate) -> Config:
-    settings = {"images_per_class": PER_CLASS, "rows_per_shard": 2, "row_group_rows": 2, "output": str(output),
-                "batch_size": 2, **generate}
-    return resolve("tiny", overrides={"classes": str(table), "generate": settings})
+# The tiny preset on a class table file, into an output directory.
+tiny_cfg = partial(tiny_generate, images_per_class=PER_CLASS)
 
 
 def read_rows(output: Path) -> dict:
@@ -69,15 +68,9 @@ def read_rows(output: Path) -> dict:
     return rows
 
 
-SCORES = ("clip_score", "iqa_score")
-
-
-def assert_same_row(a: dict, b: dict) -> None:
-    """Same pixels and metadata; scores equal up to float rounding (CLIP/IQA kernels vary with batch size)."""
+def assert_same_pixels_and_row(a: dict, b: dict) -> None:
     np.testing.assert_array_equal(a["pixels"], b["pixels"])
-    skip = ("pixels", "image") + SCORES
-    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
-    np.testing.assert_allclose([a[k] for k in SCORES], [b[k] for k in SCORES], rtol=1e-4, atol=1e-6)
+    assert_same_row(a, b, skip=("pixels", "image"))
 
 
 def assert_same_dataset(a: Path, b: Path) -> None:
@@ -85,58 +78,8 @@ def assert_same_dataset(a: Path, b: Path) -> None:
     rows_a, rows_b = read_rows(a), read_rows(b)
     assert rows_a.keys() == rows_b.keys()
     for key in rows_a:
-        assert_same_row(rows_a[key], rows_b[key])
+        assert_same_pixels_and_row(rows_a[key], rows_b[key])
         assert rows_a[key]["image"] == rows_b[key]["image"], key  # PNG encoding is deterministic too
-
-
-# ---------------------------------------------------------------- plan (no models)
-
-
-def test_plan_has_every_label_index_once_and_labels_follow_rows():
-    cfg = resolve("tiny", overrides={"generate": {"images_per_class": 3, "rows_per_shard": 7}})
-    table = load_class_table(cfg.classes)
-    rows = plan(table, cfg)
-    assert len(rows) == len(table) * 3
-    assert sorted((r["label"], r["index"]) for r in rows) == [(c, i) for c in range(len(table)) for i in range(3)]
-    for r in rows:
-        assert r["class_name"] == table.names[r["label"]] and r["class_id"] == table.ids[r["label"]]
-        assert r["prompt"] == r["class_name"]
-    # Shards: deterministic contiguous blocks of 7 rows, the last one shorter.
-    assert [r["shard"] for r in rows] == [p // 7 for p in range(len(rows))]
-
-
-def test_plan_keeps_imagenet_duplicate_names_apart():
-    cfg = resolve("tiny", overrides={"classes": "imagenet1k", "generate": {"images_per_class": 1}})
-    table = load_class_table("imagenet1k")
-    rows = plan(table, cfg)
-    for name in ("missile", "sunglasses"):
-        twins = [r for r in rows if r["class_name"] == name]
-        assert len(twins) == 2 and twins[0]["label"] != twins[1]["label"]
-        assert twins[0]["class_id"] != twins[1]["class_id"] and twins[0]["seed"] != twins[1]["seed"]
-    names = label_names(table.ids, table.names)
-    assert len(set(names)) == 1000  # HF ClassLabel needs unique names
-    assert names[rows[0]["label"]] == table.names[0]
-
-
-@settings(max_examples=40, deadline=None)
-@given(classes=st.integers(1, 7), per_class=st.integers(1, 9), per_shard=st.integers(1, 25))
-def test_plan_property_every_image_once_in_order(classes, per_class, per_shard):
-    table = ClassTable(ids=tuple(f"c{i}" for i in range(classes)), names=("same",) * classes, source="mem")
-    cfg = resolve("tiny", overrides={"generate": {"images_per_class": per_class, "rows_per_shard": per_shard}})
-    rows = plan(table, cfg)
-    assert [(r["label"], r["index"]) for r in rows] == [(c, i) for c in range(classes) for i in range(per_class)]
-    sizes = Counter(r["shard"] for r in rows)
-    assert sorted(sizes) == list(range(num_shards(classes, cfg)))
-    assert all(n == per_shard for k, n in sizes.items() if k < len(sizes) - 1) and 0 < sizes[len(sizes) - 1] <= per_shard
-
-
-def test_seeds_do_not_depend_on_sharding():
-    table = load_class_table("tiny10")
-    a = {(r["label"], r["index"]): r["seed"] for r in plan(table, resolve("tiny", overrides={"generate": {"rows_per_shard": 3}}))}
-    b = {(r["label"], r["index"]): r["seed"] for r in plan(table, resolve("tiny", overrides={"generate": {"rows_per_shard": 50}}))}
-    assert a == b and len(set(a.values())) == len(a)
-    c = plan(table, resolve("tiny", overrides={"seed": 1, "generate": {"rows_per_shard": 3}}))
-    assert all(a[(r["label"], r["index"])] != r["seed"] for r in c)
 
 
 # ---------------------------------------------------------------- the generation callable, called directly
@@ -152,6 +95,7 @@ def batch_of(rows: list[dict]) -> dict:
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
+@pytest.mark.slow
 def test_generate_batch_pixels_do_not_depend_on_batching(generator, table_file):
     """Batches larger than, not a multiple of, and smaller than the micro-batch give the same pixels."""
     cfg, gen = generator
@@ -246,6 +190,7 @@ def test_image_remade_alone_equals_full_run(full_run, generator, table_file):
         np.testing.assert_array_equal(gen(batch_of([row]))["pixels"][0], rows[(row["label"], row["index"])]["pixels"])
 
 
+@pytest.mark.slow
 def test_two_actors_batch_four_equals_one_actor_batch_two(full_run, table_file, tmp_path):
     output, _ = full_run
     generate(tiny_cfg(table_file, tmp_path / "ds", workers=2, batch_size=4), show_progress=False)
@@ -266,8 +211,9 @@ def test_load_dataset_gives_pil_images_and_int_labels(full_run, ray_local):
         assert isinstance(ds[0]["image"], Image.Image) and ds[0]["image"].size == (64, 64)
         assert isinstance(ds[0]["label"], int)
         assert ds.features["label"].names == CLASSES
+        assert len(ds[0]["clip_embedding"]) == json.loads((output / "manifest.json").read_text())["embedding_dim"] == 32
     assert ray_local.data.read_parquet(str(output / "data")).count() == 24
-    assert __import__("pandas").read_parquet(output / "data").shape == (24, 13)
+    assert __import__("pandas").read_parquet(output / "data").shape == (24, 14)
 
 
 def final_shards(output: Path) -> set[str]:
@@ -304,7 +250,7 @@ def run_and_kill(cmd: list[str], output: Path, new_shards: int, delay: float) ->
 
 def assert_manifest_matches_disk(output: Path) -> None:
     """After a kill: the manifest (if any) records only whole shards that are on disk with its sha256."""
-    from lbgen.data.dataset import read_manifest, sha256_file
+    from lbgen.data.reader import read_manifest, sha256_file
 
     manifest = read_manifest(output) if (output / "manifest.json").exists() else {"shards": {}}
     for name, entry in manifest["shards"].items():
@@ -315,6 +261,7 @@ def assert_manifest_matches_disk(output: Path) -> None:
 
 # One stratum of the run per case, the point inside it drawn from the case's seeded RNG: before any
 # shard (imports, Ray attach, output claimed, actors starting), among the first shards, among the last.
+@pytest.mark.slow
 @pytest.mark.parametrize("seed, shards_from, shards_to", [(0, 0, 0), (1, 1, 5), (2, 6, 11)])
 def test_driver_killed_at_random_points_resumes_to_the_same_dataset(seed, shards_from, shards_to, full_run, table_file,
                                                                        tmp_path, ray_local):
@@ -344,6 +291,7 @@ def test_driver_killed_at_random_points_resumes_to_the_same_dataset(seed, shards
     assert cli_main(["inspect", str(output)]) == 0
 
 
+@pytest.mark.slow
 def test_generation_actor_killed_mid_batch_is_replaced(full_run, table_file, tmp_path, ray_local):
     """A GenerateBatch actor dies hard in its 3rd batch: Ray restarts it and retries the batch; nothing is
     lost or doubled."""
@@ -422,11 +370,11 @@ def test_output_left_by_a_run_killed_while_claiming_it_is_taken(tmp_path):
     output = tmp_path / "ds"
     output.mkdir()
     (output / ".manifest.json.tmp-0a1b2c3d").write_text('{"format": "lbg')
-    assert prepare_output(locate(output), {"seed": 0}, overwrite=False) is None
+    assert claim_output(locate(output), {"seed": 0}, overwrite=False) is None
     assert list(output.iterdir()) == []
     (output / "notes.txt").write_text("keep me")
     with pytest.raises(DatasetError, match="holds no manifest.json"):
-        prepare_output(locate(output), {"seed": 0}, overwrite=False)
+        claim_output(locate(output), {"seed": 0}, overwrite=False)
 
 
 @pytest.mark.parametrize("name", ["/nonexistent/sd15", "nobody-xyz/no-such-model"])
@@ -454,7 +402,7 @@ def test_non_positive_images_per_class(tmp_path, capsys):
 
 def test_cli_flags_reach_the_generate_config():
     from lbgen.cli import build_parser
-    from lbgen.config import overrides_from_args
+    from lbgen.cli.flags import overrides_from_args
 
     args = build_parser().parse_args(
         ["generate", "--classes", "tiny10", "--lora", "L", "--images-per-class", "3", "--output", "O", "--seed", "5",
@@ -495,6 +443,7 @@ def test_sd15_shape_preset_builds_the_real_architectures():
     assert count(clip) == 427_616_513
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_what_generate_wrote(full_run, table_file, tmp_path):
     copy = tmp_path / "ds"
     shutil.copytree(full_run[0], copy)

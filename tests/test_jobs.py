@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from lbgen.cli import COMMANDS, main
+from lbgen.cli import main
 from lbgen.config import PRESETS, resolve
+from lbgen.stages import STAGES
 from lbgen.stages.run import stage_configs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ def test_every_job_file_is_a_stage_and_a_setup_and_resolves_with_its_own_preset(
     files = sorted(JOBS.glob("*.yaml"))
     assert files
     for path in files:
-        stage = next((s for s in COMMANDS if path.stem.startswith(s + "-")), None)
+        stage = next((s.name for s in STAGES if path.stem.startswith(s.name + "-")), None)
         assert stage, f"{path.name} is not <stage>-<setup>.yaml"
         setup = path.stem[len(stage) + 1:]
         assert setup in PRESETS, path.name
@@ -70,9 +71,9 @@ def test_in1k_jobs_write_to_shared_storage_and_ask_for_gpus():
     assert not any(is_uri(out) for out in local)
     # The autoscaled cluster has no GPU node when a job starts: "use GPUs if the cluster has any"
     # would choose CPUs and never scale up, so every GPU stage asks for GPUs explicitly.
-    assert job("finetune", "sd15-in1k").finetune.use_gpu is True
+    assert job("finetune", "sd15-in1k").finetune.cluster.use_gpu is True
     assert job("generate", "sd15-in1k").generate.use_gpu is True
-    assert job("pretrain", "sd15-in1k").pretrain.use_gpu is True
+    assert job("pretrain", "sd15-in1k").pretrain.cluster.use_gpu is True
     assert job("evaluate", "sd15-in1k").evaluate.task_gpus >= 1
 
 
@@ -188,7 +189,7 @@ def ray_head():
 def test_submitted_generate_job_attaches_to_the_cluster_and_writes_shards(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from lbgen.data.dataset import inspect_dataset
+    from lbgen.data.reader import inspect_dataset
 
     client = JobSubmissionClient(ray_head)
     output = tmp_path / "generate"

@@ -27,9 +27,10 @@ def _lora(ft: Finetuner) -> dict:
     return {k: v.clone() for k, v in ft.lora_state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRECISIONS)
 def test_finetune_step_and_resume(tiny_cfg, tmp_path, name):
-    cfg = tiny_cfg(finetune=dict(mixed_precision=name, lr=0.05, d_warmup_passes=0))
+    cfg = tiny_cfg(finetune=dict(cluster=dict(mixed_precision=name), lr=0.05, d_warmup_passes=0))
     ft = Finetuner(cfg)
     assert ft.pipe.unet.dtype == PRECISIONS[name]  # frozen weights in the autocast dtype
     assert all(p.dtype == torch.float32 for p in ft.lora_params)  # the LoRA trains in fp32
@@ -57,7 +58,7 @@ def test_finetune_step_and_resume(tiny_cfg, tmp_path, name):
 
 @pytest.mark.parametrize("name", PRECISIONS)
 def test_pretrain_epoch(tiny_cfg, name):
-    cfg = tiny_cfg(pretrain=dict(mixed_precision=name, batch_size=8))
+    cfg = tiny_cfg(pretrain=dict(cluster=dict(mixed_precision=name), batch_size=8))
     trainer = Pretrainer(cfg, num_classes=4, steps_per_epoch=3)
     gen = torch.Generator().manual_seed(0)
     batches = [{"image": torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=gen),

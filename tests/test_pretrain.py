@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from shape_shards import shape_rows, write_shape_shards
+from shape_shards import shape_rows, write_rows, write_shape_shards
 
 from lbgen.cli import main
 from lbgen.config import ConfigError, resolve
 from lbgen.data.classes import load_class_table
-from lbgen.data.shards import ShardError, write_shard
+from lbgen.data.shards import ShardError
 from lbgen.data.transforms import decode_batch
 from lbgen.stages.pretrain import check_data, image_transform, pretrain, row_filter
 
@@ -133,7 +133,7 @@ def test_cli_reads_the_shards_once(shards, tmp_path, monkeypatch):
 def test_undecodable_image_names_file_and_row(tmp_path):
     rows = shape_rows(TABLE, per_class=2, size=16)
     rows[5]["image"] = {"bytes": b"not an image", "path": None}
-    path = write_shard(tmp_path / "data" / "train-00000-of-00001.parquet", rows)
+    path = write_rows(tmp_path / "data" / "train-00000-of-00001.parquet", rows)
     table = pq.read_table(path).append_column("path", pa.array([str(path)] * len(rows)))
     cfg = tiny([tmp_path], tmp_path / "out", val_fraction=0.0)
     with pytest.raises(ShardError, match=rf"{path}: row index {rows[5]['index']}: image bytes do not decode"):

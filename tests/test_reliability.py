@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lbgen import cli
-from lbgen.config import Config, _leaf_fields, resolve
+from lbgen.config import Config, leaf_fields, resolve
 from lbgen.data.classes import ClassTableError, load_class_table
 
 
@@ -213,7 +213,7 @@ def test_long_names_are_truncated_to_the_text_context_and_encode(tmp_path):
 
 
 def test_ten_thousand_classes_load_and_plan_fast(tmp_path, cli_until_ray):
-    from lbgen.data.dataset import label_names
+    from lbgen.data.format import label_names
     from lbgen.data.plan import num_shards, shard_rows
 
     path = tmp_path / "big.txt"
@@ -234,7 +234,7 @@ def test_ten_thousand_classes_load_and_plan_fast(tmp_path, cli_until_ray):
 
 # ---------------------------------------------------------------- config files (item 4)
 
-FIELDS = [".".join(path) for path, _, _ in _leaf_fields(Config)]
+FIELDS = [".".join(path) for path, _, _ in leaf_fields(Config)]
 VALUES = st.one_of(
     st.integers(-3, 10**6), st.integers(min_value=2**62), st.floats(allow_nan=True, allow_infinity=True),
     st.floats(-2, 2), st.booleans(), st.none(), st.text(max_size=8), st.lists(st.integers(-1, 3), max_size=3),
@@ -553,13 +553,14 @@ def full_after_shards(count: int):
     return FullDisk
 
 
+@pytest.mark.slow
 def test_disk_full_stops_generate_keeping_whole_shards_and_resume_completes(tmp_path, monkeypatch, capsys, ray_local):
     """A real size-limited tmpfs where mounting works (root), else a shard writer that fails like one."""
     import numpy as np
     from PIL import Image
 
     import lbgen.data.storage
-    from lbgen.data.dataset import inspect_dataset
+    from lbgen.data.reader import inspect_dataset
     from lbgen.stages.generate import GenerateBatch, generate, plan
 
     table = tmp_path / "three.txt"

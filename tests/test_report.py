@@ -11,23 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from lbgen.cli import main
 from lbgen.config import ReportConfig, resolve, to_yaml
-from lbgen.data.dataset import DATA_DIR, FORMAT, schema, shard_name, write_json_atomic, write_shard
+from lbgen.data.format import DATA_DIR, FORMAT, schema, shard_name, write_shard
+from lbgen.data.writer import write_json_atomic
 from lbgen.stages.report import (
     FILES_DIR,
     ReportError,
     build_report,
-    choose_rows,
-    dataset_diversity,
-    grid_tiles,
-    mean_pairwise_distance,
-    on_a_gpu_if_any,
-    read_images,
 )
 
 SIZE = 16  # pixels of the constructed dataset's images
@@ -46,6 +40,11 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def stand_in_embedding(pixels: np.ndarray) -> list[float]:
+    """A CLIP embedding's stand-in that is a function of the pixels: equal images, equal embeddings."""
+    return np.random.default_rng(list(pixels.tobytes()[:32])).standard_normal(8).tolist()
+
+
 def write_dataset(directory: Path, images: list[tuple[int, np.ndarray]], names: list[str], cfg) -> list[Path]:
     """Two shards (row groups of 2 rows) of (label, pixels) rows, their manifest and config: a whole dataset."""
     directory.mkdir(parents=True)
@@ -55,7 +54,7 @@ def write_dataset(directory: Path, images: list[tuple[int, np.ndarray]], names: 
         "image": {"bytes": png(pixels), "path": f"{label}_{i}.png"}, "label": label, "class_id": f"n{label}",
         "class_name": names[label], "prompt": names[label], "seed": i, "index": i, "width": SIZE, "height": SIZE,
         "clip_score": float(rng.uniform(0, 0.3)), "clip_agrees": bool(label == 1), "iqa_score": float(rng.uniform()),
-        "generator": "test",
+        "clip_embedding": stand_in_embedding(pixels), "generator": "test",
     } for i, (label, pixels) in enumerate(images)]
     half = len(rows) // 2
     paths, entries = [], {}
@@ -72,10 +71,11 @@ def write_dataset(directory: Path, images: list[tuple[int, np.ndarray]], names: 
 
 
 def write_finetune(directory: Path, cfg, colours: np.ndarray) -> None:
-    """metrics.jsonl (warm-up + 3 steps), config.yaml, and two sample grids with one flat colour per class."""
+    """metrics.jsonl (warm-up + 3 steps), config.yaml, and the samples of two steps with one flat colour per class."""
     import torch
 
-    from lbgen.stages.finetune import save_grid
+    from lbgen.data.classes import load_class_table
+    from lbgen.stages.finetune import save_samples
 
     directory.mkdir(parents=True)
     (directory / "config.yaml").write_text(to_yaml(cfg))
@@ -86,11 +86,11 @@ def write_finetune(directory: Path, cfg, colours: np.ndarray) -> None:
     (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     tiles = torch.tensor(colours, dtype=torch.float32)[:, :, None, None].expand(-1, -1, 6, 6)
     for step in (0, 3):
-        save_grid(tiles, directory / "samples" / f"step-{step:06d}.png")
+        save_samples(tiles, load_class_table(cfg.classes).ids, directory / "samples", step)
 
 
 def write_pretrain_and_evaluate(run: Path) -> None:
-    from lbgen.stages.evaluate import plot_results, results_markdown
+    from lbgen.stages.evaluate import RESULTS_JSON, plot_results, results_markdown, write_results
 
     (run / "pretrain").mkdir()
     (run / "pretrain" / "metrics.jsonl").write_text("".join(json.dumps(
@@ -101,6 +101,7 @@ def write_pretrain_and_evaluate(run: Path) -> None:
              "accuracy": acc, "l2": 0.1, "seconds": 0.1}
             for b, accs in (("runs/pretrain", (20.0, 30.0)), ("random:test_resnet", (15.0, 25.0))) for f, acc in zip((0.5, 1.0), accs)]
     (run / "evaluate" / "results.md").write_text(results_markdown(rows, [], "linear"))
+    write_results(rows, [], "linear", run / "evaluate" / RESULTS_JSON)
     plot_results(rows, run / "evaluate" / "accuracy_vs_fraction.png")
 
 
@@ -116,65 +117,40 @@ def run_dir(tmp_path_factory) -> Path:
     write_dataset(run / "generate", images, names, cfg)
     write_finetune(run / "finetune", cfg, np.linspace(0, 1, 30).reshape(10, 3))
     write_pretrain_and_evaluate(run)
-    build_report(run, ReportConfig(diversity_images=3))
+    build_report(run, ReportConfig())
     return run
 
 
 # ---------------------------------------------------------------- units
 
 
-def test_mean_pairwise_distance_is_zero_for_identical_and_positive_for_different_features():
-    v = np.array([0.3, -1.2, 0.5])
-    assert mean_pairwise_distance(np.stack([v, v, 2 * v])) == pytest.approx(0, abs=1e-7)
-    assert mean_pairwise_distance(np.eye(3)) == pytest.approx(1.0)  # orthogonal: cosine distance 1
-    assert mean_pairwise_distance(np.array([[1.0, 0.0], [1.0, 1.0]])) == pytest.approx(1 - 2 ** -0.5)
+def test_finetune_writes_each_class_sample_as_its_own_tile_beside_the_grid(run_dir):
+    from lbgen.data.classes import load_class_table
+    from lbgen.stages.finetune import sample_tile
 
-
-def test_choose_rows_is_seeded_bounded_and_per_class():
-    labels = np.array([0] * 10 + [1] * 3 + [2] * 50)
-    chosen = choose_rows(labels, 4, seed=7)
-    assert {k: len(v) for k, v in chosen.items()} == {0: 4, 1: 3, 2: 4}
-    assert all((labels[rows] == label).all() for label, rows in chosen.items())
-    again = choose_rows(labels, 4, seed=7)
-    assert all(np.array_equal(chosen[k], again[k]) for k in chosen)
-    # A class's choice depends on its own rows only, not on the other classes.
-    alone = choose_rows(labels[labels == 2], 4, seed=7)[2]
-    assert np.array_equal(alone + 13, chosen[2])
-    assert not all(np.array_equal(chosen[k], choose_rows(labels, 4, seed=8)[k]) for k in chosen)
-
-
-def test_read_images_returns_the_bytes_at_global_rows_across_shards_and_row_groups(run_dir):
-    shards = sorted((run_dir / "generate" / DATA_DIR).glob("*.parquet"))
-    everything = [row["bytes"] for path in shards for row in pq.read_table(path, columns=["image"]).column("image").to_pylist()]
-    positions = np.array([0, 3, 4, 5, 8])  # rows in both shards and in several row groups of each
-    assert read_images(shards, positions) == [everything[p] for p in positions]
-
-
-def test_grid_tiles_recovers_each_class_sample_from_a_finetune_grid(run_dir):
-    grid = Image.open(run_dir / "finetune" / "samples" / "step-000000.png").convert("RGB")
-    tiles = grid_tiles(grid, 10, Path("grid.png"))  # 10 samples: two rows of 8 columns
+    samples = run_dir / "finetune" / "samples"
+    ids = load_class_table("tiny10").ids
     colours = np.linspace(0, 1, 30).reshape(10, 3)
-    for tile, colour in zip(tiles, colours):
+    for class_id, colour in zip(ids, colours):
+        tile = Image.open(samples / "step-000000" / f"{class_id}.png").convert("RGB")
         assert tile.size == (6, 6)
         assert np.abs(np.asarray(tile).astype(float) - colour * 255).max() <= 1
-    with pytest.raises(ReportError, match="grid.png.*not a grid of 5 samples"):
-        grid_tiles(grid, 5, Path("grid.png"))  # 5 columns do not divide 8 tiles of width
+    assert sorted(p.name for p in (samples / "step-000003").iterdir()) == sorted(f"{i}.png" for i in ids)
+    assert Image.open(samples / "step-000000.png").size == (8 * 8 + 2, 2 * 8 + 2)  # the grid, for people
+    assert sample_tile(samples, "a/b") == samples / "a%2Fb.png"  # any class id makes one file name
 
 
-@pytest.mark.ray
-def test_diversity_in_a_ray_task_equals_the_local_one(run_dir, ray_local):
-    """The path a GPU cluster takes (a Ray task; here it asks for no GPU, which this machine lacks)."""
-    from lbgen.config import Config, from_dict, load_yaml
-
-    generate = run_dir / "generate"
-    shards = sorted((generate / DATA_DIR).glob("*.parquet"))
-    labels = np.concatenate([pq.read_table(p, columns=["label"]).column("label").to_numpy() for p in shards])
-    cfg = from_dict(Config, load_yaml(generate / "config.yaml"))
-    local = dataset_diversity(shards, labels, cfg, 3)
-    remote = on_a_gpu_if_any(dataset_diversity, shards, labels, cfg, 3, num_gpus=0)
-    assert remote.keys() == local.keys()
-    assert all(remote[k] == pytest.approx(local[k], rel=1e-4, abs=1e-7) for k in local)  # thread counts differ
-    assert sorted(local) == [0, 1] and local[0] < 1e-5 < local[1]
+def test_the_transfer_section_is_rendered_from_the_results_records(run_dir, tmp_path):
+    text = (run_dir / "report.md").read_text()
+    assert "### Transfer results (linear protocol)" in text and "#### Average over datasets" in text
+    assert "| runs/pretrain | shapes | 50% | 20 | 20.00 | 0.1 |" in text
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "evaluate" / "results.md").unlink()  # evaluate's Markdown is for people; the report reads the records
+    data = json.loads((run / "evaluate" / "results.json").read_text())
+    data["results"][0]["accuracy"] = 99.5
+    (run / "evaluate" / "results.json").write_text(json.dumps(data))
+    assert "| runs/pretrain | shapes | 50% | 20 | 99.50 | 0.1 |" in build_report(run)["markdown"].read_text()
 
 
 # ---------------------------------------------------------------- the report
@@ -204,12 +180,19 @@ def test_diversity_is_zero_for_identical_images_and_positive_for_different_ones(
     assert rows["cassette player"] == "n/a"  # one image: no pair
 
 
+def test_near_duplicate_share_per_class_comes_from_the_stored_embeddings(run_dir):
+    shares = {line.split("|")[2].strip(): line.split("|")[6].strip()
+              for line in (run_dir / "report.md").read_text().splitlines() if re.match(r"^\| \d+ \|", line)}
+    assert shares == {"tench": "1.00", "English Springer Spaniel": "0.00", "cassette player": "0.00"}
+    assert "Near-duplicates (CLIP cosine >= 0.95 within a class): 6 pair(s)" in (run_dir / "report.md").read_text()
+
+
 def test_stages_not_run_yet_get_notes(tmp_path):
     paths = build_report(tmp_path)
     text = paths["markdown"].read_text()
     for heading in SECTIONS[:3] + SECTIONS[4:]:
         assert heading + "\n" in text
-    for missing in ("finetune/metrics.jsonl", "generate/manifest.json", "pretrain/metrics.jsonl", "evaluate/results.md"):
+    for missing in ("finetune/metrics.jsonl", "generate/manifest.json", "pretrain/metrics.jsonl", "evaluate/results.json"):
         assert f"Not run yet (no `{missing}`)." in text
     assert text.count("| not run yet |") == 5
     assert "<img" not in paths["html"].read_text()
@@ -227,7 +210,11 @@ def test_a_metrics_line_being_written_is_left_out(run_dir, tmp_path):
     (lambda run: (run / "finetune" / "metrics.jsonl").write_text('{"step": 1}\nnot json\n'), "finetune/metrics.jsonl: line 2 is not JSON"),
     (lambda run: (run / "generate" / DATA_DIR / shard_name(1, 2)).write_bytes(b"PAR1 broken"), f"{shard_name(1, 2)}: unreadable Parquet shard"),
     (lambda run: (run / "evaluate" / "accuracy_vs_fraction.png").write_bytes(b"\x89PNG broken"), "accuracy_vs_fraction.png: not a readable image"),
-    (lambda run: (run / "finetune" / "samples" / "step-000003.png").write_bytes(b""), "step-000003.png: not a readable image"),
+    (lambda run: (run / "finetune" / "samples" / "step-000003" / "n01440764.png").write_bytes(b""),
+     "step-000003/n01440764.png: not a readable image"),
+    (lambda run: (run / "finetune" / "samples" / "step-000003" / "n02102040.png").unlink(), "step-000003/n02102040.png: missing"),
+    (lambda run: (run / "evaluate" / "results.json").write_text('{"protocol": "linear"}'), "results.json: not an lbgen results file"),
+    (lambda run: (run / "evaluate" / "results.json").write_text('{"prot'), "results.json: cannot be read"),
 ])
 def test_a_damaged_input_is_an_error_naming_the_file(run_dir, tmp_path, damage, named):
     run = tmp_path / "run"
@@ -241,7 +228,7 @@ def test_cli_report_rebuilds_it_and_refuses_a_missing_directory(run_dir, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     (run / "report.html").unlink()
-    assert main(["report", str(run), "--diversity-images", "2"]) == 0
+    assert main(["report", str(run), "--near-duplicate-cosine", "0.9"]) == 0
     assert f"report: {run / 'report.html'}" in capsys.readouterr().out
     assert (run / "report.html").exists()
     assert main(["report", str(tmp_path / "nowhere")]) == 2

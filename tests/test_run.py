@@ -2,6 +2,7 @@
 and a run killed during generation that, re-run, ends with the same dataset."""
 
 import csv
+import json
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 from test_generate import assert_same_row, read_rows
 
 from lbgen.cli import main
-from lbgen.data.dataset import inspect_dataset
+from lbgen.config import resolve
+from lbgen.data.classes import load_class_table
+from lbgen.data.reader import inspect_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (
@@ -44,6 +47,39 @@ def uninterrupted(ray_local, small_config, tmp_path_factory) -> Path:
     return out
 
 
+class ReachedFinetune(Exception):
+    pass
+
+
+def test_run_checks_once_before_ray_and_hands_the_checked_table_on(tmp_path, monkeypatch):
+    """`lbgen run`'s pre-flight loads the class table once and probes the quality metric once; `run`
+    does not check again, and fine-tuning gets the checked table instead of checking itself."""
+    import lbgen.cli
+    import lbgen.data.classes
+    import lbgen.stages.finetune
+    import lbgen.stages.generate
+    import lbgen.stages.pretrain
+
+    loads, probes, order = [], [], []
+    original = lbgen.data.classes.load_class_table
+    for module in list(sys.modules.values()):  # every binding of the function, wherever imported
+        if vars(module).get("load_class_table") is original:
+            monkeypatch.setattr(module, "load_class_table", lambda spec: loads.append(spec) or original(spec))
+    probe = lbgen.stages.finetune.has_pixel_gradient
+    monkeypatch.setattr(lbgen.stages.finetune, "has_pixel_gradient", lambda quality: probes.append(quality) or probe(quality))
+    monkeypatch.setattr(lbgen.cli, "init_ray", lambda address: order.append(("ray", len(loads), len(probes))))
+
+    def finetune(cfg, table=None):
+        raise ReachedFinetune(table)
+
+    monkeypatch.setattr(lbgen.stages.finetune, "finetune", finetune)
+    with pytest.raises(ReachedFinetune) as reached:
+        main(["run", "--preset", "tiny", "--output", str(tmp_path / "run")])
+    assert order == [("ray", 1, 1)]  # both before Ray starts
+    assert len(loads) == 1 and len(probes) == 1
+    assert reached.value.args[0].ids == load_class_table("tiny10").ids
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_run_all_stages_then_skip_them(uninterrupted, small_config, capsys):
@@ -54,6 +90,14 @@ def test_run_all_stages_then_skip_them(uninterrupted, small_config, capsys):
     with open(out / "evaluate" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2  # the pre-trained backbone and its random-init baseline, one fraction
+    # The same records in results.json, which the report reads.
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    assert [(r["backbone"], r["accuracy"]) for r in results["results"]] == [(r["backbone"], float(r["accuracy"])) for r in rows]
+    # Fine-tuning's samples: one file per shown class, named by class id, beside each grid.
+    ids = load_class_table("tiny10").ids[: resolve("tiny").finetune.sample_classes]
+    for step in ("step-000000", "step-000002"):
+        assert (out / "finetune" / "samples" / f"{step}.png").exists()
+        assert sorted(p.name for p in (out / "finetune" / "samples" / step).iterdir()) == sorted(f"{i}.png" for i in ids)
     # The report, every stage in it (tests/test_report.py checks its content and its rendering).
     report = (out / "report.md").read_text()
     assert "Not run yet" not in report and report.count("| complete |") == 5

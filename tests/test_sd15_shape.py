@@ -1,7 +1,8 @@
 """The real architectures at a real size, on CPU: SD 1.5's UNet/VAE/text encoder and CLIP ViT-L/14 (random
 weights, `sd15-shape`) through one bf16 fine-tuning step, its checkpoint and resume, and a generation.
 
-Small settings keep it to minutes: 256 px, T = 2, K = 1, batch 1 (benchmarks/RESULTS.md has the time).
+Small settings keep it to minutes: 128 px, T = 2, K = 1, batch 1 (the 512 px step is measured by
+benchmarks/real_workload.py --measure-step; benchmarks/RESULTS.md has both).
 """
 
 import dataclasses
@@ -20,8 +21,8 @@ from lbgen.stages.generate import GenerateBatch
 pytestmark = pytest.mark.slow
 
 SETTINGS = {
-    "model": {"resolution": 256},
-    "finetune": {"num_steps": 2, "grad_steps": 1, "batch_size": 1, "mixed_precision": "bf16", "d_warmup_passes": 0},
+    "model": {"resolution": 128},
+    "finetune": {"num_steps": 2, "grad_steps": 1, "batch_size": 1, "cluster": {"mixed_precision": "bf16"}, "d_warmup_passes": 0},
     "generate": {"images_per_class": 1, "steps": 2, "micro_batch": 2, "batch_size": 2, "dtype": "bf16", "threads": 2},
 }
 
@@ -58,5 +59,5 @@ def test_generates_two_images_in_bf16(cfg):
     gen = GenerateBatch(dataclasses.asdict(cfg))
     rows = plan(load_class_table(cfg.classes), cfg)[:2]
     pixels = gen({k: np.array([r[k] for r in rows]) for k in rows[0]})["pixels"]
-    assert pixels.shape == (2, 256, 256, 3) and pixels.dtype == np.uint8
+    assert pixels.shape == (2, 128, 128, 3) and pixels.dtype == np.uint8
     assert pixels.std() > 1 and not np.array_equal(pixels[0], pixels[1])

@@ -7,25 +7,30 @@ credentials in the usual AWS variables (set in conftest, before Ray starts, for 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from configs import tiny_generate
+from rows import assert_same_row
 
 from lbgen.cli import main as cli_main
 from lbgen.config import resolve
 from lbgen.data.classes import load_class_table
-from lbgen.data.dataset import MANIFEST, DatasetError, inspect_dataset, read_manifest
+from lbgen.data.format import MANIFEST
+from lbgen.data.reader import inspect_dataset, read_manifest
 from lbgen.data.shards import RowFilter, ShardError, open_shards
 from lbgen.data.storage import Location, StorageError, absolute, is_uri, locate
+from lbgen.data.writer import claim_output
+from lbgen.errors import DatasetError
 from lbgen.models.generator import LORA_FILE
-from lbgen.stages.generate import GenerateBatch, check_lora, generate, plan, prepare_output
+from lbgen.stages.generate import GenerateBatch, check_lora, generate, plan
 
 BUCKET = "lbgen-test"
 CLASSES = ["tench", "goldfish", "hammerhead"]  # x 2 images, 2 rows per shard: 3 shards
-SCORES = ("clip_score", "iqa_score")
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +53,8 @@ def table_file(tmp_path_factory) -> Path:
     return path
 
 
-def tiny_cfg(table: Path, output: str, **generate):
-    settings = {"images_per_class": 2, "rows_per_shard": 2, "row_group_rows": 2, "batch_size": 2, "workers": 1,
-                "output": output, **generate}
-    return resolve("tiny", overrides={"classes": str(table), "generate": settings})
+# The tiny preset on a class table file, into an output location.
+tiny_cfg = partial(tiny_generate, images_per_class=2, workers=1)
 
 
 def rows_of(where: str) -> dict:
@@ -62,12 +65,10 @@ def rows_of(where: str) -> dict:
 
 
 def assert_same_rows(a: dict, b: dict) -> None:
-    """Same image bytes and metadata; scores equal up to float rounding."""
+    """Same rows: image bytes and metadata equal, model outputs up to rounding."""
     assert a.keys() == b.keys()
     for key, row in a.items():
-        other = b[key]
-        assert {k: v for k, v in row.items() if k not in SCORES} == {k: v for k, v in other.items() if k not in SCORES}
-        np.testing.assert_allclose([row[k] for k in SCORES], [other[k] for k in SCORES], rtol=1e-4, atol=1e-6)
+        assert_same_row(row, b[key])
 
 
 def listing(where: Location) -> dict[str, int]:
@@ -175,6 +176,7 @@ def s3_run(ray_local, s3, table_file, local_run):
     return uri, generate(tiny_cfg(table_file, uri), show_progress=False)
 
 
+@pytest.mark.slow
 def test_generate_into_s3_equals_local_and_inspects(s3_run, local_run, capsys):
     uri, manifest = s3_run
     assert manifest["totals"]["rows"] == 6 and manifest["throughput"]["images_this_run"] == 6
@@ -186,6 +188,7 @@ def test_generate_into_s3_equals_local_and_inspects(s3_run, local_run, capsys):
     assert f"{uri}: valid" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_on_s3_regenerates_only_the_deleted_shard(s3_run, table_file, local_run):
     uri, manifest = s3_run
     shard = locate(uri) / "data" / "train-00001-of-00003.parquet"
@@ -197,6 +200,7 @@ def test_resume_on_s3_regenerates_only_the_deleted_shard(s3_run, table_file, loc
     assert_same_rows(rows_of(uri), rows_of(local_run[0]))
 
 
+@pytest.mark.slow
 def test_s3_output_with_other_settings_is_refused_then_overwritten(s3_run, table_file, s3):
     uri, _ = s3_run
     before = listing(locate(uri))
@@ -209,11 +213,12 @@ def test_s3_output_with_other_settings_is_refused_then_overwritten(s3_run, table
         (copy / name).write_bytes((locate(uri) / name).read_bytes())
     (copy / "notes.txt").write_text("keep me")
     with pytest.raises(DatasetError, match="other settings"):
-        prepare_output(copy, {"other": "content"}, overwrite=False)
-    assert prepare_output(copy, {"other": "content"}, overwrite=True) is None
+        claim_output(copy, {"other": "content"}, overwrite=False)
+    assert claim_output(copy, {"other": "content"}, overwrite=True) is None
     assert listing(copy) == {"notes.txt": 7}
 
 
+@pytest.mark.slow
 def test_pretrain_shard_checks_read_from_s3(s3_run, table_file, s3):
     uri, _ = s3_run
     table = load_class_table(str(table_file))

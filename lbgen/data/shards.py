@@ -1,7 +1,7 @@
-"""The Parquet shards that `generate` writes and `pretrain` reads: schema, discovery, checks.
+"""The Parquet image shards `pretrain` reads, lbgen's or others': discovery, schema checks, filters, split.
 
-A shard is `DATA/data/train-00000-of-000NN.parquet` with one row per image (the
-Hugging Face `datasets` Image convention for the image column). Reading checks
+A shard has one row per image (the Hugging Face `datasets` Image convention for the image
+column); an lbgen dataset directory contributes the shards its manifest lists as whole. Reading checks
 every shard before training starts: an unreadable file, a missing or mistyped
 column, or a label that disagrees with the class table is an error naming the
 file (or, with `skip_bad_shards`, a warning and a count), never a wrong label.
@@ -10,11 +10,9 @@ A `--data` entry is a local path or an object-store URI (`lbgen.data.storage`).
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lbgen.data.classes import ClassTable
-from lbgen.data.dataset import ARROW_SCHEMA, PARQUET_OPTIONS
+from lbgen.data.format import DATA_DIR
+from lbgen.data.reader import finished_shards, read_manifest
 from lbgen.data.storage import Location, locate
 from lbgen.errors import ShardError  # noqa: F401  (raised here; defined with the others)
 from lbgen.runtime.seeds import derive_seed
@@ -92,7 +91,8 @@ class ShardSet:
 
 
 def find_shards(data: Iterable[str]) -> list[Location]:
-    """Parquet files of each entry: a file, `DIR/data/*.parquet`, or `DIR/*.parquet`; sorted per entry.
+    """Parquet files of each entry: a file, an lbgen dataset's whole shards, `DIR/data/*.parquet`, or
+    `DIR/*.parquet`; sorted per entry.
 
     All entries must be on one filesystem (Ray Data reads them with one).
     """
@@ -106,8 +106,13 @@ def find_shards(data: Iterable[str]) -> list[Location]:
             continue
         if not path.is_dir():
             raise ShardError(f"--data {entry}: no such file or directory")
-        folder = path / "data" if (path / "data").is_dir() else path
-        found = folder.glob("*.parquet")
+        manifest = read_manifest(path)
+        if manifest is not None:  # an lbgen dataset: the shards its manifest lists as whole
+            found = finished_shards(path, manifest)
+            folder = path / DATA_DIR
+        else:
+            folder = path / DATA_DIR if (path / DATA_DIR).is_dir() else path
+            found = folder.glob("*.parquet")
         if not found:
             raise ShardError(f"--data {entry}: no .parquet shards in {folder}")
         files.extend(found)
@@ -185,20 +190,3 @@ def open_shards(data: Iterable[str], classes: ClassTable, row_filter: RowFilter,
     if not out.files:
         raise ShardError(f"no usable shards ({len(out.bad)} bad): {out.bad[0] if out.bad else ''}")
     return out
-
-
-def image_bytes(pil_image, fmt: str = "JPEG", quality: int = 90) -> bytes:
-    """Encode a PIL image for the `image.bytes` column."""
-    buffer = io.BytesIO()
-    pil_image.save(buffer, format=fmt, quality=quality)
-    return buffer.getvalue()
-
-
-def write_shard(path: str | Path, rows: list[dict]) -> Path:
-    """Write `rows` (dicts with the keys of `dataset.COLUMNS`) as one shard; the file appears only when whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), tmp, **PARQUET_OPTIONS)
-    tmp.replace(path)
-    return path

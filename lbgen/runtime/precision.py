@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
-# `finetune.mixed_precision` / `pretrain.mixed_precision` -> torch dtype name of the autocast (None: fp32).
+# `finetune.cluster.mixed_precision` / `pretrain.cluster.mixed_precision` -> torch dtype name of the autocast (None: fp32).
 MIXED_PRECISION = {"bf16": "bfloat16", "fp16": "float16", "no": None}
 # `generate.dtype` -> torch dtype name of the generation model's weights.
 WEIGHT_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}

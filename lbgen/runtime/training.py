@@ -138,21 +138,28 @@ def check_resumable(
     """Refuse to resume into `output` if its `config.yaml` differs from `cfg` in `sections`.
 
     `what` names the run in the message (default: `stage`); fields of the `stage` section listed in
-    `resumable` (output, epochs, workers, ...) may change between runs. A run that failed before
-    its first checkpoint (`checkpoints/checkpoint_*`) binds nothing.
+    `resumable` (paths within it: output, epochs, cluster.workers, ...: `lbgen.config.resumable_fields`)
+    may change between runs. A run that failed before its first checkpoint (`checkpoints/checkpoint_*`)
+    binds nothing.
     """
     saved = output / "config.yaml"
     if not saved.exists() or not any((output / "checkpoints").glob("checkpoint_*")):
         return
     def identity(config: dict) -> dict:
         kept = {section: config[section] for section in sections}
-        kept[stage] = {k: v for k, v in config[stage].items() if k not in resumable}
+        kept[stage] = _without(config[stage], resumable)
         return kept
 
     old = dataclasses.asdict(from_dict(Config, load_yaml(saved), str(saved)))
     changed = differences(identity(old), identity(dataclasses.asdict(cfg)))
     if changed:
         raise ConfigError(f"{output} holds a {what or stage} run with other settings ({', '.join(changed)}); use another --output")
+
+
+def _without(section: dict, paths: Collection[str], prefix: str = "") -> dict:
+    """`section` less the (dotted) `paths`, nested sections included."""
+    return {k: _without(v, paths, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in section.items() if prefix + k not in paths}
 
 
 def run_config(output: Path, max_failures: int):
@@ -170,17 +177,18 @@ def run_config(output: Path, max_failures: int):
 def fit(train_loop: Callable[[dict], None], loop_config: dict, section, output: Path, progress, datasets: dict | None = None):
     """The Ray Train driver of a training stage (finetune, pretrain); returns the `Result` of the last checkpoint.
 
-    `section` is the stage's config (its `workers`, `use_gpu`, `cpus_per_worker`, `accelerator_type`
-    and `max_failures`); `progress` is the `MetricsProgress` bar that follows `output/metrics.jsonl`
+    `section` is the stage's config (its `cluster`: `workers`, `use_gpu`, `cpus_per_worker`,
+    `accelerator_type` and `max_failures`); `progress` is the `MetricsProgress` bar that follows `output/metrics.jsonl`
     while the workers train. The same `train_loop` runs in 1 or N DDP workers.
     """
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    scaling = ScalingConfig(num_workers=section.workers, use_gpu=use_gpu(section.use_gpu),
-                            resources_per_worker={"CPU": section.cpus_per_worker}, accelerator_type=section.accelerator_type)
+    cluster = section.cluster
+    scaling = ScalingConfig(num_workers=cluster.workers, use_gpu=use_gpu(cluster.use_gpu),
+                            resources_per_worker={"CPU": cluster.cpus_per_worker}, accelerator_type=cluster.accelerator_type)
     trainer = TorchTrainer(train_loop, train_loop_config=loop_config, scaling_config=scaling,
-                           run_config=run_config(output, section.max_failures), datasets=datasets)
+                           run_config=run_config(output, cluster.max_failures), datasets=datasets)
     with progress:
         return trainer.fit()
 

@@ -9,14 +9,15 @@ subsets for every backbone:
 - `finetune`: the whole backbone and a new head trained with one fixed recipe
   (AdamW, warm-up + cosine, label smoothing 0.1, random resized crop + flip).
 ImageNet-9-style sets (`bias`) get a linear classifier fitted on original/train and
-the background gap (`lbgen.method.bias`). Outputs: `results.csv`, `results.md`,
-`accuracy_vs_fraction.png` (and `bias.csv` when bias sets are given).
+the background gap (`lbgen.method.bias`). Outputs: `results.json` (every record, what the report
+reads), `results.csv`, `results.md`, `accuracy_vs_fraction.png` (and `bias.csv` when bias sets are given).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -31,11 +32,13 @@ from lbgen.data.transforms import ImageTransform, normalize
 from lbgen.method.bias import accuracy, background_gap, in9_folders
 from lbgen.models.backbones import Backbone, load_backbone
 from lbgen.runtime.seeds import derive_seed
+from lbgen.stages.protocols import load_protocol
 
 log = logging.getLogger(__name__)
 
 RESULT_FIELDS = ("backbone", "dataset", "protocol", "fraction", "train_images", "accuracy", "l2", "seconds")
 BIAS_FIELDS = ("backbone", "dataset", "original", "mixed_same", "mixed_rand", "bg_gap")
+RESULTS_JSON = "results.json"
 FINETUNE_CROP_SCALE = (0.25, 1.0)  # the fixed fine-tuning recipe's crop range
 
 
@@ -182,31 +185,49 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class LinearProtocol:
+    """Features of the frozen backbone, extracted once; one linear probe per training subset."""
+
+    def __init__(self, spec: str, train_set, test_set, cfg: Config, device):
+        ev = cfg.evaluate
+        self.cfg, self.num_classes = cfg, len(train_set.classes)
+        backbone = load_backbone(spec, cfg.seed)
+        transform = eval_transform(backbone, ev.eval_image_size)
+        self.train_x = extract_features(backbone, TransformedImages(train_set, transform), ev.eval_batch_size, ev.loader_workers, device)
+        self.test_x = extract_features(backbone, TransformedImages(test_set, transform), ev.eval_batch_size, ev.loader_workers, device)
+        self.train_y, self.test_y = torch.from_numpy(train_set.targets), torch.from_numpy(test_set.targets)
+
+    def accuracy(self, indices: np.ndarray) -> tuple[float, float | None]:
+        """Test accuracy (percent) of a probe fitted on `indices`, and its chosen L2."""
+        ev, idx = self.cfg.evaluate, torch.from_numpy(indices)
+        probe = fit_probe(self.train_x[idx], self.train_y[idx], self.num_classes, ev.probe_l2, ev.probe_max_iter, ev.probe_val_fraction, self.cfg.seed)
+        return accuracy(probe.predict(self.test_x), self.test_y.numpy()), probe.l2
+
+
+class FinetuneProtocol:
+    """The whole backbone and a new head fine-tuned afresh on each training subset."""
+
+    def __init__(self, spec: str, train_set, test_set, cfg: Config, device):
+        self.spec, self.train_set, self.test_set, self.cfg, self.device = spec, train_set, test_set, cfg, device
+
+    def accuracy(self, indices: np.ndarray) -> tuple[float, float | None]:
+        """Test accuracy (percent) after fine-tuning on `indices`; no L2."""
+        num_classes = len(self.train_set.classes)
+        return finetune_accuracy(self.spec, self.train_set, indices, self.test_set, num_classes, self.cfg, self.device), None
+
+
 def evaluate_pair(config: dict, spec: str, dataset: str) -> list[dict]:
     """All fractions of one backbone on one downstream set: a list of result rows."""
     cfg = from_dict(Config, config)
     ev = cfg.evaluate
-    device = _device()
     train_set, test_set = open_downstream(dataset)
-    num_classes = len(train_set.classes)
     name = Path(dataset).name
+    protocol = load_protocol(ev.protocol)(spec, train_set, test_set, cfg, _device())
     rows = []
-    if ev.protocol == "linear":
-        backbone = load_backbone(spec, cfg.seed)
-        transform = eval_transform(backbone, ev.eval_image_size)
-        train_x = extract_features(backbone, TransformedImages(train_set, transform), ev.eval_batch_size, ev.loader_workers, device)
-        test_x = extract_features(backbone, TransformedImages(test_set, transform), ev.eval_batch_size, ev.loader_workers, device)
-        train_y, test_y = torch.from_numpy(train_set.targets), torch.from_numpy(test_set.targets)
     for fraction in ev.fractions:
         started = time.perf_counter()
         indices = stratified_subset(train_set.targets, fraction, cfg.seed)
-        l2 = None
-        if ev.protocol == "linear":
-            idx = torch.from_numpy(indices)
-            probe = fit_probe(train_x[idx], train_y[idx], num_classes, ev.probe_l2, ev.probe_max_iter, ev.probe_val_fraction, cfg.seed)
-            acc, l2 = accuracy(probe.predict(test_x), test_y.numpy()), probe.l2
-        else:
-            acc = finetune_accuracy(spec, train_set, indices, test_set, num_classes, cfg, device)
+        acc, l2 = protocol.accuracy(indices)
         rows.append({
             "backbone": spec, "dataset": name, "protocol": ev.protocol, "fraction": fraction, "train_images": len(indices),
             "accuracy": round(acc, 2), "l2": l2, "seconds": round(time.perf_counter() - started, 2),
@@ -259,20 +280,46 @@ def averages(rows: list[dict]) -> dict[str, dict[float, float]]:
     return {b: {f: float(np.mean(v)) for f, v in per.items()} for b, per in table.items()}
 
 
-def results_markdown(rows: list[dict], bias_rows: list[dict], protocol: str) -> str:
-    """The report: one row per backbone x dataset x fraction, the average over datasets, the bias table."""
+def write_results(rows: list[dict], bias_rows: list[dict], protocol: str, path: Path) -> None:
+    """`results.json`: the protocol, one record per backbone x dataset x fraction (`RESULT_FIELDS`), one per
+    backbone x bias set (`BIAS_FIELDS`)."""
+    data = {"protocol": protocol, "results": [{k: r[k] for k in RESULT_FIELDS} for r in rows],
+            "bias": [{k: r[k] for k in BIAS_FIELDS} for r in bias_rows]}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_results(path: Path) -> dict:
+    """What `write_results` wrote; a ValueError naming `path` when it is not that."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot be read ({err})") from None
+    ok = (isinstance(data, dict) and isinstance(data.get("protocol"), str)
+          and all(isinstance(data.get(key), list) and all(isinstance(r, dict) and set(fields) <= r.keys() for r in data[key])
+                  for key, fields in (("results", RESULT_FIELDS), ("bias", BIAS_FIELDS))))
+    if not ok:
+        raise ValueError(f"{path}: not an lbgen results file (protocol, results {RESULT_FIELDS}, bias {BIAS_FIELDS})")
+    return data
+
+
+def results_markdown(rows: list[dict], bias_rows: list[dict], protocol: str, level: int = 1) -> str:
+    """The report: one row per backbone x dataset x fraction, the average over datasets, the bias table.
+
+    `level`: the title's heading level (the run report nests these under its own headings).
+    """
     fractions = sorted({r["fraction"] for r in rows})
-    lines = [f"# Transfer results ({protocol} protocol)", "", "Top-1 accuracy (%) on each set's eval split.", "",
+    h1, h2 = "#" * level, "#" * (level + 1)
+    lines = [f"{h1} Transfer results ({protocol} protocol)", "", "Top-1 accuracy (%) on each set's eval split.", "",
              "| backbone | dataset | fraction | train images | accuracy | L2 |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         l2 = "" if r["l2"] is None else f"{r['l2']:g}"
         lines.append(f"| {r['backbone']} | {r['dataset']} | {_fmt_fraction(r['fraction'])} | {r['train_images']} | {r['accuracy']:.2f} | {l2} |")
-    lines += ["", "## Average over datasets", "", "| backbone | " + " | ".join(_fmt_fraction(f) for f in fractions) + " |",
+    lines += ["", f"{h2} Average over datasets", "", "| backbone | " + " | ".join(_fmt_fraction(f) for f in fractions) + " |",
               "|---|" + "---:|" * len(fractions)]
     for backbone, per in averages(rows).items():
         lines.append(f"| {backbone} | " + " | ".join(f"{per[f]:.2f}" for f in fractions) + " |")
     if bias_rows:
-        lines += ["", "## Background gap (ImageNet-9 style; lower is less biased)", "",
+        lines += ["", f"{h2} Background gap (ImageNet-9 style; lower is less biased)", "",
                   "| backbone | set | original | mixed_same | mixed_rand | BG_Gap |", "|---|---|---:|---:|---:|---:|"]
         for r in bias_rows:
             lines.append(f"| {r['backbone']} | {r['dataset']} | {r['original']:.2f} | {r['mixed_same']:.2f} | {r['mixed_rand']:.2f} | {r['bg_gap']:.2f} |")
@@ -363,6 +410,7 @@ def evaluate(cfg: Config) -> Path:
     rows = [row for result in _run_all(evaluate_pair, pairs, cfg) for row in result]
     bias_rows = _run_all(bias_pair, [(spec, root) for spec in ev.backbone for root in ev.bias], cfg)
 
+    write_results(rows, bias_rows, ev.protocol, output / RESULTS_JSON)  # before results.csv, the completion marker
     if rows:
         write_csv(rows, output / "results.csv", RESULT_FIELDS)
         plot_results(rows, output / "accuracy_vs_fraction.png")

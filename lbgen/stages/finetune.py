@@ -17,12 +17,13 @@ import time
 from functools import partial
 from pathlib import Path
 from typing import Callable
+from urllib.parse import quote
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lbgen.config import Config, ConfigError, FinetuneConfig, from_dict, require_local, to_yaml
+from lbgen.config import Config, ConfigError, FinetuneConfig, from_dict, require_local, resumable_fields, to_yaml
 from lbgen.data.classes import ClassTable, load_class_table
 from lbgen.method.losses import Discriminator, LbGenLoss, discriminator_loss, draw_real_classes
 from lbgen.method.sampler import TrainableSampler, encode_prompts, gradient_step_indices, initial_latents
@@ -39,15 +40,12 @@ DISC_FILE = "discriminator.safetensors"
 ADAPTER_FILE = "adapter.safetensors"  # peft-format LoRA inside checkpoints
 OPTIM_FILE = "optimizers.pt"  # tensors and numbers only: loads with weights_only=True
 STATE_FILE = "state.json"
-# Sample grid layout (torchvision's make_grid): the report cuts grids back into per-class tiles.
+# Sample grid layout (torchvision's make_grid), for people; the report reads the per-class tiles.
 GRID_COLUMNS = 8
 GRID_PADDING = 2
 
-# Settings a resumed run may change; any other difference means a different run.
-RESUMABLE_FIELDS = {
-    "output", "max_steps", "epochs", "workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "sample_every",
-    "max_failures",
-}
+# Settings a resumed run may change (marked resumable in the schema); any other difference means a different run.
+RESUMABLE_FIELDS = resumable_fields(FinetuneConfig)
 
 
 def total_steps(cfg: Config, num_classes: int) -> int:
@@ -55,7 +53,7 @@ def total_steps(cfg: Config, num_classes: int) -> int:
     ft = cfg.finetune
     if ft.max_steps is not None:
         return ft.max_steps
-    return max(1, math.ceil(ft.epochs * num_classes / (ft.batch_size * ft.workers)))
+    return max(1, math.ceil(ft.epochs * num_classes / (ft.batch_size * ft.cluster.workers)))
 
 
 def class_batch(step: int, rank: int, world: int, batch_size: int, num_classes: int, seed: int) -> torch.Tensor:
@@ -93,7 +91,7 @@ class Finetuner:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = torch.device(device)
         self.table: ClassTable = load_class_table(cfg.classes)
-        self.precision = MixedPrecision(ft.mixed_precision, self.device)
+        self.precision = MixedPrecision(ft.cluster.mixed_precision, self.device)
 
         pipe = create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed)
         self.pipe = pipe.to(self.device, self.precision.weight_dtype)
@@ -249,6 +247,25 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     save_image(images.float().cpu(), path, nrow=min(GRID_COLUMNS, len(images)), padding=GRID_PADDING)
 
 
+def sample_tile(step_dir: Path, class_id: str) -> Path:
+    """Where one class's sample of a step lies: `step_dir/<class_id>.png` (the id %-quoted when it holds `/`, ...)."""
+    return Path(step_dir) / f"{quote(class_id, safe='')}.png"
+
+
+def save_samples(images: torch.Tensor, class_ids, samples_dir: Path, step: int) -> None:
+    """The samples of `step`, images (B, 3, H, W) in [0, 1] of `class_ids[:B]`: one file per class in
+    `samples_dir/step-NNNNNN/` (the report reads these) and the grid `step-NNNNNN.png` beside it."""
+    from torchvision.utils import save_image
+
+    name = f"step-{step:06d}"
+    step_dir = Path(samples_dir) / name
+    step_dir.mkdir(parents=True, exist_ok=True)
+    images = images.float().cpu()
+    for image, class_id in zip(images, class_ids):
+        save_image(image, sample_tile(step_dir, class_id))
+    save_grid(images, Path(samples_dir) / f"{name}.png")
+
+
 def export_lora(adapter_file: Path, output: Path, ft: FinetuneConfig) -> Path:
     """Peft-format LoRA -> diffusers' `pytorch_lora_weights.safetensors` in `output`.
 
@@ -277,7 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
     ft = cfg.finetune
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(ft.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(ft.cluster.cpus_per_worker)))
     finetuner = Finetuner(cfg, rank=rank, world=world, device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model)
     output = Path(ft.output)
     steps = total_steps(cfg, len(finetuner.table))
@@ -290,7 +307,7 @@ def train_loop_per_worker(config: dict) -> None:
     log = MetricsLog(output / "metrics.jsonl", start, finetuner.precision.record()) if rank == 0 else None
     if start == 0:
         if rank == 0:
-            save_grid(finetuner.sample_grid(), output / "samples" / "step-000000.png")
+            save_samples(finetuner.sample_grid(), finetuner.table.ids, output / "samples", 0)
         metrics = finetuner.warmup_discriminator()
         if log:
             log.write({"phase": "warmup", **metrics})
@@ -301,8 +318,8 @@ def train_loop_per_worker(config: dict) -> None:
         if log:
             log.write(metrics)
         if rank == 0 and (done == steps or (ft.sample_every and done % ft.sample_every == 0)):
-            save_grid(finetuner.sample_grid(), output / "samples" / f"step-{done:06d}.png")
-        if done == steps or done % ft.checkpoint_every == 0:
+            save_samples(finetuner.sample_grid(), finetuner.table.ids, output / "samples", done)
+        if done == steps or done % ft.cluster.checkpoint_every == 0:
             training.report(metrics, partial(finetuner.save, step=done) if rank == 0 else None)
         faults.maybe_die(cfg.fault, "finetune.step")
 

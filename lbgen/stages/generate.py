@@ -4,9 +4,9 @@ Pipeline (each stage streams; memory does not grow with the dataset size):
 
     shard ids -> flat_map(shard_rows)          plan: one row per image (label, index, seed, ...)
               -> map_batches(GenerateBatch)    diffusion (+ LoRA) on actors: pixels (B, H, W, 3) uint8
-              -> map_batches(ScoreBatch)       CLIP score / zero-shot agreement, IQA score on actors
+              -> map_batches(ScoreBatch)       CLIP score, embedding, zero-shot agreement, IQA score on actors
               -> map_batches(encode_images)    PNG/JPEG/WebP bytes, CPU tasks
-              -> driver: ShardAssembler        whole shards written atomically (lbgen.data.dataset)
+              -> driver: DatasetWriter         whole shards written atomically (lbgen.data.writer)
 
 The output (and the LoRA) may be a local path or an object-store URI (`lbgen.data.storage`).
 
@@ -19,65 +19,36 @@ dict, Ray Data calls it inside `map_batches`.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
-import shutil
 import time
 from functools import partial
 
 import numpy as np
 import torch
 
-from lbgen.config import Config, ConfigError, from_dict, to_yaml
+from lbgen.config import Config, ConfigError, GenerateConfig, from_dict, resumable_fields
 from lbgen.data.classes import ClassTable, load_class_table
-from lbgen.data.dataset import (
-    CARD,
-    DATA_DIR,
-    FORMAT,
-    MANIFEST,
-    DatasetError,
-    encode_images,
-    format_summary,
-    label_names,
-    read_manifest,
-    read_stats,
-    schema,
-    sha256_file,
-    shard_name,
-    summarize,
-    write_card,
-    write_json_atomic,
-    write_shard,
-)
+from lbgen.data.format import label_names
+from lbgen.data.images import encode_images
 from lbgen.data.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is public here too)
-from lbgen.data.storage import Location, locate
+from lbgen.data.reader import format_summary
+from lbgen.data.storage import locate
+from lbgen.data.writer import DatasetPlan, DatasetWriter
 from lbgen.models.generator import LORA_FILE
 from lbgen.runtime import faults
 from lbgen.runtime.precision import weight_dtype
-from lbgen.runtime.training import check_output_dir, differences, use_gpu
+from lbgen.runtime.training import check_output_dir, use_gpu
 
 # Settings that do not change a single row: a resumed run may change them.
-RESUMABLE_FIELDS = {"output", "batch_size", "workers", "cpus_per_worker", "use_gpu", "overwrite"}
+RESUMABLE_FIELDS = resumable_fields(GenerateConfig)
 # Share of a GPU per scoring actor; generation actors take the rest, so both fit on one GPU.
 SCORE_GPU_SHARE = 0.25
 
 
 class LoraError(ConfigError):
     """A LoRA directory cannot be used; the message names it."""
-
-
-# No space left, or over quota: the run stops; whole shards stay and a re-run resumes.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def disk_full(output: Location, shard: str) -> DatasetError:
-    """The one-line error of a run that ran out of space writing `shard`: what is kept, how to resume."""
-    kept = len((output / DATA_DIR).glob("train-*.parquet"))
-    free = f" ({shutil.disk_usage(output.path).free / 2**20:.1f} MiB free)" if output.fs.type_name == "local" else ""
-    return DatasetError(f"no space left on device writing {shard} into {output}{free}: "
-                        f"the {kept} complete shard(s) there are kept; free space and re-run the same command to resume")
 
 
 # ---------------------------------------------------------------- models
@@ -187,9 +158,10 @@ class GenerateBatch:
 
 
 class ScoreBatch:
-    """Ray Data callable: adds `clip_score`, `clip_agrees`, `iqa_score` to rows holding `pixels`.
+    """Ray Data callable: adds `clip_score`, `clip_agrees`, `iqa_score`, `clip_embedding` to rows holding `pixels`.
 
-    `clip_score` is the cosine between the image and its own class text; `clip_agrees` is
+    `clip_score` is the cosine between the image and its own class text; `clip_embedding` is the
+    unit image embedding it came from, (B, D) float16, kept for diversity and near-duplicates; `clip_agrees` is
     CLIP zero-shot over the whole table ranking the own label first (ties count, so a
     repeated name does not lose to its twin).
     """
@@ -210,7 +182,8 @@ class ScoreBatch:
         rows = len(batch["label"])
         pixels = np.concatenate([batch["pixels"], batch["pixels"][-1:].repeat(max(0, 2 - rows), 0)])
         images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
-        sims = (self.clip.encode_image(images) @ self.text.T)[:rows]  # (B, C)
+        embedded = self.clip.encode_image(images)[:rows]  # (B, D), unit length
+        sims = embedded @ self.text.T  # (B, C)
         labels = torch.as_tensor(batch["label"], device=self.device).long()
         own = sims.gather(1, labels[:, None])[:, 0]
         return {
@@ -218,10 +191,11 @@ class ScoreBatch:
             "clip_score": own.cpu().numpy().astype(np.float32),
             "clip_agrees": (own >= sims.max(dim=1).values).cpu().numpy(),
             "iqa_score": self.quality(images)[:rows].cpu().numpy().astype(np.float32),
+            "clip_embedding": embedded.cpu().numpy().astype(np.float16),
         }
 
 
-# ---------------------------------------------------------------- output directory
+# ---------------------------------------------------------------- what the dataset is
 
 
 def content_settings(cfg: Config, table: ClassTable, lora_sha: str | None) -> dict:
@@ -233,108 +207,17 @@ def content_settings(cfg: Config, table: ClassTable, lora_sha: str | None) -> di
             "lora_sha256": lora_sha, "generate": gen}
 
 
-def settings_hash(content: dict) -> str:
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def _remove_dataset(output: Location) -> None:
-    """Delete what a generate run writes (shards, temp shards, manifest, card, config) and nothing else."""
-    for path in (output / DATA_DIR).glob("*train-*.parquet*"):
-        path.unlink()
-    for name in (MANIFEST, CARD, "config.yaml"):
-        (output / name).unlink(missing_ok=True)
-
-
-def prepare_output(output: Location, content: dict, overwrite: bool) -> dict | None:
-    """Check that `output` is empty or holds this very dataset; returns its manifest (None if new).
-
-    Refuses (DatasetError), touching nothing, when it holds other content, unless `overwrite`.
-    """
-    if output.exists() and not output.is_dir():
-        raise DatasetError(f"output {output} exists and is not a directory")
-    manifest = read_manifest(output) if output.is_dir() else None
-    if manifest is not None and manifest["content_hash"] != settings_hash(content):
-        if not overwrite:
-            detail = "; ".join(differences(manifest["content"], content)[:6])
-            raise DatasetError(f"{output} holds a dataset made with other settings ({detail}); "
-                               "use another --output, or --overwrite to replace it")
-        _remove_dataset(output)
-        return None
-    leftovers = _interrupted_writes(output) if output.is_dir() else []
-    ours = {tmp.name for tmp in leftovers}
-    if manifest is None and output.is_dir() and any(p.name not in ours for p in output.iterdir()):
-        if not overwrite:
-            raise DatasetError(f"{output} is not empty and holds no {MANIFEST}: refusing to write a dataset into it "
-                               "(use an empty or new --output, or --overwrite)")
-        _remove_dataset(output)
-    for tmp in leftovers:
-        tmp.unlink(missing_ok=True)
-    return manifest
-
-
-def _interrupted_writes(output: Location) -> list[Location]:
-    """Temp files (shards, manifest) left by a killed run; never visible under a final name."""
-    return [*output.glob(f".{MANIFEST}.tmp-*"), *(output / DATA_DIR).glob(".train-*.tmp-*")]
-
-
-def finished_shards(output: Location, manifest: dict, expected_rows: list[int]) -> dict[str, dict]:
-    """Manifest entries of the shards already whole on disk (a shard renamed just before a crash is re-hashed)."""
-    import pyarrow.parquet as pq
-
-    done = {}
-    for k, rows in enumerate(expected_rows):
-        name = shard_name(k, len(expected_rows))
-        path = output / DATA_DIR / name
-        if not path.exists():
-            continue
-        entry = manifest["shards"].get(name)
-        if entry is None and pq.read_metadata(path.path, filesystem=path.fs).num_rows == rows:
-            entry = {"rows": rows, "bytes": path.size(), "sha256": sha256_file(path)}
-        if entry is not None:
-            done[name] = entry
-    return done
-
-
-class ShardAssembler:
-    """Driver side: gathers encoded rows per shard and writes each shard once it is whole.
-
-    Rows arrive in order (the pipeline preserves it), so at most about one shard is buffered.
-    """
-
-    def __init__(self, output: Location, cfg: Config, names: list[str], expected_rows: list[int], generator: str, on_shard):
-        self.output, self.cfg, self.generator = output, cfg, generator
-        self.schema = schema(names)
-        self.expected_rows = expected_rows
-        self.pending: dict[int, list[dict]] = {}
-        self.on_shard = on_shard
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        for i, shard in enumerate(batch["shard"]):
-            rows = self.pending.setdefault(int(shard), [])
-            rows.append({k: v[i] for k, v in batch.items()})
-            if len(rows) == self.expected_rows[int(shard)]:
-                self._write(int(shard), self.pending.pop(int(shard)))
-
-    def _write(self, shard: int, rows: list[dict]) -> None:
-        import pyarrow as pa
-
-        rows.sort(key=lambda r: (int(r["label"]), int(r["index"])))
-        columns = {
-            "image": [{"bytes": r["image_bytes"], "path": r["image_path"]} for r in rows],
-            "generator": [self.generator] * len(rows),
-        }
-        for col in self.schema.names:
-            if col not in columns:
-                columns[col] = [r[col].item() if hasattr(r[col], "item") else r[col] for r in rows]
-        table = pa.Table.from_pydict(columns, schema=self.schema)
-        name = shard_name(shard, len(self.expected_rows))
-        try:
-            entry = write_shard(table, self.output / DATA_DIR / name, self.cfg.generate.row_group_rows)
-            self.on_shard(name, entry)
-        except OSError as err:
-            if err.errno not in DISK_FULL:
-                raise
-            raise disk_full(self.output, name) from None
+def dataset_plan(cfg: Config, table: ClassTable, lora_sha: str | None) -> DatasetPlan:
+    """What `cfg` generates from `table`, for the writer: content, labels, shard sizes, card."""
+    gen = cfg.generate
+    generator = generator_id(cfg, lora_sha)
+    rows = [len(shard_rows({"shard": k}, names=table.names, ids=table.ids, cfg=cfg)) for k in range(num_shards(len(table), cfg))]
+    return DatasetPlan(
+        content=content_settings(cfg, table, lora_sha), label_names=label_names(table.ids, table.names),
+        images_per_class=gen.images_per_class, shard_rows=rows, generator=generator, row_group_rows=gen.row_group_rows,
+        description=f"Images generated by lbgen from {len(table)} class names ({table.source}), "
+                    f"{gen.images_per_class} per class, with {generator}.",
+    )
 
 
 # ---------------------------------------------------------------- Ray Data pipeline
@@ -383,66 +266,35 @@ def check_inputs(cfg: Config) -> tuple[ClassTable, str | None]:
     return table, lora_sha
 
 
-def generate(cfg: Config, *, show_progress: bool = True) -> dict:
+def generate(cfg: Config, checked: tuple[ClassTable, str | None] | None = None, *, show_progress: bool = True) -> dict:
     """Generate (or resume) the dataset of `cfg` into `cfg.generate.output`; returns the manifest.
 
     Raises ClassTableError, LoraError, ConfigError or DatasetError before touching the
-    output when the class table, LoRA, settings or output directory are unusable.
+    output when the class table, LoRA, settings or output directory are unusable. `checked`:
+    what `check_inputs(cfg)` returned, when the caller ran it (the CLI's pre-flight).
     """
     import ray
     from tqdm.auto import tqdm
 
     gen = cfg.generate
-    table, lora_sha = check_inputs(cfg)
-    output = locate(gen.output)
-    content = content_settings(cfg, table, lora_sha)
-    manifest = prepare_output(output, content, gen.overwrite)
-
-    names = label_names(table.ids, table.names)
+    table, lora_sha = checked or check_inputs(cfg)
+    plan_ = dataset_plan(cfg, table, lora_sha)
     device = "cuda" if use_gpu(gen.use_gpu) else "cpu"
-    n = num_shards(len(table), cfg)
-    expected = [len(shard_rows({"shard": k}, names=table.names, ids=table.ids, cfg=cfg)) for k in range(n)]
-    manifest = {
-        "format": FORMAT, "content_hash": settings_hash(content), "content": content,
-        "config": dataclasses.asdict(cfg), "generator": generator_id(cfg, lora_sha),
-        "num_classes": len(table), "images_per_class": gen.images_per_class, "label_names": names,
-        "num_shards": n, "shards": finished_shards(output, manifest, expected) if manifest else {},
-        # How this run made its images (the last run's, on a resumed dataset).
-        "device": device, "precision": gen.dtype,
-    }
-    output.mkdir()
-    write_json_atomic(output / MANIFEST, manifest)  # first: it claims the directory for this dataset
-    (output / DATA_DIR).mkdir()  # after: a run killed in between leaves no unclaimed directory
-    (output / "config.yaml").write_text(to_yaml(cfg))
-    write_card(output, names, f"Images generated by lbgen from {len(table)} class names "
-               f"({table.source}), {gen.images_per_class} per class, with {manifest['generator']}.")
-
-    todo = [k for k in range(n) if shard_name(k, n) not in manifest["shards"]]
-    start, made = time.perf_counter(), sum(expected[k] for k in todo)
+    # `run`: how this run makes its images (the last run's, on a resumed dataset).
+    writer = DatasetWriter.open(gen.output, plan_, config=dataclasses.asdict(cfg), run={"device": device, "precision": gen.dtype},
+                                overwrite=gen.overwrite)
+    todo = writer.todo
+    start, made = time.perf_counter(), sum(plan_.shard_rows[k] for k in todo)
     if todo:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows arrive shard by shard: bounded buffering
         ctx.enable_progress_bars = False  # lbgen draws its own bar
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-
-        def on_shard(name: str, entry: dict) -> None:
-            manifest["shards"][name] = entry
-            write_json_atomic(output / MANIFEST, manifest)  # a shard is recorded only once whole
-
-        assembler = ShardAssembler(output, cfg, names, expected, manifest["generator"], on_shard)
         with tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
             for batch in build_pipeline(cfg, table, todo, device).iter_batches(batch_size=None, batch_format="numpy"):
-                assembler.add(batch)
+                writer.add(batch)
                 bar.update(len(batch["label"]))
-    seconds = time.perf_counter() - start
-    stats = read_stats([output / DATA_DIR / name for name in sorted(manifest["shards"])])
-    manifest["totals"] = {"rows": stats.num_rows, "shards": len(manifest["shards"]),
-                          "bytes": sum(e["bytes"] for e in manifest["shards"].values())}
-    manifest["throughput"] = {"images_this_run": made, "seconds": round(seconds, 3),
-                              "images_per_s": round(made / seconds, 3) if made else None}
-    manifest["summary"] = summarize(stats, names)
-    write_json_atomic(output / MANIFEST, manifest)
-    return manifest
+    return writer.finish(made, time.perf_counter() - start)
 
 
 def summary_text(manifest: dict) -> str:

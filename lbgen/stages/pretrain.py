@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lbgen.config import Config, ConfigError, from_dict, require_local, to_yaml
+from lbgen.config import Config, ConfigError, PretrainConfig, from_dict, require_local, resumable_fields, to_yaml
 from lbgen.data import storage
 from lbgen.data.classes import load_class_table
 from lbgen.data.shards import RowFilter, ShardError, ShardSet, open_shards
@@ -42,11 +42,8 @@ MODEL_FILE = "model.safetensors"  # inside checkpoints
 TRAIN_STATE_FILE = "train_state.pt"  # optimiser, scheduler, scaler: loads with weights_only=True
 STATE_FILE = "state.json"
 
-# Settings a resumed run may change; any other difference means a different run.
-RESUMABLE_FIELDS = {
-    "output", "epochs", "workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "skip_bad_shards",
-    "decode_batch_size", "read_block_rows", "shuffle_buffer", "max_failures",
-}
+# Settings a resumed run may change (marked resumable in the schema); any other difference means a different run.
+RESUMABLE_FIELDS = resumable_fields(PretrainConfig)
 
 
 # ---------------------------------------------------------------- data
@@ -90,7 +87,7 @@ def build_dataset(shards: ShardSet, cfg: Config, split: str):
 
 def steps_per_epoch(train_rows: int, cfg: Config) -> int:
     """Optimiser steps per epoch: full global batches (the last partial one is dropped)."""
-    return train_rows // (cfg.pretrain.batch_size * cfg.pretrain.workers)
+    return train_rows // (cfg.pretrain.batch_size * cfg.pretrain.cluster.workers)
 
 
 # ---------------------------------------------------------------- the model
@@ -117,7 +114,7 @@ class Pretrainer:
         pt = cfg.pretrain
         self.cfg, self.device = cfg, torch.device(device)
         on_gpu = self.device.type == "cuda"
-        self.precision = MixedPrecision(pt.mixed_precision, self.device)
+        self.precision = MixedPrecision(pt.cluster.mixed_precision, self.device)
         self.memory_format = torch.channels_last if on_gpu else torch.contiguous_format
         with torch.random.fork_rng(devices=[]):  # the same init on every rank and every run
             torch.manual_seed(derive_seed(cfg.seed, "pretrain", pt.model))
@@ -216,7 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
     pt = cfg.pretrain
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(max(1, int(pt.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(pt.cluster.cpus_per_worker)))
     trainer = Pretrainer(cfg, config["num_classes"], config["steps_per_epoch"], ray.train.torch.get_device(), ray.train.torch.prepare_model)
 
     start = 0
@@ -241,7 +238,7 @@ def train_loop_per_worker(config: dict) -> None:
         if metrics_log:
             metrics_log.write(record)
         done = epoch + 1
-        last = done == pt.epochs or done % pt.checkpoint_every == 0
+        last = done == pt.epochs or done % pt.cluster.checkpoint_every == 0
         training.report(record, partial(trainer.save, epoch=done) if rank == 0 and last else None)
 
 
@@ -263,7 +260,7 @@ def check_data(cfg: Config) -> ShardSet:
     if steps_per_epoch(shards.train_rows, cfg) == 0:
         raise ShardError(
             f"{shards.train_rows} training rows after the split and score filters: fewer than one global batch "
-            f"({pt.batch_size} x {pt.workers} workers) in {', '.join(pt.data)}"
+            f"({pt.batch_size} x {pt.cluster.workers} workers) in {', '.join(pt.data)}"
         )
     return shards
 

@@ -1,9 +1,11 @@
 """The run report: `report.html` (self-contained) and `report.md` (+ `report_files/`) for a run directory.
 
 `build_report(DIR)` reads what the stages wrote under DIR (`finetune/`, `generate/`, `pretrain/`,
-`evaluate/`): fine-tuning curves and per-class samples before and after, the dataset's score
-histograms, per-class CLIP agreement and diversity, the pre-training curve, the transfer table and
-plot. A stage not run yet gets a note; an unreadable input is a `ReportError` naming the file.
+`evaluate/`): fine-tuning curves and per-class samples before and after (finetune's per-class
+tiles), the dataset's score histograms, per-class CLIP agreement and diversity, the pre-training
+curve, the transfer table (from evaluate's `results.json` records) and plot. The stages, their order
+and their sections come from the stage registry (`lbgen.stages`). A stage not run yet gets a note;
+an unreadable input is a `ReportError` naming the file.
 
 The report is composed once, as Markdown (the small subset `markdown_to_html` converts), with every
 figure named `report_files/NAME.png`: `report.md` links the files, `report.html` embeds them as
@@ -25,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from lbgen.config import Config, ConfigError, ReportConfig, from_dict, load_yaml
-from lbgen.data.dataset import DATA_DIR, read_manifest, read_stats, summarize
+from lbgen.data.reader import class_similarity, finished_shards, read_manifest, read_stats, summarize
 from lbgen.errors import ReportError  # noqa: F401  (raised here; defined with the others)
+from lbgen.stages import resolve_ref, run_steps
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -39,8 +41,6 @@ FILES_DIR = "report_files"
 MAX_BAR_CLASSES = 40
 # The per-class table lists every class up to this many, else this many of the least diverse.
 MAX_TABLE_CLASSES = 30
-# Images per CLIP forward when embedding for the diversity measure.
-EMBED_BATCH = 64
 
 FINETUNE_PANELS = {
     "losses": ("loss", "loss_in", "loss_en", "loss_q", "loss_d"),
@@ -163,18 +163,16 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def status_section(report: Report, run_dir: Path) -> None:
-    from lbgen.stages.run import STAGES, stage_complete
-
     report.add("## Stages")
     rows = []
-    for stage in STAGES:
-        directory = run_dir / stage
-        state = "complete" if stage_complete(stage, directory) else "incomplete (running or stopped)" if directory.is_dir() else "not run yet"
-        rows.append([stage, state, f"`{stage}/`"])
+    for step in run_steps():
+        directory = run_dir / step.directory
+        state = "complete" if step.is_complete(directory) else "incomplete (running or stopped)" if directory.is_dir() else "not run yet"
+        rows.append([step.directory, state, f"`{step.directory}/`"])
     report.table(["stage", "state", "directory"], rows)
 
 
-def finetune_section(report: Report, directory: Path) -> None:
+def finetune_section(report: Report, directory: Path, cfg: ReportConfig) -> None:
     report.add("## Fine-tuning")
     metrics = directory / "metrics.jsonl"
     if not metrics.exists():
@@ -202,35 +200,30 @@ def finetune_section(report: Report, directory: Path) -> None:
     samples_section(report, directory)
 
 
-def grid_tiles(grid: Image.Image, count: int, path: Path) -> list[Image.Image]:
-    """Cut a sample grid (finetune's `save_grid` of `count` images) back into its tiles, in label order."""
-    from lbgen.stages.finetune import GRID_COLUMNS, GRID_PADDING
-
-    columns = min(GRID_COLUMNS, count)
-    rows = math.ceil(count / columns)
-    width, rest_w = divmod(grid.width - GRID_PADDING, columns)
-    height, rest_h = divmod(grid.height - GRID_PADDING, rows)
-    if rest_w or rest_h or width <= GRID_PADDING or height <= GRID_PADDING:
-        raise ReportError(f"{path}: {grid.width}x{grid.height} px is not a grid of {count} samples in {columns} columns")
-    boxes = [(c * width + GRID_PADDING, r * height + GRID_PADDING) for r, c in (divmod(i, columns) for i in range(count))]
-    return [grid.crop((x, y, x + width - GRID_PADDING, y + height - GRID_PADDING)) for x, y in boxes]
-
-
 def samples_section(report: Report, directory: Path) -> None:
-    """Per class, the sample from the first grid (before fine-tuning) beside the one from the last."""
+    """Per class, its sample tile from the first sampled step (before fine-tuning) beside the one from the last."""
     from matplotlib.figure import Figure
 
     from lbgen.data.classes import load_class_table
+    from lbgen.stages.finetune import sample_tile
 
     report.add("### Samples per class, before and after fine-tuning")
-    grids = sorted((directory / "samples").glob("step-*.png"))
-    if not grids:
-        return not_run(report, "finetune/samples/step-*.png")
+    steps = sorted(p for p in (directory / "samples").glob("step-*") if p.is_dir())
+    if not steps:
+        return not_run(report, "finetune/samples/step-*/")
     cfg = stage_config(directory)
-    names = load_class_table(cfg.classes).names
-    count = min(cfg.finetune.sample_classes, len(names))
-    first, last = grids[0], grids[-1]
-    columns = [(first, grid_tiles(read_image(first), count, first)), (last, grid_tiles(read_image(last), count, last))]
+    table = load_class_table(cfg.classes)
+    count = min(cfg.finetune.sample_classes, len(table))
+    first, last = steps[0], steps[-1]
+
+    def tiles(step: Path) -> list[Image.Image]:
+        paths = [sample_tile(step, class_id) for class_id in table.ids[:count]]
+        missing = next((path for path in paths if not path.exists()), None)
+        if missing:
+            raise ReportError(f"{missing}: missing (finetune writes one sample per class, {count} classes)")
+        return [read_image(path) for path in paths]
+
+    columns = [(first, tiles(first)), (last, tiles(last))]
     per_row = min(4, count)  # classes per figure row; each class takes a before and an after panel
     rows = math.ceil(count / per_row)
     fig = Figure(figsize=(1.5 * 2 * per_row, 1.9 * rows), layout="constrained")
@@ -239,13 +232,13 @@ def samples_section(report: Report, directory: Path) -> None:
         ax.axis("off")
     for label in range(count):
         r, c = divmod(label, per_row)
-        for side, (path, tiles) in enumerate(columns):
+        for side, (path, images) in enumerate(columns):
             ax = axes[r][2 * c + side]
-            ax.imshow(tiles[label])
-            step = int(path.stem.split("-")[1])
-            ax.set_title(f"{textwrap.shorten(names[label], 22)}\nstep {step}", fontsize=8)
-    report.add(f"One image per class from a fixed seed: left `{first.name}`, right `{last.name}`"
-               f" ({len(grids)} grids in `finetune/samples/`).")
+            ax.imshow(images[label])
+            step = int(path.name.split("-")[1])
+            ax.set_title(f"{textwrap.shorten(table.names[label], 22)}\nstep {step}", fontsize=8)
+    report.add(f"One image per class from a fixed seed: left `{first.name}/`, right `{last.name}/`"
+               f" ({len(steps)} sampled steps in `finetune/samples/`).")
     report.plot("finetune_samples.png", fig, "Samples per class before (left) and after (right) fine-tuning")
 
 
@@ -254,7 +247,7 @@ def dataset_section(report: Report, directory: Path, cfg: ReportConfig) -> None:
     manifest = read_manifest(directory)
     if manifest is None:
         return not_run(report, "generate/manifest.json")
-    shards = [directory / DATA_DIR / name for name in sorted(manifest.get("shards", {}))]
+    shards = finished_shards(directory, manifest)
     if not shards:
         return report.add("Started; no shard finished yet.")
     names = list(manifest["label_names"])
@@ -272,23 +265,27 @@ def dataset_section(report: Report, directory: Path, cfg: ReportConfig) -> None:
         ax.set_ylabel("images")
     report.plot("dataset_scores.png", fig, "Histograms of the CLIP and quality scores")
 
-    labels = stats.column("label").to_numpy()
-    counts = np.bincount(labels, minlength=len(names))
-    per_class = summary["per_class_agreement"]  # by name: label_names are unique
-    gen_cfg = stage_config(directory)
-    diversity = on_a_gpu_if_any(dataset_diversity, shards, labels, gen_cfg, cfg.diversity_images)
+    counts = np.bincount(stats.column("label").to_numpy(), minlength=len(names))
     present = [i for i in range(len(names)) if counts[i]]
-    agreement = {i: per_class[names[i]] for i in present}
+    agreement = {i: summary["per_class_agreement"][names[i]] for i in present}  # by name: label_names are unique
+    similar = {found.label: found for found in class_similarity(shards, cfg.near_duplicate_cosine)}
+    diversity = {i: found.diversity for i, found in similar.items() if found.diversity is not None}
+    duplicated = {i: found.with_duplicate / found.images for i, found in similar.items()}
+    clip = stage_config(directory).model.clip
     per_class_figure(report, "dataset_agreement.png", names, agreement,
                      "CLIP zero-shot agreement", "Per-class CLIP zero-shot agreement (share of images CLIP assigns to their own class)")
     per_class_figure(report, "dataset_diversity.png", names, diversity, "diversity (mean CLIP cosine distance)",
-                     f"Per-class diversity: mean pairwise CLIP cosine distance between images of a class "
-                     f"(a seeded choice of at most {cfg.diversity_images} per class, CLIP `{gen_cfg.model.clip}`)")
+                     f"Per-class diversity: mean pairwise CLIP cosine distance between the images of a class "
+                     f"(the embeddings `generate` stored, CLIP `{clip}`)")
+    pairs = sum(len(found.pairs) for found in similar.values())
+    report.add(f"Near-duplicates (CLIP cosine >= {cfg.near_duplicate_cosine} within a class): {pairs} pair(s); "
+               f"{fmt(sum(f.with_duplicate for f in similar.values()) / max(1, len(stats)))} of the images have one.")
     shown = sorted(present, key=lambda i: (diversity.get(i, math.inf), i))[:MAX_TABLE_CLASSES] if len(present) > MAX_TABLE_CLASSES else present
     if len(shown) < len(present):
         report.add(f"The {len(shown)} least diverse of {len(present)} classes:")
-    report.table(["label", "class", "images", "CLIP agreement", "diversity"],
-                 [[i, names[i], int(counts[i]), f"{agreement[i]:.2f}", fmt(diversity.get(i))] for i in shown], right={0, 2, 3, 4})
+    report.table(["label", "class", "images", "CLIP agreement", "diversity", "near-duplicate share"],
+                 [[i, names[i], int(counts[i]), f"{agreement[i]:.2f}", fmt(diversity.get(i)), f"{duplicated[i]:.2f}"] for i in shown],
+                 right={0, 2, 3, 4, 5})
 
 
 def shard_stats(path: Path) -> pa.Table:
@@ -317,105 +314,7 @@ def per_class_figure(report: Report, name: str, names: list[str], values: dict[i
     report.plot(name, fig, caption)
 
 
-# ---------------------------------------------------------------- diversity
-
-
-def mean_pairwise_distance(features: np.ndarray) -> float:
-    """Mean cosine distance (1 - cos) over the distinct pairs of rows of (n, d) `features`, n >= 2."""
-    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
-    sims = unit @ unit.T
-    n = len(unit)
-    return float(max(0.0, 1.0 - (sims.sum() - np.trace(sims)) / (n * (n - 1))))
-
-
-def choose_rows(labels: np.ndarray, per_class: int, seed: int) -> dict[int, np.ndarray]:
-    """label -> sorted positions (into `labels`) of at most `per_class` rows, a seeded choice per class.
-
-    Each class draws from its own seed, so a class's choice does not depend on the other classes.
-    """
-    from lbgen.runtime.seeds import derive_seed
-
-    chosen = {}
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        rng = np.random.default_rng(derive_seed(seed, "report-diversity", int(label)))
-        chosen[int(label)] = np.sort(rng.choice(rows, size=min(per_class, len(rows)), replace=False))
-    return chosen
-
-
-def read_images(shards: list[Path], positions: np.ndarray) -> list[bytes]:
-    """Image bytes at the sorted global row `positions` of `shards` taken in order."""
-    out = []
-    start = 0
-    for path in shards:
-        try:
-            file = pq.ParquetFile(path)
-            rows = file.metadata.num_rows
-            out += shard_images(file, positions[(positions >= start) & (positions < start + rows)] - start)
-        except (OSError, pa.ArrowException) as err:
-            raise ReportError(f"{path}: unreadable Parquet shard ({err})") from None
-        start += rows
-    return out
-
-
-def shard_images(file: pq.ParquetFile, rows: np.ndarray) -> list[bytes]:
-    """Image bytes at the sorted `rows` of one shard, reading only the row groups that hold them."""
-    group_starts = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)])
-    group_of = np.searchsorted(group_starts, rows, side="right") - 1
-    groups = np.unique(group_of)
-    if not len(groups):
-        return []
-    images = file.read_row_groups(groups.tolist(), columns=["image"]).column("image")
-    # In the table read, a group's rows follow those of the groups read before it.
-    read_before = np.cumsum([0] + [group_starts[g + 1] - group_starts[g] for g in groups])[:-1]
-    at = read_before[np.searchsorted(groups, group_of)] + rows - group_starts[group_of]
-    return [images[int(i)]["bytes"].as_py() for i in at]
-
-
-def dataset_diversity(shards: list[Path], labels: np.ndarray, cfg: Config, per_class: int) -> dict[int, float]:
-    """label -> mean pairwise CLIP cosine distance of at most `per_class` images of that class.
-
-    `labels` are the shards' labels in order; the CLIP model is the run's (`cfg.model`), on a GPU
-    when there is one. Classes with fewer than two images have no value.
-    """
-    import torch
-
-    from lbgen.data.transforms import decode_pixels
-    from lbgen.models.clip import create_clip
-
-    chosen = {label: rows for label, rows in choose_rows(labels, per_class, cfg.seed).items() if len(rows) >= 2}
-    if not chosen:
-        return {}
-    positions = np.sort(np.concatenate(list(chosen.values())))
-    images = dict(zip(positions.tolist(), read_images(shards, positions)))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    clip = create_clip(cfg.model.clip, cfg.model.clip_pretrained, device=device, seed=cfg.seed)
-    features = {}
-    with torch.no_grad():
-        for i in range(0, len(positions), EMBED_BATCH):
-            batch = positions[i : i + EMBED_BATCH].tolist()
-            pixels = torch.stack([decode_pixels(images[p]) for p in batch])
-            encoded = clip.encode_image(pixels.to(device).float() / 255).cpu().numpy()
-            features.update(zip(batch, encoded))
-    return {label: mean_pairwise_distance(np.stack([features[p] for p in rows.tolist()])) for label, rows in chosen.items()}
-
-
-def on_a_gpu_if_any(fn: Callable, *args, num_gpus: float | None = None):
-    """`fn(*args)` in a Ray task holding `num_gpus` GPUs; by default one when the attached Ray
-    cluster has GPUs (a cluster's driver often has none: CLIP ViT-L on CPU takes seconds per
-    image), else `fn(*args)` right here."""
-    from lbgen.runtime.training import use_gpu
-
-    if num_gpus is None:
-        num_gpus = 1 if use_gpu(None) else 0
-        if not num_gpus:
-            return fn(*args)
-    import ray
-
-    return ray.get(ray.remote(num_gpus=num_gpus)(fn).remote(*args))
-
-
-def pretrain_section(report: Report, directory: Path) -> None:
+def pretrain_section(report: Report, directory: Path, cfg: ReportConfig) -> None:
     report.add("## Pre-training")
     metrics = directory / "metrics.jsonl"
     if not metrics.exists():
@@ -434,13 +333,19 @@ def pretrain_section(report: Report, directory: Path) -> None:
     report.plot("pretrain_curves.png", fig, "Pre-training on the generated dataset, per epoch")
 
 
-def evaluate_section(report: Report, directory: Path) -> None:
+def evaluate_section(report: Report, directory: Path, cfg: ReportConfig) -> None:
+    from lbgen.stages.evaluate import RESULTS_JSON, read_results, results_markdown
+
     report.add("## Transfer")
-    results = directory / "results.md"
-    if not results.exists():
-        return not_run(report, "evaluate/results.md")
-    # results.md's own headings sit under this section.
-    report.add(re.sub(r"^#", "###", read_text(results).strip(), flags=re.MULTILINE))
+    path = directory / RESULTS_JSON
+    if not path.exists():
+        return not_run(report, f"evaluate/{RESULTS_JSON}")
+    try:
+        results = read_results(path)
+    except ValueError as err:
+        raise ReportError(str(err)) from None
+    # Rendered from the records, its headings under this section's.
+    report.add(results_markdown(results["results"], results["bias"], results["protocol"], level=3).strip())
     plot = directory / "accuracy_vs_fraction.png"
     if plot.exists():
         read_image(plot)  # a damaged plot is an error naming it, not a broken image in the page
@@ -506,10 +411,9 @@ def compose(run_dir: Path, cfg: ReportConfig) -> Report:
     report = Report()
     report.add("# lbgen run report", f"Run directory: `{run_dir}`")
     status_section(report, run_dir)
-    finetune_section(report, run_dir / "finetune")
-    dataset_section(report, run_dir / "generate", cfg)
-    pretrain_section(report, run_dir / "pretrain")
-    evaluate_section(report, run_dir / "evaluate")
+    for step in run_steps():
+        if step.report:
+            resolve_ref(step.report)(report, run_dir / step.directory, cfg)
     return report
 
 

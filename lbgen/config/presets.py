@@ -1,0 +1,99 @@
+"""Presets: named nested dicts of overrides on top of the dataclass defaults (the paper's settings).
+
+`tiny` runs the whole machinery with small random models on a CPU; `sd15-shape` has the real
+architectures with random weights; `sd15-in1k` is the paper's ImageNet-1K setup on 8 GPUs.
+A preset applies only when asked for (`--preset`, or a config file's `preset:` key).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# SD 1.5's UNet/VAE/text encoder and CLIP ViT-L/14 with random weights: the real workload's
+# shapes (speed, memory) without a download. The IQA stays the tiny CNNIQA: pyiqa's NR metrics
+# cannot be built without their weights.
+SD15_SHAPE_MODELS = {"generator": "sd15-shape", "clip": "ViT-L-14", "clip_pretrained": None, "iqa": "tiny", "resolution": 512}
+
+TINY_MODELS = {"generator": "tiny", "clip": "tiny", "clip_pretrained": None, "iqa": "tiny", "resolution": 64}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's ImageNet-1K setup: SD 1.5, CLIP ViT-L/14 (OpenAI), 8 GPUs x batch 4.
+    "sd15-in1k": {
+        "finetune": {"cluster": {"workers": 8, "use_gpu": True}},
+        # 8 GPUs x 256 images: the linear scaling rule's lr 0.1 x 2048 / 256.
+        "pretrain": {"cluster": {"workers": 8, "use_gpu": True, "cpus_per_worker": 8.0}, "lr": 0.8},
+    },
+    # Seeded random small models, 10 classes: the whole machinery on 2 CPU cores in minutes.
+    "tiny": {
+        "classes": "tiny10",
+        "model": TINY_MODELS,
+        "finetune": {
+            "output": "runs/tiny/finetune",
+            "cluster": {"use_gpu": False, "checkpoint_every": 5, "mixed_precision": "no"},
+            "batch_size": 4,
+            "max_steps": 20,
+            "num_steps": 10,
+            "grad_steps": 2,
+            "lora_rank": 4,
+            "lora_alpha": 4,
+            "lr": 1e-3,
+            "d_hidden": 32,
+            "d_lr": 1e-3,
+            "sample_every": 10,
+        },
+        "pretrain": {
+            "output": "runs/tiny/pretrain",
+            # Half a CPU: on a 2-CPU machine Ray Data needs the rest (ENVIRONMENT: Train + Data deadlock).
+            "cluster": {"use_gpu": False, "cpus_per_worker": 0.5, "mixed_precision": "no"},
+            # timm's 0.4M-parameter test ResNet: learns the procedural shapes in seconds at 32 px on CPU.
+            "model": "test_resnet",
+            "epochs": 2,
+            "batch_size": 32,
+            "opt": "adamw",
+            "lr": 3e-3,
+            "weight_decay": 0.05,
+            "warmup_epochs": 0.2,
+            "image_size": 32,
+            "crop_scale": [0.35, 1.0],
+            "val_fraction": 0.1,
+            "decode_batch_size": 32,
+            "read_block_rows": 64,
+            "shuffle_buffer": 256,
+        },
+        "evaluate": {
+            "output": "runs/tiny/evaluate",
+            "fractions": [0.1, 0.5, 1.0],
+            "eval_image_size": 32,
+            "eval_batch_size": 64,
+            "probe_max_iter": 100,
+            "ft_epochs": 3,
+            "ft_lr": 1e-3,
+            "ft_batch_size": 32,
+            "loader_workers": 0,
+            "task_cpus": 1.0,
+            "task_gpus": 0.0,
+        },
+        "make_downstream": {"output": "runs/tiny/downstream/shapes", "train_per_class": 40, "test_per_class": 20, "size": 32},
+        "run": {"output": "runs/tiny"},
+        "generate": {
+            "output": "runs/tiny/generate",
+            "use_gpu": False,
+            "images_per_class": 8,
+            "steps": 4,
+            "batch_size": 4,
+            "micro_batch": 4,
+            "dtype": "fp32",
+            "cpus_per_worker": 0.5,
+            "image_format": "png",
+            "rows_per_shard": 20,
+            "row_group_rows": 10,
+        },
+    },
+    # The real SD 1.5 / CLIP ViT-L/14 architectures, random weights: figures of the real workload.
+    "sd15-shape": {
+        "classes": "tiny10",
+        "model": SD15_SHAPE_MODELS,
+        "finetune": {"output": "runs/sd15-shape/finetune", "max_steps": 2},
+        "generate": {"output": "runs/sd15-shape/generate", "images_per_class": 8},
+    },
+}

@@ -1,0 +1,102 @@
+"""lbgen.data.writer: the writer's claim on its output, shard assembly in any order, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from lbgen.data.format import ARROW_SCHEMA, DATA_DIR, MANIFEST, shard_name
+from lbgen.data.images import encode_images
+from lbgen.data.reader import dataset_complete, read_manifest
+from lbgen.data.writer import DatasetPlan, DatasetWriter
+from lbgen.errors import DatasetError
+
+NAMES = ["cat", "dog", "owl"]
+PER_CLASS, ROWS_PER_SHARD, DIM = 4, 5, 6
+
+
+# ---------------------------------------------------------------- DatasetWriter, without models or Ray
+
+
+def plan_of(content: dict | None = None) -> DatasetPlan:
+    total = len(NAMES) * PER_CLASS
+    rows = [min(ROWS_PER_SHARD, total - start) for start in range(0, total, ROWS_PER_SHARD)]
+    return DatasetPlan(content=content or {"seed": 0}, label_names=NAMES, images_per_class=PER_CLASS, shard_rows=rows,
+                       generator="test", description="three classes", row_group_rows=2)
+
+
+def encoded_rows() -> dict[str, np.ndarray]:
+    """Every row of `plan_of()`, label-major, as the encode stage hands them to the driver."""
+    rng = np.random.default_rng(0)
+    position = np.arange(len(NAMES) * PER_CLASS)
+    label, index = position // PER_CLASS, position % PER_CLASS
+    batch = {
+        "label": label, "index": index, "shard": position // ROWS_PER_SHARD,
+        "class_id": np.array([f"n{i}" for i in label], dtype=object), "class_name": np.array([NAMES[i] for i in label], dtype=object),
+        "prompt": np.array([NAMES[i] for i in label], dtype=object), "seed": position * 7,
+        "pixels": rng.integers(0, 256, (len(position), 4, 4, 3), dtype=np.uint8),
+        "clip_score": rng.random(len(position)).astype(np.float32), "clip_agrees": rng.random(len(position)) > 0.5,
+        "iqa_score": rng.random(len(position)).astype(np.float32),
+        "clip_embedding": rng.standard_normal((len(position), DIM)).astype(np.float16),
+    }
+    return encode_images(batch, "png", 95)
+
+
+def batches(rows: dict, order: np.ndarray, size: int) -> list[dict]:
+    return [{k: v[order[i : i + size]] for k, v in rows.items()} for i in range(0, len(order), size)]
+
+
+def write_all(output, parts: list[dict]) -> dict:
+    writer = DatasetWriter.open(output, plan_of(), config={"seed": 0}, run={"device": "cpu"})
+    for part in parts:
+        writer.add(part)
+    return writer.finish(made=sum(len(p["label"]) for p in parts), seconds=1.0)
+
+
+def shard_bytes(output) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((output / DATA_DIR).iterdir())}
+
+
+def test_shards_do_not_depend_on_batching_or_arrival_order(tmp_path):
+    rows = encoded_rows()
+    in_order = write_all(tmp_path / "a", batches(rows, np.arange(12), 4))
+    shuffled = write_all(tmp_path / "b", batches(rows, np.random.default_rng(1).permutation(12), 3))
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+    assert in_order["shards"] == shuffled["shards"] and len(in_order["shards"]) == 3
+    assert in_order["embedding_dim"] == DIM and in_order["totals"]["rows"] == 12
+    assert dataset_complete(tmp_path / "a")
+    table = pq.read_table(tmp_path / "a" / DATA_DIR / shard_name(1, 3))
+    assert table.schema.remove_metadata().equals(ARROW_SCHEMA)
+    assert table.column("index").to_pylist() == [1, 2, 3, 0, 1] and table.column("label").to_pylist() == [1, 1, 1, 2, 2]
+    stored = np.array(table.column("clip_embedding").to_pylist(), dtype=np.float16)
+    np.testing.assert_array_equal(stored, rows["clip_embedding"][5:10])
+
+
+def test_a_reopened_dataset_keeps_its_whole_shards_and_makes_the_rest(tmp_path):
+    rows = encoded_rows()
+    write_all(tmp_path / "whole", batches(rows, np.arange(12), 12))
+    writer = DatasetWriter.open(tmp_path / "cut", plan_of(), config={"seed": 0}, run={})
+    writer.add(batches(rows, np.arange(7), 7)[0])  # shard 0 whole, shard 1 half: then the run dies
+    assert not dataset_complete(tmp_path / "cut")
+    again = DatasetWriter.open(tmp_path / "cut", plan_of(), config={"seed": 0}, run={})
+    assert again.todo == [1, 2] and again.manifest["embedding_dim"] == DIM
+    again.add(batches(rows, np.arange(5, 12), 7)[0])
+    again.finish(made=7, seconds=1.0)
+    assert shard_bytes(tmp_path / "cut") == shard_bytes(tmp_path / "whole")
+
+
+def test_other_content_or_a_foreign_directory_is_refused_untouched(tmp_path):
+    write_all(tmp_path / "ds", batches(encoded_rows(), np.arange(12), 12))
+    before = shard_bytes(tmp_path / "ds")
+    with pytest.raises(DatasetError, match=r"other settings \(seed: 0 -> 1\)"):
+        DatasetWriter.open(tmp_path / "ds", plan_of({"seed": 1}), config={}, run={})
+    assert shard_bytes(tmp_path / "ds") == before and read_manifest(tmp_path / "ds")["content"] == {"seed": 0}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(DatasetError, match="not empty and holds no manifest.json"):
+        DatasetWriter.open(tmp_path / "mine", plan_of(), config={}, run={})
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    replaced = DatasetWriter.open(tmp_path / "ds", plan_of({"seed": 1}), config={}, run={}, overwrite=True)
+    assert replaced.todo == [0, 1, 2] and not list((tmp_path / "ds" / DATA_DIR).iterdir())
+    assert (tmp_path / "ds" / MANIFEST).exists()
