@@ -52,3 +52,7 @@ class BiasDataError(UserError, ValueError):
 
 class ReportError(UserError, ValueError):
     """An input of the report cannot be read; the message names the file."""
+
+
+class OutputInUseError(UserError, RuntimeError):
+    """Another running lbgen command holds the output directory; the message names it."""

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from configs import tiny_generate
 from PIL import Image
-from rows import assert_same_row
+from rows import assert_same_dataset, read_rows
 
 from lbgen.cli import main as cli_main
 from lbgen.config import Config, ConfigError, FaultConfig, resolve
@@ -54,32 +54,6 @@ def table_file(tmp_path_factory) -> Path:
 
 # The tiny preset on a class table file, into an output directory.
 tiny_cfg = partial(tiny_generate, images_per_class=PER_CLASS)
-
-
-def read_rows(output: Path) -> dict:
-    """(label, index) -> row dict with decoded pixels, from all shards; no (label, index) twice."""
-    table = pq.read_table(output / "data")
-    rows = {}
-    for row in table.to_pylist():
-        row["pixels"] = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])))
-        key = (row["label"], row["index"])
-        assert key not in rows, f"duplicate row {key}"
-        rows[key] = row
-    return rows
-
-
-def assert_same_pixels_and_row(a: dict, b: dict) -> None:
-    np.testing.assert_array_equal(a["pixels"], b["pixels"])
-    assert_same_row(a, b, skip=("pixels", "image"))
-
-
-def assert_same_dataset(a: Path, b: Path) -> None:
-    """The same rows (keys, pixels, metadata; scores up to rounding) and the same image bytes in both datasets."""
-    rows_a, rows_b = read_rows(a), read_rows(b)
-    assert rows_a.keys() == rows_b.keys()
-    for key in rows_a:
-        assert_same_pixels_and_row(rows_a[key], rows_b[key])
-        assert rows_a[key]["image"] == rows_b[key]["image"], key  # PNG encoding is deterministic too
 
 
 # ---------------------------------------------------------------- the generation callable, called directly

@@ -140,3 +140,38 @@ def test_qalign_wrapper_scores_batches_on_tensors_with_gradients_as_the_paper_ma
     torch.testing.assert_close(score01.detach(), q / 5)  # L_q = 1 - Q/5
     (1 - score01).mean().backward()
     assert images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
+
+
+def test_sleep_generator_waits_like_a_gpu_and_returns_the_same_pixels_every_time():
+    """`sleep:<ms>` (scale tests only): each UNet call takes the delay in wall time but not in CPU time,
+    and the pipeline around it (decode, 512 px) is real and deterministic."""
+    import dataclasses
+    import time
+
+    import numpy as np
+
+    from lbgen.config import resolve
+    from lbgen.data.classes import load_class_table
+    from lbgen.data.plan import plan
+    from lbgen.stages.generate import GenerateBatch
+
+    cfg = resolve("tiny", overrides={"model": {"generator": "sleep:150", "resolution": 512},
+                                     "generate": {"steps": 2, "micro_batch": 2, "batch_size": 2}})
+    generate = GenerateBatch(dataclasses.asdict(cfg))
+    rows = plan(load_class_table(cfg.classes), cfg)[:2]
+    batch = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    wall, cpu = time.perf_counter(), time.process_time()
+    pixels = generate(batch)["pixels"]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert pixels.shape == (2, 512, 512, 3) and pixels.std() > 1
+    assert wall >= 2 * 0.150 and wall - cpu >= 0.8 * 2 * 0.150  # two UNet calls (T = 2) spent waiting, not computing
+    np.testing.assert_array_equal(generate(batch)["pixels"], pixels)
+
+
+@pytest.mark.parametrize("name", ["sleep:abc", "sleep:-5", "sleep:"])
+def test_a_bad_sleep_delay_is_refused_naming_it(name):
+    from lbgen.errors import ConfigError
+    from lbgen.models.generator import check_generator
+
+    with pytest.raises(ConfigError, match=f"model.generator '{name}': the delay must be milliseconds >= 0"):
+        check_generator(name)

@@ -48,9 +48,9 @@ def planted(tmp_path_factory):
     plan = DatasetPlan(content={}, label_names=NAMES, images_per_class=PER_CLASS, shard_rows=rows, generator="shapes",
                        description="planted", row_group_rows=4)
     output = tmp_path_factory.mktemp("planted")
-    writer = DatasetWriter.open(output, plan, config={}, run={})
-    writer.add(encode_images(scored, "png", 95))
-    writer.finish(made=len(position), seconds=1.0)
+    with DatasetWriter.open(output, plan, config={}, run={}) as writer:
+        writer.add(encode_images(scored, "png", 95))
+        writer.finish(made=len(position), seconds=1.0)
     return output
 
 

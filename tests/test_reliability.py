@@ -12,9 +12,11 @@ import dataclasses
 import errno
 import io
 import json
+import logging
 import os
 import pickle
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -258,6 +260,7 @@ def nested(path: str, value) -> dict:
 @given(field=st.sampled_from(GENERATE_FIELDS + ["finetune.lr", "pretrain.epochs", "evaluate.fractions", "generate.bogus", "nope"]),
        value=VALUES)
 @example(field="model.generator", value="")  # not a hub id: used to escape as huggingface_hub's HFValidationError
+@example(field="classes", value="\x1e")  # a line separator in a path: the message stays one line, escaped
 def test_config_files_work_or_name_the_setting(cli_until_ray, field, value):
     with tempfile.TemporaryDirectory() as tmp:
         config, out = Path(tmp) / "c.yaml", Path(tmp) / "out"
@@ -273,7 +276,7 @@ def test_config_files_work_or_name_the_setting(cli_until_ray, field, value):
         else:
             # The line names the setting, or the value it refers to (a table path, a model id, a LoRA dir).
             assert_refused(code, err)
-            assert leaf in err or str(value) in err, err
+            assert leaf in err or str(value) in err or repr(value)[1:-1] in err, err
         assert not out.exists()
 
 
@@ -610,3 +613,35 @@ def test_disk_full_stops_generate_keeping_whole_shards_and_resume_completes(tmp_
         if mounted:
             subprocess.run(["umount", str(full)], check=True)
     print(f"disk full: {'tmpfs' if mounted else 'simulated ENOSPC'}, {len(kept)} of 6 shards kept, resumed to 6")
+
+
+# ---------------------------------------------------------------- one writer per output
+
+
+@pytest.mark.parametrize("command, flag", [("generate", "--output"), ("finetune", "--output"), ("pretrain", "--output")])
+def test_an_output_in_use_is_refused_before_ray_and_a_stale_one_is_taken(command, flag, tmp_path, cli_until_ray, caplog):
+    """A second command on an output another command holds is refused in one line naming the holder;
+    once that holder is killed, its lock is reported stale and the command goes on."""
+    from shape_shards import write_shape_shards
+
+    from lbgen.data.classes import load_class_table
+
+    output = tmp_path / "out"
+    hold = "import sys, time\nfrom lbgen.runtime.locks import OutputLock\nwith OutputLock(sys.argv[1], 'lbgen first'):\n" \
+           "    print('held', flush=True)\n    time.sleep(600)\n"
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(output)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        argv = [command, flag, str(output)]
+        if command == "pretrain":
+            argv += ["--data", str(write_shape_shards(tmp_path / "shards", load_class_table("tiny10"), per_class=4, size=16))]
+        assert_refused(*cli_until_ray(argv), f"{output} is in use by `lbgen first` (pid {proc.pid} on ")
+        proc.kill()
+        proc.wait()
+        with caplog.at_level(logging.WARNING, logger="lbgen.runtime.locks"):
+            code, err = cli_until_ray(argv)
+        assert code == "ray", err
+        assert any("`lbgen first`" in r.message and "is stale" in r.message for r in caplog.records)
+    finally:
+        proc.kill()
+        proc.wait()

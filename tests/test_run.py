@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_generate import assert_same_row, read_rows
+from rows import assert_same_pixels_and_row, read_rows
 
 from lbgen.cli import main
 from lbgen.config import resolve
@@ -139,5 +139,5 @@ def test_run_killed_during_generation_resumes_to_the_same_dataset(uninterrupted,
     a, b = read_rows(uninterrupted / "generate"), read_rows(out / "generate")
     assert a.keys() == b.keys()
     for key in a:
-        assert_same_row(a[key], b[key])
+        assert_same_pixels_and_row(a[key], b[key])
     assert inspect_dataset(out / "generate").ok

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -48,10 +50,10 @@ def batches(rows: dict, order: np.ndarray, size: int) -> list[dict]:
 
 
 def write_all(output, parts: list[dict]) -> dict:
-    writer = DatasetWriter.open(output, plan_of(), config={"seed": 0}, run={"device": "cpu"})
-    for part in parts:
-        writer.add(part)
-    return writer.finish(made=sum(len(p["label"]) for p in parts), seconds=1.0)
+    with DatasetWriter.open(output, plan_of(), config={"seed": 0}, run={"device": "cpu"}) as writer:
+        for part in parts:
+            writer.add(part)
+        return writer.finish(made=sum(len(p["label"]) for p in parts), seconds=1.0)
 
 
 def shard_bytes(output) -> dict[str, bytes]:
@@ -77,12 +79,14 @@ def test_a_reopened_dataset_keeps_its_whole_shards_and_makes_the_rest(tmp_path):
     rows = encoded_rows()
     write_all(tmp_path / "whole", batches(rows, np.arange(12), 12))
     writer = DatasetWriter.open(tmp_path / "cut", plan_of(), config={"seed": 0}, run={})
-    writer.add(batches(rows, np.arange(7), 7)[0])  # shard 0 whole, shard 1 half: then the run dies
+    writer.add(batches(rows, np.arange(7), 7)[0])  # shard 0 whole, shard 1 half: then the run dies ...
+    writer.lock.file.close()  # ... and the kernel drops its lock
     assert not dataset_complete(tmp_path / "cut")
-    again = DatasetWriter.open(tmp_path / "cut", plan_of(), config={"seed": 0}, run={})
-    assert again.todo == [1, 2] and again.manifest["embedding_dim"] == DIM
-    again.add(batches(rows, np.arange(5, 12), 7)[0])
-    again.finish(made=7, seconds=1.0)
+    with DatasetWriter.open(tmp_path / "cut", plan_of(), config={"seed": 0}, run={}) as again:
+        assert again.lock.stale["pid"] == os.getpid()  # the dead run's lock, taken over
+        assert again.todo == [1, 2] and again.manifest["embedding_dim"] == DIM
+        again.add(batches(rows, np.arange(5, 12), 7)[0])
+        again.finish(made=7, seconds=1.0)
     assert shard_bytes(tmp_path / "cut") == shard_bytes(tmp_path / "whole")
 
 
@@ -97,6 +101,21 @@ def test_other_content_or_a_foreign_directory_is_refused_untouched(tmp_path):
     with pytest.raises(DatasetError, match="not empty and holds no manifest.json"):
         DatasetWriter.open(tmp_path / "mine", plan_of(), config={}, run={})
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
-    replaced = DatasetWriter.open(tmp_path / "ds", plan_of({"seed": 1}), config={}, run={}, overwrite=True)
-    assert replaced.todo == [0, 1, 2] and not list((tmp_path / "ds" / DATA_DIR).iterdir())
+    with DatasetWriter.open(tmp_path / "ds", plan_of({"seed": 1}), config={}, run={}, overwrite=True) as replaced:
+        assert replaced.todo == [0, 1, 2] and not list((tmp_path / "ds" / DATA_DIR).iterdir())
     assert (tmp_path / "ds" / MANIFEST).exists()
+
+
+def test_an_open_writer_holds_its_output_and_a_refusal_leaves_no_lock_behind(tmp_path):
+    from lbgen.errors import OutputInUseError
+    from lbgen.runtime.locks import LOCK_FILE
+
+    with DatasetWriter.open(tmp_path / "ds", plan_of(), config={}, run={}):
+        with pytest.raises(OutputInUseError, match=r"ds is in use by .*one writer per output"):
+            DatasetWriter.open(tmp_path / "ds", plan_of(), config={}, run={})
+    DatasetWriter.open(tmp_path / "ds", plan_of(), config={}, run={}).close()  # released: open again
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep")
+    with pytest.raises(DatasetError):
+        DatasetWriter.open(tmp_path / "theirs", plan_of(), config={}, run={})
+    assert not (tmp_path / "theirs" / LOCK_FILE).exists()

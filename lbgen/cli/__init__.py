@@ -131,20 +131,26 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def refuse(command: str, err: BaseException) -> int:
+    """Print `lbgen COMMAND: error: ...` as exactly one line (a control character in a user's input,
+    such as a path holding a newline, is shown escaped) and return exit code 2."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(err))
+    print(f"lbgen {command}: error: {text}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
         try:
             return inspect_command(args.dir, args.near_duplicate_cosine)
         except UserError as err:
-            print(f"lbgen inspect: error: {err}", file=sys.stderr)
-            return 2
+            return refuse("inspect", err)
     if args.command == "report":
         try:
             report_command(args.dir, overrides_from_args(args))
         except USER_ERRORS as err:
-            print(f"lbgen report: error: {err}", file=sys.stderr)
-            return 2
+            return refuse("report", err)
         return 0
     command = stage(args.command)
     try:
@@ -158,13 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             init_ray(args.address)
         print(command.done_line(cfg, command.call(cfg, checked)))
     except USER_ERRORS as err:
-        print(f"lbgen {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return refuse(args.command, err)
     except Exception as err:
         cause = root_cause(err)
         if isinstance(cause, USER_ERRORS):
-            print(f"lbgen {args.command}: error: {cause}", file=sys.stderr)
-            return 2
+            return refuse(args.command, cause)
         raise
     return 0
 

@@ -1,7 +1,8 @@
 """The one writer of a generated dataset: claim the output, resume, whole shards, manifest, card.
 
-`generate` drives it: `DatasetWriter.open(output, plan, ...)` -> `add(batch)` per encoded batch
--> `finish(...)`. A shard exists under its final name only once it is whole (written to a hidden
+`generate` drives it: `with DatasetWriter.open(output, plan, ...) as writer:` -> `add(batch)` per
+encoded batch -> `finish(...)`. While open it holds the output's lock (`lbgen.runtime.locks`; local
+outputs: object stores have no lock primitive), so two runs never interleave one manifest. A shard exists under its final name only once it is whole (written to a hidden
 temporary name, then renamed), and the manifest lists it only after that, so "the file exists"
 is the completion marker that resume relies on. OUT is a local path or an object-store URI
 (`s3://bucket/ds`): all I/O goes through `lbgen.data.storage`. The layout is `lbgen.data.format`'s.
@@ -34,6 +35,7 @@ from lbgen.data.format import (
 from lbgen.data.reader import read_manifest, read_stats, sha256_file, summarize
 from lbgen.data.storage import Location, Where, locate
 from lbgen.errors import DatasetError
+from lbgen.runtime.locks import LOCK_FILE, OutputLock
 from lbgen.runtime.training import differences
 
 # No space left, or over quota: the run stops; whole shards stay and a re-run resumes.
@@ -64,10 +66,22 @@ def write_json_atomic(path: Where, data: dict) -> None:
 class DatasetWriter:
     """Owns a dataset directory while a run writes it; `open` it, `add` encoded batches, `finish`."""
 
-    def __init__(self, output: Location, plan: DatasetPlan, manifest: dict):
-        self.output, self.plan, self.manifest = output, plan, manifest
+    def __init__(self, output: Location, plan: DatasetPlan, manifest: dict, lock: OutputLock | None):
+        self.output, self.plan, self.manifest, self.lock = output, plan, manifest, lock
         self.schema = schema(plan.label_names)
         self.pending: dict[int, list[dict]] = {}  # shard -> its batches so far
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the output (whole shards stay; a re-run resumes from them)."""
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+            self.lock = None
 
     @classmethod
     def open(cls, output: Where, plan: DatasetPlan, *, config: dict, run: dict, overwrite: bool = False) -> DatasetWriter:
@@ -78,6 +92,20 @@ class DatasetWriter:
         device, precision) are recorded in the manifest.
         """
         output = locate(output)
+        if output.exists() and not output.is_dir():
+            raise DatasetError(f"output {output} exists and is not a directory")
+        lock = OutputLock(output.path).__enter__() if output.fs.type_name == "local" else None
+        try:
+            manifest = cls._claim(output, plan, config, run, overwrite)
+        except BaseException:
+            if lock is not None:
+                lock.abandon()
+            raise
+        return cls(output, plan, manifest, lock)
+
+    @staticmethod
+    def _claim(output: Location, plan: DatasetPlan, config: dict, run: dict, overwrite: bool) -> dict:
+        """Check and take `output` for `plan` (see `open`); returns the manifest now on disk."""
         prior = claim_output(output, plan.content, overwrite)
         shards = _finished_shards(output, prior, plan.shard_rows) if prior else {}
         manifest = {
@@ -91,7 +119,7 @@ class DatasetWriter:
         (output / DATA_DIR).mkdir()  # after: a run killed in between leaves no unclaimed directory
         (output / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         (output / CARD).write_text(card_text(plan.label_names, plan.description))
-        return cls(output, plan, manifest)
+        return manifest
 
     @property
     def todo(self) -> list[int]:
@@ -178,8 +206,6 @@ def claim_output(output: Location, content: dict, overwrite: bool) -> dict | Non
 
     Refuses (DatasetError), touching nothing, when it holds other content, unless `overwrite`.
     """
-    if output.exists() and not output.is_dir():
-        raise DatasetError(f"output {output} exists and is not a directory")
     manifest = read_manifest(output) if output.is_dir() else None
     if manifest is not None and manifest["content_hash"] != content_hash(content):
         if not overwrite:
@@ -189,7 +215,7 @@ def claim_output(output: Location, content: dict, overwrite: bool) -> dict | Non
         _remove_dataset(output)
         return None
     leftovers = _interrupted_writes(output) if output.is_dir() else []
-    ours = {tmp.name for tmp in leftovers}
+    ours = {tmp.name for tmp in leftovers} | {LOCK_FILE}
     if manifest is None and output.is_dir() and any(p.name not in ours for p in output.iterdir()):
         if not overwrite:
             raise DatasetError(f"{output} is not empty and holds no {MANIFEST}: refusing to write a dataset into it "

@@ -1,7 +1,8 @@
 """`create_generator`: a diffusers Stable Diffusion pipeline from a name.
 
-Names: a registered builder (`tiny`: small seeded random modules built in code,
-no download), a local directory saved with `save_pretrained`, or a hub id.
+Names: a registered builder (`tiny`: small seeded random modules built in code, no download;
+`sd15-shape`: SD 1.5's architecture, random weights; `sleep:<ms>`: a GPU-like stand-in for scale
+tests and benchmarks only), a local directory saved with `save_pretrained`, or a hub id.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import json
 import logging
 import os
 import tempfile
+import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from lbgen.errors import ConfigError
 from lbgen.models.hub import hub_access, is_local_path, not_found
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -177,10 +181,81 @@ def build_sd15_shape(resolution: int = 512, seed: int = 0):
     return _assemble(unet, vae, text_encoder, tokenizer)
 
 
+def sleep_unet_class():
+    """`SleepUNet`, defined on first use: diffusers is imported lazily."""
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    class SleepUNet(ModelMixin, ConfigMixin):
+        """TEST AND BENCHMARK ONLY: a UNet stand-in that looks like a GPU from the host's side.
+
+        Each call waits `delay_ms` without using a CPU (as a host thread waits on a GPU kernel), then
+        returns a deterministic function of its input, so everything around it runs for real.
+        """
+
+        @register_to_config
+        def __init__(self, sample_size: int, delay_ms: float, in_channels: int = 4, out_channels: int = 4):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(0.5))  # gives the module a dtype and a device
+
+        def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+            time.sleep(self.config.delay_ms / 1000)
+            return UNet2DConditionOutput(sample=sample * self.scale)
+
+    return SleepUNet
+
+
+def sleep_delay(argument: str) -> float:
+    """The milliseconds of `sleep:<ms>`; anything else is a ConfigError naming it."""
+    try:
+        delay = float(argument)
+    except ValueError:
+        delay = -1.0
+    if not delay >= 0:
+        raise ConfigError(f"model.generator 'sleep:{argument}': the delay must be milliseconds >= 0 (e.g. sleep:250)")
+    return delay
+
+
+def build_sleep(delay_ms: float, resolution: int = 512, seed: int = 0):
+    """`sleep:<ms>`, TEST AND BENCHMARK ONLY: the tiny text encoder, a UNet call that waits `delay_ms`
+    per micro-batch and uses no CPU, and a one-block VAE (no downsampling) whose decode is cheap."""
+    from diffusers import AutoencoderKL
+
+    tiny = build_tiny(resolution=64, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # Narrow, one block, no attention: a real decode whose CPU cost stays small beside the "GPU" time.
+        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                            up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, sample_size=resolution,
+                            mid_block_add_attention=False)
+    unet = sleep_unet_class()(sample_size=resolution, delay_ms=delay_ms)
+    return _assemble(unet, vae, tiny.text_encoder, tiny.tokenizer)
+
+
 # The file diffusers writes and `pipe.load_lora_weights(dir)` reads: finetune's output, generate's input.
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 GENERATOR_BUILDERS: dict[str, Callable[..., object]] = {"tiny": build_tiny, "sd15-shape": build_sd15_shape}
+# Builders that take an argument in their name, `NAME:ARG` (`sleep:250`).
+PARAMETRIC_BUILDERS: dict[str, tuple[Callable[[str], object], Callable[..., object]]] = {"sleep": (sleep_delay, build_sleep)}
+
+
+def simulates_gpu(name: str) -> bool:
+    """Whether generator `name` is the `sleep:<ms>` stand-in: scheduled on GPUs, computing on the CPU."""
+    return name.partition(":")[0] == "sleep" and ":" in name
+
+
+def builder_for(name: str) -> Callable[..., object] | None:
+    """The builder `name` refers to (`tiny`, `sleep:250`, ...), or None for a path or hub id; a bad
+    builder argument is a ConfigError."""
+    if name in GENERATOR_BUILDERS:
+        return GENERATOR_BUILDERS[name]
+    prefix, colon, argument = name.partition(":")
+    if not (colon and prefix in PARAMETRIC_BUILDERS):
+        return None
+    parse, build = PARAMETRIC_BUILDERS[prefix]
+    return partial(build, parse(argument))
 
 # Sampler name -> diffusers scheduler class name; all are built from the model's own scheduler config.
 SCHEDULERS: dict[str, str] = {
@@ -216,7 +291,7 @@ def check_generator(name_or_path: str) -> None:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if name_or_path in GENERATOR_BUILDERS:
+    if builder_for(name_or_path) is not None:
         return
     if is_local_path(name_or_path):
         if not os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "model_index.json")):
@@ -242,7 +317,7 @@ def create_generator(
     """A `StableDiffusionPipeline` from a builder name, a local directory or a hub id.
 
     Args:
-        name_or_path: key of GENERATOR_BUILDERS (`tiny`), a directory, or a hub id.
+        name_or_path: a builder (`tiny`, `sd15-shape`, `sleep:<ms>`), a directory, or a hub id.
         resolution: image side for built-in builders (hub/local models keep their own).
         torch_dtype: weight dtype of the loaded modules.
         device: where the pipeline is placed.
@@ -253,8 +328,8 @@ def create_generator(
     from diffusers import StableDiffusionPipeline
 
     _quiet_diffusers()
-    if name_or_path in GENERATOR_BUILDERS:
-        pipe = GENERATOR_BUILDERS[name_or_path](resolution=resolution, seed=seed)
+    if (builder := builder_for(name_or_path)) is not None:
+        pipe = builder(resolution=resolution, seed=seed)
     elif is_local_path(name_or_path):
         path = os.path.expanduser(name_or_path)
         if not os.path.isfile(os.path.join(path, "model_index.json")):

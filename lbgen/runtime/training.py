@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from lbgen.config import Config, ConfigError, from_dict, load_yaml
+from lbgen.runtime.locks import check_free
 
 
 class CheckpointError(ConfigError):
@@ -130,6 +131,7 @@ def check_output_dir(path: str | Path, field: str) -> None:
         raise ConfigError(f"{field} {path}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"{field} {path}: {ancestor} is not writable")
+    check_free(path)  # another command writing there: refused now, not after Ray starts
 
 
 def check_resumable(

@@ -31,6 +31,7 @@ from lbgen.models import create_clip, create_generator, create_iqa
 from lbgen.models.generator import LORA_FILE
 from lbgen.models.iqa import SCORERS, has_pixel_gradient
 from lbgen.runtime import faults, training
+from lbgen.runtime.locks import OutputLock
 from lbgen.runtime.precision import MixedPrecision
 from lbgen.runtime.progress import MetricsProgress
 from lbgen.runtime.seeds import derive_seed, seeded_generator
@@ -374,15 +375,15 @@ def finetune(cfg: Config, table: ClassTable | None = None) -> Path:
     table = table or check_inputs(cfg)  # here, before any worker starts
     output = Path(cfg.finetune.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, output=str(output)))
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.yaml").write_text(to_yaml(cfg))
+    with OutputLock(output):  # one writer per output
+        (output / "config.yaml").write_text(to_yaml(cfg))
 
-    def postfix(m: dict) -> str:
-        return f"L={m['loss']:.3f} in={m['loss_in']:.3f} en={m['loss_en']:.3f} q={m['loss_q']:.3f} D={m['d_acc_real']:.2f}/{m['d_acc_fake']:.2f}"
+        def postfix(m: dict) -> str:
+            return f"L={m['loss']:.3f} in={m['loss_in']:.3f} en={m['loss_en']:.3f} q={m['loss_q']:.3f} D={m['d_acc_real']:.2f}/{m['d_acc_fake']:.2f}"
 
-    progress = MetricsProgress(output / "metrics.jsonl", total_steps(cfg, len(table)), "finetune", postfix=postfix)
-    result = training.fit(train_loop_per_worker, dataclasses.asdict(cfg), cfg.finetune, output, progress)
-    with result.checkpoint.as_directory() as directory:
-        export_lora(Path(directory) / ADAPTER_FILE, output, cfg.finetune)
-        (output / DISC_FILE).write_bytes((Path(directory) / DISC_FILE).read_bytes())
+        progress = MetricsProgress(output / "metrics.jsonl", total_steps(cfg, len(table)), "finetune", postfix=postfix)
+        result = training.fit(train_loop_per_worker, dataclasses.asdict(cfg), cfg.finetune, output, progress)
+        with result.checkpoint.as_directory() as directory:
+            export_lora(Path(directory) / ADAPTER_FILE, output, cfg.finetune)
+            (output / DISC_FILE).write_bytes((Path(directory) / DISC_FILE).read_bytes())
     return output

@@ -36,7 +36,7 @@ from lbgen.data.plan import num_shards, plan, shard_rows  # noqa: F401  (plan is
 from lbgen.data.reader import format_summary
 from lbgen.data.storage import locate
 from lbgen.data.writer import DatasetPlan, DatasetWriter
-from lbgen.models.generator import LORA_FILE
+from lbgen.models.generator import LORA_FILE, simulates_gpu
 from lbgen.runtime import faults
 from lbgen.runtime.precision import weight_dtype
 from lbgen.runtime.training import check_output_dir, use_gpu
@@ -223,12 +223,12 @@ def dataset_plan(cfg: Config, table: ClassTable, lora_sha: str | None) -> Datase
 # ---------------------------------------------------------------- Ray Data pipeline
 
 
-def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: str):
-    """The lazy Ray Data dataset of encoded rows for `shards` (see the module docstring), its actors on `device`."""
+def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: str, gpus: bool):
+    """The lazy Ray Data dataset of encoded rows for `shards` (see the module docstring): its actors hold
+    GPUs when `gpus`, and run their models on `device`."""
     import ray
 
     gen, config = cfg.generate, dataclasses.asdict(cfg)
-    gpu = device == "cuda"
     light = 0.25  # CPUs for planning/encoding tasks and the scoring actor: they must fit beside the actors
     ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=max(1, len(shards)))
     # Few light task workers: each new Ray worker process costs an interpreter start.
@@ -241,12 +241,12 @@ def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: st
     ds = ds.map_batches(
         GenerateBatch, fn_constructor_kwargs={"config": config, "device": device}, batch_size=gen.batch_size,
         compute=ray.data.ActorPoolStrategy(size=gen.workers), num_cpus=gen.cpus_per_worker,
-        num_gpus=(1 - SCORE_GPU_SHARE) if gpu else 0, batch_format="numpy",
+        num_gpus=(1 - SCORE_GPU_SHARE) if gpus else 0, batch_format="numpy",
     )
     ds = ds.map_batches(
         ScoreBatch, fn_constructor_kwargs={"config": config, "device": device}, batch_size=gen.batch_size,
         compute=ray.data.ActorPoolStrategy(size=max(1, gen.workers // 4)), num_cpus=light,
-        num_gpus=SCORE_GPU_SHARE if gpu else 0, batch_format="numpy",
+        num_gpus=SCORE_GPU_SHARE if gpus else 0, batch_format="numpy",
     )
     return ds.map_batches(encode_images, fn_kwargs={"image_format": gen.image_format, "quality": gen.image_quality},
                           batch_size=gen.batch_size, num_cpus=light, batch_format="numpy",
@@ -273,16 +273,24 @@ def generate(cfg: Config, checked: tuple[ClassTable, str | None] | None = None, 
     output when the class table, LoRA, settings or output directory are unusable. `checked`:
     what `check_inputs(cfg)` returned, when the caller ran it (the CLI's pre-flight).
     """
-    import ray
-    from tqdm.auto import tqdm
-
     gen = cfg.generate
     table, lora_sha = checked or check_inputs(cfg)
     plan_ = dataset_plan(cfg, table, lora_sha)
-    device = "cuda" if use_gpu(gen.use_gpu) else "cpu"
+    gpus = use_gpu(gen.use_gpu)
+    # A simulated GPU (the `sleep:<ms>` stand-in) is scheduled like one but computes on the CPU.
+    device = "cuda" if gpus and not simulates_gpu(cfg.model.generator) else "cpu"
     # `run`: how this run makes its images (the last run's, on a resumed dataset).
-    writer = DatasetWriter.open(gen.output, plan_, config=dataclasses.asdict(cfg), run={"device": device, "precision": gen.dtype},
-                                overwrite=gen.overwrite)
+    with DatasetWriter.open(gen.output, plan_, config=dataclasses.asdict(cfg), run={"device": device, "precision": gen.dtype},
+                            overwrite=gen.overwrite) as writer:
+        return _generate_into(writer, cfg, table, device, gpus, show_progress)
+
+
+def _generate_into(writer: DatasetWriter, cfg: Config, table: ClassTable, device: str, gpus: bool, show_progress: bool) -> dict:
+    """Make the shards `writer` still lacks through the Ray Data pipeline; returns the final manifest."""
+    import ray
+    from tqdm.auto import tqdm
+
+    plan_ = writer.plan
     todo = writer.todo
     start, made = time.perf_counter(), sum(plan_.shard_rows[k] for k in todo)
     if todo:
@@ -291,7 +299,7 @@ def generate(cfg: Config, checked: tuple[ClassTable, str | None] | None = None, 
         ctx.enable_progress_bars = False  # lbgen draws its own bar
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         with tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
-            for batch in build_pipeline(cfg, table, todo, device).iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in build_pipeline(cfg, table, todo, device, gpus).iter_batches(batch_size=None, batch_format="numpy"):
                 writer.add(batch)
                 bar.update(len(batch["label"]))
     return writer.finish(made, time.perf_counter() - start)

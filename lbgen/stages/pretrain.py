@@ -31,6 +31,7 @@ from lbgen.data.shards import RowFilter, ShardError, ShardSet, open_shards
 from lbgen.data.transforms import ImageTransform, decode_batch, normalize
 from lbgen.models.backbones import export_backbone
 from lbgen.runtime import training
+from lbgen.runtime.locks import OutputLock
 from lbgen.runtime.precision import MixedPrecision
 from lbgen.runtime.progress import MetricsProgress
 from lbgen.runtime.seeds import derive_seed
@@ -288,29 +289,29 @@ def pretrain(cfg: Config, shards: ShardSet | None = None) -> Path:
     pt = cfg.pretrain
     output = Path(pt.output)
     table = load_class_table(cfg.classes)
-    output.mkdir(parents=True, exist_ok=True)
-    training.check_resumable(output, cfg, "pretrain", ("classes", "seed", "pretrain"), RESUMABLE_FIELDS)
-    (output / "config.yaml").write_text(to_yaml(cfg))
-    (output / "shards.json").write_text(json.dumps(shards.to_json(), indent=2) + "\n")
+    with OutputLock(output):  # one writer per output
+        training.check_resumable(output, cfg, "pretrain", ("classes", "seed", "pretrain"), RESUMABLE_FIELDS)
+        (output / "config.yaml").write_text(to_yaml(cfg))
+        (output / "shards.json").write_text(json.dumps(shards.to_json(), indent=2) + "\n")
 
-    datasets = {"train": build_dataset(shards, cfg, "train")}
-    if shards.val_rows:
-        datasets["val"] = build_dataset(shards, cfg, "val")
-    loop_config = {
-        "cfg": dataclasses.asdict(cfg),
-        "num_classes": len(table),
-        "steps_per_epoch": steps_per_epoch(shards.train_rows, cfg),
-        "has_val": bool(shards.val_rows),
-    }
+        datasets = {"train": build_dataset(shards, cfg, "train")}
+        if shards.val_rows:
+            datasets["val"] = build_dataset(shards, cfg, "val")
+        loop_config = {
+            "cfg": dataclasses.asdict(cfg),
+            "num_classes": len(table),
+            "steps_per_epoch": steps_per_epoch(shards.train_rows, cfg),
+            "has_val": bool(shards.val_rows),
+        }
 
-    def postfix(m: dict) -> str:
-        val = f" val_acc={m['val_acc']:.3f}" if "val_acc" in m else ""
-        return f"loss={m['train_loss']:.3f}{val} {m['images_per_s']:.0f} img/s"
+        def postfix(m: dict) -> str:
+            val = f" val_acc={m['val_acc']:.3f}" if "val_acc" in m else ""
+            return f"loss={m['train_loss']:.3f}{val} {m['images_per_s']:.0f} img/s"
 
-    progress = MetricsProgress(output / "metrics.jsonl", pt.epochs, "pretrain", key="epoch", postfix=postfix)
-    result = training.fit(train_loop_per_worker, loop_config, pt, output, progress, datasets)
-    with result.checkpoint.as_directory() as directory:
-        export_checkpoint(Path(directory), cfg, output)
+        progress = MetricsProgress(output / "metrics.jsonl", pt.epochs, "pretrain", key="epoch", postfix=postfix)
+        result = training.fit(train_loop_per_worker, loop_config, pt, output, progress, datasets)
+        with result.checkpoint.as_directory() as directory:
+            export_checkpoint(Path(directory), cfg, output)
     return output
 
 

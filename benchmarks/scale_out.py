@@ -1,0 +1,129 @@
+"""Generation throughput on a simulated multi-node GPU cluster: scaling efficiency and where the time goes.
+
+The cluster is `tests/sim_cluster.py`'s: a head plus worker nodes on loopback, each a raylet declaring
+2 "GPUs" that Ray schedules like real ones. The model is the `sleep:<ms>` stand-in: each UNet call
+waits `--delay-ms` and uses no CPU, as a GPU kernel does from the host's side, while everything around
+it is real (VAE decode, CLIP/IQA scoring, 512 px JPEG encoding, Parquet shards, the manifest).
+A model time that dominates the CPU cost, as on real GPUs, makes the result a property of lbgen's
+pipeline rather than of this machine's 2 cores; `--delay-ms 0` measures the pipeline's own ceiling.
+
+For each N in `--gpus`, N generation actors (one per simulated GPU, spread over the nodes) make
+N x `--images-per-gpu` images. The rate is the steady one: images in shards 2..last over the time
+between the first and the last shard landing (actor start-up is not the pipeline's throughput).
+
+    python benchmarks/scale_out.py --json scale_out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the simulated cluster is the tests' own
+
+from sim_cluster import simulated_cluster  # noqa: E402
+
+from lbgen.config import resolve  # noqa: E402
+from lbgen.data.classes import load_class_table  # noqa: E402
+from lbgen.data.format import DATA_DIR  # noqa: E402
+
+
+def config(output: Path, gpus: int, images: int, args):
+    return resolve("tiny", overrides={
+        "classes": "tiny10",
+        "model": {"generator": f"sleep:{args.delay_ms}", "resolution": args.resolution},
+        "generate": {"output": str(output), "use_gpu": True, "workers": gpus, "images_per_class": max(1, images // 10),
+                     "rows_per_shard": args.rows_per_shard, "batch_size": args.batch_size, "micro_batch": args.batch_size,
+                     "steps": args.steps, "image_format": "jpeg", "cpus_per_worker": args.cpus_per_actor},
+    })
+
+
+def operator_seconds(ds) -> dict:
+    """Summed wall and CPU seconds per Ray Data operator of a finished run."""
+    out = {}
+    for op in ds._get_stats_summary().operators_stats:
+        out[op.operator_name] = {"wall_s": round(op.wall_time.get("sum", 0.0), 2), "cpu_s": round(op.cpu_time.get("sum", 0.0), 2)}
+    return out
+
+
+def steady_rate(output: Path) -> float:
+    """Images per second between the first and the last shard landing (start-up excluded)."""
+    import pyarrow.parquet as pq
+
+    shards = sorted((output / DATA_DIR).glob("train-*.parquet"), key=lambda p: p.stat().st_mtime)
+    rows = sum(pq.read_metadata(p).num_rows for p in shards[1:])
+    return rows / (shards[-1].stat().st_mtime - shards[0].stat().st_mtime)
+
+
+def run_once(output: Path, gpus: int, images: int, args) -> dict:
+    """One generation with `gpus` actors: the writer loop of `lbgen.stages.generate`, timed in its parts."""
+    import ray
+
+    from lbgen.data.writer import DatasetWriter
+    from lbgen.stages.generate import build_pipeline, check_inputs, dataset_plan
+
+    cfg = config(output, gpus, images, args)
+    table, lora = check_inputs(cfg)
+    plan = dataset_plan(cfg, table, lora)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    start, in_writer = time.perf_counter(), 0.0
+    with DatasetWriter.open(output, plan, config=dataclasses.asdict(cfg), run={}) as writer:
+        ds = build_pipeline(cfg, table, writer.todo, "cpu", gpus=True)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            t = time.perf_counter()
+            writer.add(batch)
+            in_writer += time.perf_counter() - t
+        manifest = writer.finish(sum(plan.shard_rows), time.perf_counter() - start)
+    model_s = manifest["totals"]["rows"] / args.batch_size * args.steps * args.delay_ms / 1000
+    return {
+        "gpus": gpus, "images": manifest["totals"]["rows"], "seconds": round(time.perf_counter() - start, 2),
+        "images_per_s": round(steady_rate(output), 3),
+        "time": {"model_s (summed over actors)": round(model_s, 2), "driver_shard_assembly_s": round(in_writer, 2),
+                 "driver_waiting_s": round(time.perf_counter() - start - in_writer, 2), "operators": operator_seconds(ds)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", default="1,2,4,8", help="simulated GPU counts to measure (default: 1,2,4,8)")
+    parser.add_argument("--nodes", type=int, default=4, help="worker nodes, 2 GPUs each (default: 4)")
+    parser.add_argument("--delay-ms", type=int, default=8000, help="model time per UNet call of a micro-batch (default: 8000)")
+    parser.add_argument("--steps", type=int, default=2, help="denoising steps, UNet calls per micro-batch (default: 2)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per actor call and per micro-batch (default: 4)")
+    parser.add_argument("--images-per-gpu", type=int, default=16, help="images per simulated GPU (default: 16)")
+    parser.add_argument("--rows-per-shard", type=int, default=4, help="rows per shard (default: 4)")
+    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
+    parser.add_argument("--cpus-per-actor", type=float, default=0.1, help="CPUs Ray reserves per generation actor (default: 0.1)")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the pipeline-ceiling run (model time 0)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.gpus.split(",")]
+    load_class_table("tiny10")
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    with tempfile.TemporaryDirectory() as tmp, simulated_cluster(workers=args.nodes, gpus_per_node=2, cpus_per_node=1):
+        runs = {n: run_once(Path(tmp) / f"n{n}", n, n * args.images_per_gpu, args) for n in counts}
+        for n, run in runs.items():
+            print(json.dumps(run), flush=True)
+        base = runs[counts[0]]["images_per_s"] / counts[0]
+        results["runs"] = list(runs.values())
+        results["efficiency"] = {str(n): round(runs[n]["images_per_s"] / (n * base), 3) for n in counts[1:]}
+        if not args.no_ceiling:
+            ceiling_args = argparse.Namespace(**{**vars(args), "delay_ms": 0})
+            top = max(counts)
+            results["ceiling"] = run_once(Path(tmp) / "ceiling", top, top * args.images_per_gpu, ceiling_args)
+            results["ceiling_images_per_s"] = results["ceiling"]["images_per_s"]
+    print(json.dumps({k: results[k] for k in ("efficiency", "ceiling_images_per_s") if k in results}))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""One writer per output: a running stage holds a lock on its output directory.
+
+The lock is an advisory `flock` on `OUT/.lbgen.lock`, held by the driver for the whole stage. The
+kernel drops it when the process ends, however it ends, so a killed run never blocks a re-run;
+the file still names the killed holder, and the next run says that it found a stale lock and takes
+it. A second command on a held output is refused with one line naming the holder (host, pid,
+command, start time). `flock` works on local disks and on NFSv4 (as a POSIX lock); object stores
+have no lock primitive, so a dataset written to `s3://...` is not locked (see the README).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from lbgen.errors import OutputInUseError
+
+LOCK_FILE = ".lbgen.lock"
+log = logging.getLogger(__name__)
+
+
+def _holder_text(holder: dict) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    return f"`{holder.get('command', '?')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {started})"
+
+
+def _in_use(directory: str | Path, holder: dict) -> OutputInUseError:
+    return OutputInUseError(f"{directory} is in use by {_holder_text(holder)}: one writer per output; "
+                            "wait for it to finish, or use another --output")
+
+
+def _read_holder(file) -> dict | None:
+    file.seek(0)
+    text = file.read()
+    try:
+        return json.loads(text) if text.strip() else None
+    except json.JSONDecodeError:
+        return {"command": text.strip()[:80]}
+
+
+class OutputLock:
+    """`with OutputLock(directory, "lbgen generate"):` holds `directory` for this process, or raises
+    OutputInUseError naming the process that holds it. Creates `directory` if needed."""
+
+    def __init__(self, directory: str | Path, command: str | None = None):
+        self.directory = Path(directory)
+        self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
+        self.file = None
+        self.created = False  # whether this lock made the lock file (`abandon` then removes it)
+        self.stale: dict | None = None  # the holder a killed run left behind, if any
+
+    def __enter__(self) -> OutputLock:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.created = not (self.directory / LOCK_FILE).exists()
+        self.file = open(self.directory / LOCK_FILE, "a+")  # noqa: SIM115  held until __exit__
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(self.file) or {}
+            self.file.close()
+            raise _in_use(self.directory, holder) from None
+        self.stale = _read_holder(self.file)
+        if self.stale:
+            log.warning("%s: the lock left by %s is stale (that process is gone): taking over",
+                        self.directory, _holder_text(self.stale))
+        self.file.seek(0)
+        self.file.truncate()
+        holder = {"command": self.command, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        self.file.write(json.dumps(holder) + "\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.seek(0)
+        self.file.truncate()  # a clean end leaves no holder: the next run finds nothing stale
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+    def abandon(self) -> None:
+        """Release, and remove the lock file if this lock made it: a refused command leaves no trace."""
+        self.__exit__(None, None, None)
+        if self.created:
+            (self.directory / LOCK_FILE).unlink(missing_ok=True)
+
+
+def check_free(directory: str | Path) -> None:
+    """Pre-flight: raise OutputInUseError if a running command holds `directory` (nothing is created).
+
+    The stage takes the lock itself when it starts writing; this only lets a busy output be
+    refused before Ray starts. A stale lock is reported here and taken over by the stage.
+    """
+    path = Path(directory) / LOCK_FILE
+    if not path.is_file():
+        return
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(directory, _read_holder(file) or {}) from None
+        stale = _read_holder(file)
+        fcntl.flock(file, fcntl.LOCK_UN)
+    if stale:
+        log.warning("%s: the lock left by %s is stale (that process is gone): this run takes it over",
+                    directory, _holder_text(stale))
