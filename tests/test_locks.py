@@ -60,12 +60,9 @@ def test_a_second_lock_in_the_same_process_is_refused_too(tmp_path):
             OutputLock(tmp_path / "out").__enter__()
 
 
-def test_an_abandoned_lock_removes_only_the_file_it_made(tmp_path):
-    lock = OutputLock(tmp_path / "new").__enter__()
-    lock.abandon()
-    assert list((tmp_path / "new").iterdir()) == []
-    with OutputLock(tmp_path / "new"):
-        pass
-    lock = OutputLock(tmp_path / "new").__enter__()
-    lock.abandon()
-    assert [p.name for p in (tmp_path / "new").iterdir()] == [LOCK_FILE]
+def test_a_clean_end_or_a_refusal_leaves_no_lock_file(tmp_path):
+    with OutputLock(tmp_path / "out"):
+        assert (tmp_path / "out" / LOCK_FILE).exists()
+    assert list((tmp_path / "out").iterdir()) == []
+    OutputLock(tmp_path / "out").__enter__().abandon()
+    assert list((tmp_path / "out").iterdir()) == []

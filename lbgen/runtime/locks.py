@@ -2,8 +2,8 @@
 
 The lock is an advisory `flock` on `OUT/.lbgen.lock`, held by the driver for the whole stage. The
 kernel drops it when the process ends, however it ends, so a killed run never blocks a re-run;
-the file still names the killed holder, and the next run says that it found a stale lock and takes
-it. A second command on a held output is refused with one line naming the holder (host, pid,
+a clean end removes the file, a killed run leaves it naming the dead holder, and the next run says
+that it found a stale lock and takes it. A second command on a held output is refused with one line naming the holder (host, pid,
 command, start time). `flock` works on local disks and on NFSv4 (as a POSIX lock); object stores
 have no lock primitive, so a dataset written to `s3://...` is not locked (see the README).
 """
@@ -30,6 +30,14 @@ def _holder_text(holder: dict) -> str:
     return f"`{holder.get('command', '?')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {started})"
 
 
+def _same_file(file, path: Path) -> bool:
+    """Whether the open `file` is still what `path` names (not removed or replaced since it was opened)."""
+    try:
+        return os.fstat(file.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def _in_use(directory: str | Path, holder: dict) -> OutputInUseError:
     return OutputInUseError(f"{directory} is in use by {_holder_text(holder)}: one writer per output; "
                             "wait for it to finish, or use another --output")
@@ -52,19 +60,22 @@ class OutputLock:
         self.directory = Path(directory)
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
         self.file = None
-        self.created = False  # whether this lock made the lock file (`abandon` then removes it)
         self.stale: dict | None = None  # the holder a killed run left behind, if any
 
     def __enter__(self) -> OutputLock:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.created = not (self.directory / LOCK_FILE).exists()
-        self.file = open(self.directory / LOCK_FILE, "a+")  # noqa: SIM115  held until __exit__
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(self.file) or {}
-            self.file.close()
-            raise _in_use(self.directory, holder) from None
+        path = self.directory / LOCK_FILE
+        while True:
+            self.file = open(path, "a+")  # noqa: SIM115  held until __exit__
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(self.file) or {}
+                self.file.close()
+                raise _in_use(self.directory, holder) from None
+            if _same_file(self.file, path):
+                break
+            self.file.close()  # its holder ended and removed it between our open and our lock: again
         self.stale = _read_holder(self.file)
         if self.stale:
             log.warning("%s: the lock left by %s is stale (that process is gone): taking over",
@@ -77,16 +88,15 @@ class OutputLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.file.seek(0)
-        self.file.truncate()  # a clean end leaves no holder: the next run finds nothing stale
+        # A clean end removes the file (a killed run leaves it, naming itself: the next run calls it stale).
+        # Removed before unlocking: a run that opened it meanwhile sees it is gone and opens a new one.
+        (self.directory / LOCK_FILE).unlink(missing_ok=True)
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
 
     def abandon(self) -> None:
-        """Release, and remove the lock file if this lock made it: a refused command leaves no trace."""
+        """Release (a refused command leaves no lock file behind)."""
         self.__exit__(None, None, None)
-        if self.created:
-            (self.directory / LOCK_FILE).unlink(missing_ok=True)
 
 
 def check_free(directory: str | Path) -> None:
@@ -96,9 +106,11 @@ def check_free(directory: str | Path) -> None:
     refused before Ray starts. A stale lock is reported here and taken over by the stage.
     """
     path = Path(directory) / LOCK_FILE
-    if not path.is_file():
+    try:
+        file = open(path)  # noqa: SIM115  closed below
+    except (FileNotFoundError, IsADirectoryError):
         return
-    with open(path, "a+") as file:
+    with file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
