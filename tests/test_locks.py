@@ -33,7 +33,7 @@ def holder(tmp_path):
 
 
 def test_a_held_output_is_refused_naming_the_holder(tmp_path, holder):
-    for attempt in (lambda: OutputLock(tmp_path / "out").__enter__(), lambda: check_free(tmp_path / "out")):
+    for attempt in (lambda: OutputLock(tmp_path / "out").acquire(), lambda: check_free(tmp_path / "out")):
         with pytest.raises(OutputInUseError) as err:
             attempt()
         message = str(err.value)
@@ -57,12 +57,12 @@ def test_a_killed_holder_leaves_a_stale_lock_that_is_said_and_taken(tmp_path, ho
 def test_a_second_lock_in_the_same_process_is_refused_too(tmp_path):
     with OutputLock(tmp_path / "out", "first"):
         with pytest.raises(OutputInUseError, match="`first`"):
-            OutputLock(tmp_path / "out").__enter__()
+            OutputLock(tmp_path / "out").acquire()
 
 
 def test_a_clean_end_or_a_refusal_leaves_no_lock_file(tmp_path):
     with OutputLock(tmp_path / "out"):
         assert (tmp_path / "out" / LOCK_FILE).exists()
     assert list((tmp_path / "out").iterdir()) == []
-    OutputLock(tmp_path / "out").__enter__().abandon()
+    OutputLock(tmp_path / "out").acquire().release()
     assert list((tmp_path / "out").iterdir()) == []

@@ -80,7 +80,7 @@ class DatasetWriter:
     def close(self) -> None:
         """Release the output (whole shards stay; a re-run resumes from them)."""
         if self.lock is not None:
-            self.lock.__exit__(None, None, None)
+            self.lock.release()
             self.lock = None
 
     @classmethod
@@ -94,12 +94,12 @@ class DatasetWriter:
         output = locate(output)
         if output.exists() and not output.is_dir():
             raise DatasetError(f"output {output} exists and is not a directory")
-        lock = OutputLock(output.path).__enter__() if output.fs.type_name == "local" else None
+        lock = OutputLock(output.path).acquire() if output.fs.type_name == "local" else None
         try:
             manifest = cls._claim(output, plan, config, run, overwrite)
         except BaseException:
             if lock is not None:
-                lock.abandon()
+                lock.release()
             raise
         return cls(output, plan, manifest, lock)
 

@@ -30,6 +30,12 @@ def _holder_text(holder: dict) -> str:
     return f"`{holder.get('command', '?')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {started})"
 
 
+def _report_stale(directory: str | Path, holder: dict | None) -> None:
+    if holder:
+        log.warning("%s: the lock left by %s is stale (that process is gone): this run takes it over",
+                    directory, _holder_text(holder))
+
+
 def _same_file(file, path: Path) -> bool:
     """Whether the open `file` is still what `path` names (not removed or replaced since it was opened)."""
     try:
@@ -63,10 +69,17 @@ class OutputLock:
         self.stale: dict | None = None  # the holder a killed run left behind, if any
 
     def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> OutputLock:
+        """Take the lock (see the class); returns self."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / LOCK_FILE
         while True:
-            self.file = open(path, "a+")  # noqa: SIM115  held until __exit__
+            self.file = open(path, "a+")  # noqa: SIM115  held until release
             try:
                 fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -77,9 +90,7 @@ class OutputLock:
                 break
             self.file.close()  # its holder ended and removed it between our open and our lock: again
         self.stale = _read_holder(self.file)
-        if self.stale:
-            log.warning("%s: the lock left by %s is stale (that process is gone): taking over",
-                        self.directory, _holder_text(self.stale))
+        _report_stale(self.directory, self.stale)
         self.file.seek(0)
         self.file.truncate()
         holder = {"command": self.command, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
@@ -87,16 +98,13 @@ class OutputLock:
         self.file.flush()
         return self
 
-    def __exit__(self, *exc) -> None:
-        # A clean end removes the file (a killed run leaves it, naming itself: the next run calls it stale).
-        # Removed before unlocking: a run that opened it meanwhile sees it is gone and opens a new one.
+    def release(self) -> None:
+        """Give the lock up. A clean end (or a refusal) removes the file; a killed run leaves it, naming
+        itself, and the next run calls it stale. Removed before unlocking: a run that opened it
+        meanwhile sees that it is gone and opens a new one."""
         (self.directory / LOCK_FILE).unlink(missing_ok=True)
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
-
-    def abandon(self) -> None:
-        """Release (a refused command leaves no lock file behind)."""
-        self.__exit__(None, None, None)
 
 
 def check_free(directory: str | Path) -> None:
@@ -117,6 +125,4 @@ def check_free(directory: str | Path) -> None:
             raise _in_use(directory, _read_holder(file) or {}) from None
         stale = _read_holder(file)
         fcntl.flock(file, fcntl.LOCK_UN)
-    if stale:
-        log.warning("%s: the lock left by %s is stale (that process is gone): this run takes it over",
-                    directory, _holder_text(stale))
+    _report_stale(directory, stale)
