@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lbgen.config import resolve
 from lbgen.data.classes import ClassTable, load_class_table
 from lbgen.data.format import label_names
-from lbgen.data.plan import num_shards, plan
+from lbgen.data.plan import num_shards, plan, shard_sizes
 
 
 def test_plan_has_every_label_index_once_and_labels_follow_rows():
@@ -49,6 +49,7 @@ def test_plan_property_every_image_once_in_order(classes, per_class, per_shard):
     sizes = Counter(r["shard"] for r in rows)
     assert sorted(sizes) == list(range(num_shards(classes, cfg)))
     assert all(n == per_shard for k, n in sizes.items() if k < len(sizes) - 1) and 0 < sizes[len(sizes) - 1] <= per_shard
+    assert shard_sizes(classes, cfg) == [sizes[k] for k in range(len(sizes))]
 
 
 def test_seeds_do_not_depend_on_sharding():

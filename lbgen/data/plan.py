@@ -19,6 +19,12 @@ def num_shards(num_classes: int, cfg: Config) -> int:
     return math.ceil(num_classes * cfg.generate.images_per_class / cfg.generate.rows_per_shard)
 
 
+def shard_sizes(num_classes: int, cfg: Config) -> list[int]:
+    """Rows of each shard, in shard order: what `shard_rows` makes, counted without making it."""
+    total, per_shard = num_classes * cfg.generate.images_per_class, cfg.generate.rows_per_shard
+    return [min(per_shard, total - start) for start in range(0, total, per_shard)]
+
+
 def shard_rows(item: dict, *, names: tuple[str, ...], ids: tuple[str, ...], cfg: Config) -> list[dict]:
     """Plan rows of shard `item["shard"]`.
 
