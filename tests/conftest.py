@@ -9,6 +9,9 @@ import pytest
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train's controller polls its workers every 2 s, which a test's seconds-long run spends waiting
+# for the poll that sees it finish; Ray passes the setting on to the controller and its workers.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Dummy credentials for the local S3 server of test_storage (moto), set before any Ray starts:
 # Ray workers inherit the environment the cluster started with, and read shards from it too.
 for _name, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}.items():

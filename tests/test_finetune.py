@@ -166,16 +166,39 @@ def _weights(directory: Path) -> dict:
     return {**load_file(directory / LORA_FILE), **{f"D.{k}": v for k, v in load_file(directory / DISC_FILE).items()}}
 
 
+# The fine-tuning every resume test compares with: 4 steps, a checkpoint every 2, in bf16 (the precision
+# real runs use), made by the CLI after a failed run into the same output (test_cli_finetune_end_to_end).
+REFERENCE = dict(max_steps=4, lr=0.05, sample_every=2, cluster=dict(checkpoint_every=2, mixed_precision="bf16"))
+REFERENCE_FLAGS = ["--max-steps", "4", "--lr", "0.05", "--sample-every", "2", "--checkpoint-every", "2",
+                   "--mixed-precision", "bf16"]
+
+
 def _tiny_run(output: Path, max_steps: int = 4, **sections) -> Path:
-    """Tiny fine-tuning into `output`, a checkpoint every 2 steps."""
-    settings = dict(output=str(output), max_steps=max_steps, cluster=dict(checkpoint_every=2), lr=0.05)
+    """Tiny fine-tuning into `output` with the reference settings, stopped after `max_steps`."""
+    settings = {**REFERENCE, "output": str(output), "max_steps": max_steps}
     return finetune(resolve("tiny", overrides={"finetune": settings, **sections}))
 
 
 @pytest.fixture(scope="module")
-def straight_run(ray_local, tmp_path_factory) -> Path:
-    """The uninterrupted reference: 4 steps in one go."""
-    return _tiny_run(tmp_path_factory.mktemp("straight"))
+def failed_then_straight_run(ray_local, tmp_path_factory) -> tuple[Path, str]:
+    """A run refused for a missing generator, then the uninterrupted reference into the same output;
+    returns the output and the refusal's last line."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("straight") / "ft"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["finetune", "--preset", "tiny", "--generator", "nobody-xyz/no-such-model", "--output", str(out),
+                     "--max-steps", "1"])
+    assert code == 2
+    assert main(["finetune", "--preset", "tiny", "--output", str(out), *REFERENCE_FLAGS]) == 0
+    return out, err.getvalue().strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def straight_run(failed_then_straight_run) -> Path:
+    return failed_then_straight_run[0]
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
@@ -221,15 +244,12 @@ def test_resume_refuses_other_settings(ray_local, tiny_cfg, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_cli_finetune_end_to_end_after_a_failed_run_into_the_same_output(ray_local, tmp_path, capsys):
-    out = tmp_path / "ft"
-    assert main(["finetune", "--preset", "tiny", "--generator", "nobody-xyz/no-such-model", "--output", str(out), "--max-steps", "1"]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("lbgen finetune: error: generator 'nobody-xyz/no-such-model' was not found")
-    # The failed run binds nothing: the same output takes a valid run.
-    assert main(["finetune", "--preset", "tiny", "--output", str(out), "--max-steps", "2", "--sample-every", "1",
-                 "--mixed-precision", "bf16"]) == 0
-    for name in (LORA_FILE, DISC_FILE, "config.yaml", "metrics.jsonl", "samples/step-000000.png", "samples/step-000001.png"):
+def test_cli_finetune_end_to_end_after_a_failed_run_into_the_same_output(failed_then_straight_run):
+    out, refusal = failed_then_straight_run
+    assert refusal.startswith("lbgen finetune: error: generator 'nobody-xyz/no-such-model' was not found")
+    # The failed run bound nothing: the same output took a valid run.
+    for name in (LORA_FILE, DISC_FILE, "config.yaml", "metrics.jsonl",
+                 *(f"samples/step-00000{step}.png" for step in (0, 2, 4))):
         assert (out / name).exists(), name
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss_en", "loss_in", "loss_q", "loss_d", "d_acc_real", "d_acc_fake", "grad_norm", "step_time"):
