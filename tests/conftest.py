@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Ray workers inherit the environment the cluster started with, and read shards from it too.
 for _name, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ.setdefault(_name, _value)
+
+# The real Fashion-MNIST, as Debian's `dataset-fashion-mnist` installs it (.ci/run does, as root).
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +35,21 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root(tmp_path_factory) -> Path:
+    """A data root holding the real Fashion-MNIST in torchvision's layout, from Debian's package."""
+    import gzip
+
+    if not all((DEBIAN_FASHION_MNIST / f"{name}.gz").exists() for name in FASHION_MNIST_FILES):
+        pytest.skip(f"Fashion-MNIST is not installed under {DEBIAN_FASHION_MNIST} (apt install dataset-fashion-mnist; .ci/run does as root)")
+    root = tmp_path_factory.mktemp("datasets")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in FASHION_MNIST_FILES:
+        (raw / name).write_bytes(gzip.decompress((DEBIAN_FASHION_MNIST / f"{name}.gz").read_bytes()))
+    return root
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ what it started, apart from any Ray the calling test session runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -101,7 +102,212 @@ def generate_node_loss(root: Path, timed: bool = False) -> dict:
     return out
 
 
-SCENARIOS = {"generate-node-loss": generate_node_loss, "generate-node-loss-timed": partial(generate_node_loss, timed=True)}
+def kill_a_training_node_after_first_checkpoint(cluster, nodes, output: Path, record: dict) -> threading.Thread:
+    """Hard-kill the worker node of a training worker once `output` holds its first checkpoint."""
+    import ray
+
+    def watch():
+        while not list((output / "checkpoints").glob("checkpoint_*")):
+            time.sleep(0.05)
+        record["killed_after_s"] = round(time.perf_counter() - record["start"], 2)
+        record["checkpoints_before_kill"] = len(list((output / "checkpoints").glob("checkpoint_*")))
+        used = {node for group in ray.util.placement_group_table().values() if group["state"] == "CREATED"
+                for node in group["bundles_to_node_id"].values()}
+        record["training_nodes"] = len(used)
+        cluster.remove_node(next(n for n in nodes if n.node_id in used), allow_graceful=False)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def pretrain_node_loss(root: Path) -> dict:
+    """Pre-training with 2 DDP workers on 1-CPU nodes (so on 2 nodes) while the node of one is killed
+    after the first checkpoint: Ray Train restarts the worker group from its last checkpoint on the
+    nodes left (the head's CPU among them) and finishes."""
+    import json as json_
+
+    import ray
+    from shape_shards import write_shape_shards
+
+    from lbgen.config import resolve
+    from lbgen.data.classes import load_class_table
+    from lbgen.stages.pretrain import pretrain
+
+    shards = write_shape_shards(root / "shapes", load_class_table("tiny10"), per_class=24, size=32)
+    output = root / "pretrain"
+    cfg = resolve("tiny", overrides={"pretrain": {
+        "data": [str(shards)], "output": str(output), "epochs": 4, "batch_size": 8,
+        "cluster": {"workers": 2, "cpus_per_worker": 1, "use_gpu": False, "checkpoint_every": 1, "max_failures": 3}}})
+    with simulated_cluster(workers=3, gpus_per_node=0, cpus_per_node=1) as (cluster, nodes):
+        record = {"start": time.perf_counter(), "nodes_before": len([n for n in ray.nodes() if n["Alive"]])}
+        watcher = kill_a_training_node_after_first_checkpoint(cluster, nodes, output, record)
+        pretrain(cfg)
+        record["seconds"] = round(time.perf_counter() - record.pop("start"), 2)
+        watcher.join(timeout=1)
+        record["nodes_after"] = len([n for n in ray.nodes() if n["Alive"]])
+    metrics = [json_.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    resumed = sorted({m["resumed_from_step"] for m in metrics if m["resumed_from_step"]})  # the step each restart began at
+    return {"pretrain": {**record, "output": str(output), "epochs": [m["epoch"] for m in metrics],
+                         "steps_per_epoch": metrics[0]["step"], "resumed_from_step": resumed,
+                         "steps": metrics[-1]["step"]}}
+
+
+# ---------------------------------------------------------------- the autoscaler
+
+REPO = Path(__file__).resolve().parents[1]
+# cluster.yaml's node types, scaled to this machine: CPUs / 4 (GPUs and accelerator types as they are),
+# max_workers / 8, the idle timeout / 100 (10 minutes -> 6 s). The in1k jobs' shapes are scaled alike.
+CPU_SCALE, MAX_WORKERS_SCALE, IDLE_SCALE = 4, 8, 100
+
+
+def scaled_node_types(cluster_yaml: Path = REPO / "cluster.yaml") -> tuple[dict, float]:
+    """cluster.yaml's worker node types for Ray's fake multi-node provider, and its idle timeout in minutes."""
+    import yaml
+
+    spec = yaml.safe_load(cluster_yaml.read_text())
+    types = {}
+    for name, node in spec["available_node_types"].items():
+        if name == spec["head_node_type"]:
+            continue
+        resources = dict(node["resources"])
+        resources["CPU"] = max(1, resources["CPU"] // CPU_SCALE)
+        types[name] = {"resources": resources, "node_config": {}, "min_workers": node.get("min_workers", 0),
+                       "max_workers": max(1, node["max_workers"] // MAX_WORKERS_SCALE)}
+    return types, spec["idle_timeout_minutes"] / IDLE_SCALE
+
+
+@contextmanager
+def autoscaling_cluster(node_types: dict, idle_timeout_minutes: float, port: int):
+    """A head with no CPU (as cluster.yaml's) whose autoscaler launches `node_types` as local raylets
+    (Ray's fake multi-node provider, through its `external` provider path: the wheel lacks the
+    provider's default YAML). Stops exactly its own processes: the head's, and those of the nodes
+    the autoscaler launched, which share the head's session directory."""
+    import psutil
+    import ray
+    import yaml
+    from ray.cluster_utils import Cluster
+
+    config = {
+        "cluster_name": "lbgen-fake", "max_workers": sum(t["max_workers"] for t in node_types.values()),
+        "upscaling_speed": 1.0, "idle_timeout_minutes": idle_timeout_minutes, "head_node_type": "ray.head.default",
+        "provider": {"type": "external", "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                     "gcs_address": f"127.0.0.1:{port}", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "available_node_types": {**node_types, "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}},
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lbgen-autoscaler-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    os.environ.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})  # read by the monitor
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "gcs_server_port": port, "autoscaling_config": str(path),
+        "_system_config": FAST_NODE_DEATH})
+    session = Path(cluster.head_node.get_session_dir_path()).name
+    try:
+        ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(session in part for part in proc.info["cmdline"] or ()):
+                proc.kill()
+        path.unlink(missing_ok=True)
+
+
+def node_groups() -> dict[str, str]:
+    """Node id -> node type, of the live nodes the autoscaler launched."""
+    import ray
+
+    return {n["NodeID"]: n["Labels"]["ray.io/node-group"] for n in ray.nodes()
+            if n["Alive"] and "ray.io/node-group" in n.get("Labels", {})}
+
+
+def wait_for(condition, timeout: float) -> float:
+    """Seconds until `condition()` held (polled each 0.5 s); raises TimeoutError after `timeout`."""
+    start = time.perf_counter()
+    while not condition():
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError(f"not within {timeout} s")
+        time.sleep(0.5)
+    return round(time.perf_counter() - start, 2)
+
+
+def record_node(config: dict) -> None:
+    """A training loop that only says where it runs: this worker's node type, one file per rank."""
+    import ray
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    node = ray.get_runtime_context().get_node_id()
+    group = next(n["Labels"].get("ray.io/node-group") for n in ray.nodes() if n["NodeID"] == node)
+    (Path(config["out"]) / f"rank{rank}.json").write_text(json.dumps({"node": node, "type": group}))
+    ray.train.report({"step": 1})
+
+
+def training_on_autoscaler(cfg, stage: str, root: Path) -> list[str]:
+    """lbgen's Ray Train driver for `stage` with `record_node` as the loop: the node type of each worker."""
+    from lbgen.runtime import training
+
+    out = root / f"{stage}-workers"
+    out.mkdir(parents=True)
+    training.fit(record_node, {"out": str(out)}, cfg, stage, contextlib.nullcontext())
+    return [json.loads(p.read_text())["type"] for p in sorted(out.glob("rank*.json"))]
+
+
+def autoscaler(root: Path) -> dict:
+    """Each stage with the in1k jobs' resource shapes, scaled, on an autoscaling cluster that starts with
+    no worker node: which node types the autoscaler launches, that they go back once idle, and that a
+    request no node type can satisfy is refused after the bounded wait."""
+    import socket
+
+    from lbgen.config import resolve
+    from lbgen.runtime.resources import ResourceError
+    from lbgen.stages.generate import generate
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    types, idle_minutes = scaled_node_types()
+    out: dict = {"node_types": types, "idle_timeout_s": idle_minutes * 60}
+    table = root / "classes.txt"
+    table.write_text("".join(f"n{i:03d} class {i}\n" for i in range(4)))
+    # generate-sd15-in1k: 16 workers on GPUs, 1 CPU each; finetune/pretrain-sd15-in1k: 8 workers on A100s, 4 CPUs each.
+    generation = {"use_gpu": True, "workers": 16 // MAX_WORKERS_SCALE, "cpus_per_worker": 1.0, "images_per_class": 2,
+                  "rows_per_shard": 2, "batch_size": 2, "micro_batch": 2, "steps": 1}
+    training_cluster = {"workers": 8 // MAX_WORKERS_SCALE, "use_gpu": True, "accelerator_type": "A100", "cpus_per_worker": 4 / CPU_SCALE}
+    with autoscaling_cluster(types, idle_minutes, port):
+        out["worker_nodes_at_start"] = len(node_groups())
+        cfg = resolve("tiny", overrides={"classes": str(table), "model": {"generator": "sleep:100"}, "resource_wait_s": 120,
+                                         "generate": {**generation, "output": str(root / "generate")}})
+        manifest = generate(cfg, show_progress=False)
+        out["generate"] = {"rows": manifest["totals"]["rows"], "node_types": sorted(node_groups().values())}
+        out["generate"]["scaled_down_after_s"] = wait_for(lambda: not node_groups(), 120)
+        for stage in ("finetune", "pretrain"):
+            cfg = resolve("tiny", overrides={"resource_wait_s": 120, stage: {"output": str(root / stage), "cluster": training_cluster}})
+            out[stage] = {"worker_node_types": training_on_autoscaler(cfg, stage, root), "node_types": sorted(node_groups().values())}
+        out["training_scaled_down_after_s"] = wait_for(lambda: not node_groups(), 120)
+        refused = {}
+        for name, overrides in {
+            "generate, 16 CPUs per actor": {"generate": {**generation, "cpus_per_worker": 16.0, "output": str(root / "never")}},
+            "finetune on H100": {"finetune": {"output": str(root / "never-ft"), "cluster": {**training_cluster, "accelerator_type": "H100"}}},
+        }.items():
+            cfg = resolve("tiny", overrides={"classes": str(table), "model": {"generator": "sleep:100"}, "resource_wait_s": 10, **overrides})
+            start = time.perf_counter()
+            try:
+                generate(cfg, show_progress=False) if "generate" in overrides else training_on_autoscaler(cfg, "finetune", root / "h100")
+            except ResourceError as err:
+                refused[name] = {"message": str(err), "after_s": round(time.perf_counter() - start, 2)}
+        out["refused"] = refused
+    return out
+
+
+SCENARIOS = {"generate-node-loss": generate_node_loss, "generate-node-loss-timed": partial(generate_node_loss, timed=True),
+             "pretrain-node-loss": pretrain_node_loss, "autoscaler": autoscaler}
 
 if __name__ == "__main__":  # python tests/sim_cluster.py SCENARIO OUT.json
     scenario, result = sys.argv[1], Path(sys.argv[2])

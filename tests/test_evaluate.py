@@ -150,3 +150,25 @@ def test_backbone_named_by_its_directory_model_json_or_weights_file(tmp_path):
     (tmp_path / "notes.txt").write_text("not a backbone")
     with pytest.raises(BackboneError, match="a backbone is a `lbgen pretrain` output: its directory, its model.json or its"):
         load_backbone(str(tmp_path / "notes.txt"))
+
+
+# ---------------------------------------------------------------- a real dataset
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.parametrize("protocol, flags, floor", [
+    ("linear", [], 60),
+    ("finetune", ["--ft-epochs", "3", "--ft-lr", "0.003"], 50),
+])
+def test_evaluation_learns_real_fashion_mnist(ray_local, fashion_mnist_root, tmp_path, protocol, flags, floor):
+    """The real Fashion-MNIST through `torchvision:FashionMNIST`: 2 % of its train split (1,200 images),
+    its whole test split (10,000), a random-init backbone; chance is 10 %."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--preset", "tiny", "--backbone", "random:test_resnet", "--downstream", "torchvision:FashionMNIST",
+                 "--data-root", str(fashion_mnist_root), "--protocol", protocol, "--fractions", "0.02", "--eval-image-size", "32",
+                 "--output", str(out), *flags]) == 0
+    (row,) = list(csv.DictReader((out / "results.csv").open()))
+    assert (row["dataset"], row["protocol"], row["train_images"]) == ("FashionMNIST", protocol, "1200")
+    assert float(row["accuracy"]) >= floor, row
+    print(f"Fashion-MNIST, {protocol}: {row['accuracy']} %")

@@ -56,3 +56,36 @@ def test_a_worker_node_killed_mid_generation_loses_nothing(tmp_path):
     for key, (pixels, image) in expected.items():  # the images of an uninterrupted run, bit for bit
         assert (rows[key]["pixels"] == pixels).all() and rows[key]["image"]["bytes"] == image, key
     print(f"node loss: {json.dumps(found)}")
+
+
+def test_pretrain_across_two_nodes_survives_the_loss_of_one(tmp_path):
+    found = run_scenario("pretrain-node-loss", tmp_path)["pretrain"]
+    assert found["nodes_before"] == 4 and found["nodes_after"] == 3
+    assert found["training_nodes"] == 2  # one DDP worker per 1-CPU node
+    # Every epoch logged once, and the run after the kill started from a checkpoint, not from scratch.
+    assert found["epochs"] == [1, 2, 3, 4] and found["steps"] == 4 * found["steps_per_epoch"]
+    assert len(found["resumed_from_step"]) == 1 and found["resumed_from_step"][0] >= found["steps_per_epoch"]
+    meta = json.loads((Path(found["output"]) / "model.json").read_text())
+    assert meta["steps"] == found["steps"]  # the exported backbone is the finished one
+    print(f"pretrain node loss: {json.dumps(found)}")
+
+
+def test_the_autoscaler_launches_each_stage_its_node_type_from_zero_and_takes_them_back(tmp_path):
+    found = run_scenario("autoscaler", tmp_path)
+    generation_types = {"gpu-gen-g5", "gpu-gen-g6"}
+    assert set(found["node_types"]) == generation_types | {"gpu-train-a100"}  # cluster.yaml's own
+    assert found["worker_nodes_at_start"] == 0
+    # Generation on the single-GPU spot types only, never on the A100 type; training the reverse.
+    assert found["generate"]["rows"] == 8 and found["generate"]["node_types"]
+    assert set(found["generate"]["node_types"]) <= generation_types
+    for stage in ("finetune", "pretrain"):
+        assert found[stage]["worker_node_types"] == ["gpu-train-a100"] * 2, found[stage]
+    # Idle nodes went back (cluster.yaml's 10-minute idle timeout, scaled to 6 s).
+    assert found["generate"]["scaled_down_after_s"] < 60 and found["training_scaled_down_after_s"] < 60
+    # Requests no node type can satisfy: refused after the bounded wait (10 s here), naming the settings.
+    refused = found["refused"]
+    assert set(refused) == {"generate, 16 CPUs per actor", "finetune on H100"}, refused
+    assert "generate.cpus_per_worker (--cpus-per-worker)" in refused["generate, 16 CPUs per actor"]["message"]
+    assert "accelerator_type:H100" in refused["finetune on H100"]["message"]
+    assert all(10 <= r["after_s"] < 60 for r in refused.values())
+    print(f"autoscaler: {json.dumps(found)}")

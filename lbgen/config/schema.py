@@ -287,8 +287,11 @@ class EvaluateConfig:
 
     # Backbones to compare: a pretrain output dir (model.json), `random:<timm name>` or `timm:<timm name>`.
     backbone: list[str] = field(default_factory=list)
-    # Downstream sets: ImageFolder dirs with train/ and val/ or test/, or dirs of Parquet (image, label) with the same splits.
+    # Downstream sets: ImageFolder dirs with train/ and val/ or test/, dirs of Parquet (image, label) with the same
+    # splits, or `torchvision:NAME` (DTD, Food101, ..., FashionMNIST, CIFAR10) stored under data_root.
     downstream: list[str] = field(default_factory=list)
+    # Root of the `torchvision:NAME` sets, in torchvision's own layout below it (downloaded there when online).
+    data_root: str = "~/.cache/lbgen/datasets"
     # ImageNet-9-style dirs (original/, mixed_same/, mixed_rand/) for the background gap; empty: skipped.
     bias: list[str] = field(default_factory=list)
     # "linear": frozen features + logistic regression; "finetune": full fine-tuning.
@@ -479,6 +482,9 @@ class Config:
     classes: str = "imagenet1k"
     # Run seed: every random choice derives from it.
     seed: int = 0
+    # Seconds a stage waits for an attached Ray cluster to grow (autoscaling) to what it needs at once
+    # before refusing; a Ray that lbgen starts itself cannot grow, and a plan it cannot hold is refused at once.
+    resource_wait_s: float = 600.0
     model: ModelConfig = field(default_factory=ModelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -491,6 +497,7 @@ class Config:
 
     def check(self) -> None:
         """Every section's check, each naming its own fields."""
+        _require({"resource_wait_s": (self.resource_wait_s >= 0, f"must be >= 0, got {self.resource_wait_s}")})
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):

@@ -1,4 +1,4 @@
-"""Downstream classification sets: reading ImageFolder / Parquet sets (and, re-exported from
+"""Downstream classification sets: reading ImageFolder / Parquet sets, torchvision's by name (and, re-exported from
 `lbgen.data.shapes`, the procedural shapes sets that `make_downstream` writes).
 """
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lbgen.data.shapes import KINDS, SHAPE_CLASSES, make_downstream, render_shape  # noqa: F401  (the procedural sets)
+from lbgen.data.torchvision_sets import is_torchvision, open_torchvision
 from lbgen.data.transforms import ImageTransform, decode_pixels, transform_pixels
 from lbgen.errors import DownstreamError  # noqa: F401  (raised here; defined with the others)
 
@@ -73,12 +74,15 @@ def _open_split(root: Path, split: str):
     return ParquetImages(parquet) if parquet else None
 
 
-def open_downstream(root: str | Path) -> tuple[object, object]:
-    """(train, eval) image sets of a downstream dir: `train/` and the first of `test/`, `val/`, `validation/`.
+def open_downstream(root: str | Path, data_root: str | Path = ".") -> tuple[object, object]:
+    """(train, eval) image sets of a downstream dir: `train/` and the first of `test/`, `val/`, `validation/`;
+    or of `torchvision:NAME`, stored under `data_root` (`lbgen.data.torchvision_sets`).
 
     Each split is an ImageFolder or a folder of Parquet files (`image`, `label`); HF's
     `data/train-*.parquet` layout works too.
     """
+    if is_torchvision(str(root)):
+        return open_torchvision(str(root), data_root)
     root = Path(root)
     if not root.is_dir():
         raise DownstreamError(f"downstream dataset {root}: no such directory")

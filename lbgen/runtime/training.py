@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from lbgen.config import Config, ConfigError, from_dict, load_yaml
+from lbgen.runtime import resources
 from lbgen.runtime.locks import check_free
 
 
@@ -176,19 +177,34 @@ def run_config(output: Path, max_failures: int):
                      failure_config=FailureConfig(max_failures=max_failures))
 
 
-def fit(train_loop: Callable[[dict], None], loop_config: dict, section, output: Path, progress, datasets: dict | None = None):
+def training_requests(scaling, reads_data: bool) -> list[resources.Request]:
+    """What a training run holds at once: its workers' bundles, and a CPU for Ray Data's read and decode
+    tasks when it streams a dataset (they run beside the workers)."""
+    bundle = {"CPU": scaling.num_cpus_per_worker, "GPU": scaling.num_gpus_per_worker,
+              **scaling.additional_resources_per_worker}  # accelerator_type:X among these
+    requests = [resources.Request("training worker(s)", scaling.num_workers, bundle)]
+    if reads_data:
+        requests.append(resources.Request("data task slot", 1, {"CPU": 1}))
+    return requests
+
+
+def fit(train_loop: Callable[[dict], None], loop_config: dict, cfg: Config, stage: str, progress, datasets: dict | None = None):
     """The Ray Train driver of a training stage (finetune, pretrain); returns the `Result` of the last checkpoint.
 
-    `section` is the stage's config (its `cluster`: `workers`, `use_gpu`, `cpus_per_worker`,
+    `stage` names the config section (its `output` and `cluster`: `workers`, `use_gpu`, `cpus_per_worker`,
     `accelerator_type` and `max_failures`); `progress` is the `MetricsProgress` bar that follows `output/metrics.jsonl`
-    while the workers train. The same `train_loop` runs in 1 or N DDP workers.
+    while the workers train. The same `train_loop` runs in 1 or N DDP workers. A cluster that cannot hold
+    the workers is refused (after up to `resource_wait_s` for an autoscaling one to grow): Ray Train would
+    wait for them forever.
     """
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cluster = section.cluster
+    output, cluster = Path(getattr(cfg, stage).output), getattr(cfg, stage).cluster
     scaling = ScalingConfig(num_workers=cluster.workers, use_gpu=use_gpu(cluster.use_gpu),
                             resources_per_worker={"CPU": cluster.cpus_per_worker}, accelerator_type=cluster.accelerator_type)
+    settings = ", ".join(f"{stage}.cluster.{name} (--{name.replace('_', '-')})" for name in ("workers", "cpus_per_worker", "use_gpu", "accelerator_type"))
+    resources.require(stage, training_requests(scaling, bool(datasets)), settings, cfg.resource_wait_s)
     trainer = TorchTrainer(train_loop, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config(output, cluster.max_failures), datasets=datasets)
     with progress:

@@ -100,7 +100,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate", "transfer of backbones to downstream sets: linear probe or fine-tune, bias metrics", ("evaluate",),
         "evaluate", check="lbgen.stages:check_evaluate", run="lbgen.stages:run_evaluate", done="lbgen.stages:done_evaluate",
-        local_fields=("output", "backbone", "downstream", "bias"), models=("evaluate.backbone",),
+        local_fields=("output", "backbone", "downstream", "bias", "data_root"), models=("evaluate.backbone",),
         directory="evaluate", complete="lbgen.stages:evaluate_complete", report="lbgen.stages.report:evaluate_section",
     ),
     Stage(

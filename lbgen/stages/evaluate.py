@@ -28,6 +28,7 @@ from torch import nn
 
 from lbgen.config import Config, from_dict, require_local, to_yaml
 from lbgen.data.downstream import ImageFolderImages, TransformedImages, open_downstream
+from lbgen.data.torchvision_sets import is_torchvision
 from lbgen.data.transforms import ImageTransform, normalize
 from lbgen.method.bias import accuracy, background_gap, in9_folders
 from lbgen.models.backbones import Backbone, load_backbone
@@ -216,12 +217,17 @@ class FinetuneProtocol:
         return finetune_accuracy(self.spec, self.train_set, indices, self.test_set, num_classes, self.cfg, self.device), None
 
 
+def dataset_name(dataset: str) -> str:
+    """How results name a set: torchvision's name, or the directory's."""
+    return dataset.split(":", 1)[1] if is_torchvision(dataset) else Path(dataset).name
+
+
 def evaluate_pair(config: dict, spec: str, dataset: str) -> list[dict]:
     """All fractions of one backbone on one downstream set: a list of result rows."""
     cfg = from_dict(Config, config)
     ev = cfg.evaluate
-    train_set, test_set = open_downstream(dataset)
-    name = Path(dataset).name
+    train_set, test_set = open_downstream(dataset, ev.data_root)
+    name = dataset_name(dataset)
     protocol = load_protocol(ev.protocol)(spec, train_set, test_set, cfg, _device())
     rows = []
     for fraction in ev.fractions:
@@ -377,7 +383,7 @@ def check_inputs(cfg: Config) -> None:
         elif spec.split(":", 1)[0] not in ("random", "timm"):
             raise BackboneError(f"backbone {spec!r}: unknown prefix; use a pretrain output dir, random:<name> or timm:<name>")
     for dataset in ev.downstream:
-        open_downstream(dataset)
+        open_downstream(dataset, ev.data_root)
     for root in ev.bias:
         in9_folders(root)
 

@@ -382,7 +382,7 @@ def finetune(cfg: Config, table: ClassTable | None = None) -> Path:
             return f"L={m['loss']:.3f} in={m['loss_in']:.3f} en={m['loss_en']:.3f} q={m['loss_q']:.3f} D={m['d_acc_real']:.2f}/{m['d_acc_fake']:.2f}"
 
         progress = MetricsProgress(output / "metrics.jsonl", total_steps(cfg, len(table)), "finetune", postfix=postfix)
-        result = training.fit(train_loop_per_worker, dataclasses.asdict(cfg), cfg.finetune, output, progress)
+        result = training.fit(train_loop_per_worker, dataclasses.asdict(cfg), cfg, "finetune", progress)
         with result.checkpoint.as_directory() as directory:
             export_lora(Path(directory) / ADAPTER_FILE, output, cfg.finetune)
             (output / DISC_FILE).write_bytes((Path(directory) / DISC_FILE).read_bytes())

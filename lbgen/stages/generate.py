@@ -37,8 +37,9 @@ from lbgen.data.reader import format_summary
 from lbgen.data.storage import locate
 from lbgen.data.writer import DatasetPlan, DatasetWriter
 from lbgen.models.generator import LORA_FILE, simulates_gpu
-from lbgen.runtime import faults
+from lbgen.runtime import faults, resources
 from lbgen.runtime.precision import weight_dtype
+from lbgen.runtime.resources import Request
 from lbgen.runtime.training import check_output_dir, use_gpu
 
 # Settings that do not change a single row: a resumed run may change them.
@@ -222,16 +223,30 @@ def dataset_plan(cfg: Config, table: ClassTable, lora_sha: str | None) -> Datase
 # ---------------------------------------------------------------- Ray Data pipeline
 
 
+# CPUs of the planning/encoding tasks and of the scoring actor: they must fit beside the generation actors.
+LIGHT_CPUS = 0.25
+
+
+def pipeline_requests(gen: GenerateConfig, gpus: bool) -> tuple[Request, Request, Request]:
+    """What the pipeline holds at once: generation actors, scoring actors, and a slot for the planning
+    and encoding tasks (without one, the actors wait for input forever)."""
+    return (
+        Request("generation actor(s)", gen.workers, {"CPU": gen.cpus_per_worker, "GPU": (1 - SCORE_GPU_SHARE) if gpus else 0}),
+        Request("scoring actor(s)", max(1, gen.workers // 4), {"CPU": LIGHT_CPUS, "GPU": SCORE_GPU_SHARE if gpus else 0}),
+        Request("planning/encoding task slot", 1, {"CPU": LIGHT_CPUS}),
+    )
+
+
 def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: str, gpus: bool):
     """The lazy Ray Data dataset of encoded rows for `shards` (see the module docstring): its actors hold
     GPUs when `gpus`, and run their models on `device`."""
     import ray
 
     gen, config = cfg.generate, dataclasses.asdict(cfg)
-    light = 0.25  # CPUs for planning/encoding tasks and the scoring actor: they must fit beside the actors
+    generation, scoring, light = pipeline_requests(gen, gpus)
     ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=max(1, len(shards)))
     # Few light task workers: each new Ray worker process costs an interpreter start.
-    ds = ds.flat_map(partial(shard_rows, names=table.names, ids=table.ids, cfg=cfg), num_cpus=light,
+    ds = ds.flat_map(partial(shard_rows, names=table.names, ids=table.ids, cfg=cfg), num_cpus=light.resources["CPU"],
                      compute=ray.data.TaskPoolStrategy(size=1))
     # A generation or scoring actor that dies (OOM, lost node) loses nothing: Ray Data creates actor pools
     # with max_restarts=-1 and max_task_retries=-1 (ActorPoolMapOperator._apply_default_remote_args), so
@@ -239,16 +254,16 @@ def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: st
     # deprecated **ray_remote_args (gone in Ray 2.64); a test kills an actor mid-batch to hold Ray to it.
     ds = ds.map_batches(
         GenerateBatch, fn_constructor_kwargs={"config": config, "device": device}, batch_size=gen.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=gen.workers), num_cpus=gen.cpus_per_worker,
-        num_gpus=(1 - SCORE_GPU_SHARE) if gpus else 0, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=generation.count), num_cpus=generation.resources["CPU"],
+        num_gpus=generation.resources["GPU"], batch_format="numpy",
     )
     ds = ds.map_batches(
         ScoreBatch, fn_constructor_kwargs={"config": config, "device": device}, batch_size=gen.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=max(1, gen.workers // 4)), num_cpus=light,
-        num_gpus=SCORE_GPU_SHARE if gpus else 0, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=scoring.count), num_cpus=scoring.resources["CPU"],
+        num_gpus=scoring.resources["GPU"], batch_format="numpy",
     )
     return ds.map_batches(encode_images, fn_kwargs={"image_format": gen.image_format, "quality": gen.image_quality},
-                          batch_size=gen.batch_size, num_cpus=light, batch_format="numpy",
+                          batch_size=gen.batch_size, num_cpus=light.resources["CPU"], batch_format="numpy",
                           compute=ray.data.TaskPoolStrategy(size=max(1, gen.workers)))
 
 
@@ -278,6 +293,8 @@ def generate(cfg: Config, checked: tuple[ClassTable, str | None] | None = None, 
     gpus = use_gpu(gen.use_gpu)
     # A simulated GPU (the `sleep:<ms>` stand-in) is scheduled like one but computes on the CPU.
     device = "cuda" if gpus and not simulates_gpu(cfg.model.generator) else "cpu"
+    resources.require("generate", pipeline_requests(gen, gpus), "generate.workers (--workers), "
+                      "generate.cpus_per_worker (--cpus-per-worker) or generate.use_gpu (--use-gpu)", cfg.resource_wait_s)
     # `run`: how this run makes its images (the last run's, on a resumed dataset).
     with DatasetWriter.open(gen.output, plan_, config=dataclasses.asdict(cfg), run={"device": device, "precision": gen.dtype},
                             overwrite=gen.overwrite) as writer:

@@ -309,7 +309,7 @@ def pretrain(cfg: Config, shards: ShardSet | None = None) -> Path:
             return f"loss={m['train_loss']:.3f}{val} {m['images_per_s']:.0f} img/s"
 
         progress = MetricsProgress(output / "metrics.jsonl", pt.epochs, "pretrain", key="epoch", postfix=postfix)
-        result = training.fit(train_loop_per_worker, loop_config, pt, output, progress, datasets)
+        result = training.fit(train_loop_per_worker, loop_config, cfg, "pretrain", progress, datasets)
         with result.checkpoint.as_directory() as directory:
             export_checkpoint(Path(directory), cfg, output)
     return output

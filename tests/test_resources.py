@@ -1,0 +1,106 @@
+"""Resource pre-flight (lbgen/runtime/resources.py): a plan the cluster cannot hold is refused in one line
+instead of waiting forever; the packing itself is plain Python."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lbgen.cli import main
+from lbgen.runtime.locks import LOCK_FILE
+from lbgen.runtime.resources import Request, unplaced
+
+HERE = Path(__file__).resolve().parent
+GPU_NODE = {"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1}
+
+
+def test_generation_actor_and_scorer_share_one_gpu():
+    gen, score = Request("generation actor(s)", 1, {"CPU": 1, "GPU": 0.75}), Request("scoring actor(s)", 1, {"CPU": 0.25, "GPU": 0.25})
+    assert unplaced([gen, score], [GPU_NODE]) == []
+    assert unplaced([Request("generation actor(s)", 2, {"CPU": 1, "GPU": 0.75}), score], [GPU_NODE]) == ["1 of 2 generation actor(s)"]
+    assert unplaced([Request("generation actor(s)", 2, {"CPU": 1, "GPU": 0.75}), score], [GPU_NODE, GPU_NODE]) == []
+
+
+def test_a_bundle_fits_on_one_node_not_across_two():
+    worker = Request("training worker(s)", 1, {"CPU": 6})
+    assert unplaced([worker], [{"CPU": 4}, {"CPU": 4}]) == ["1 of 1 training worker(s)"]
+    assert unplaced([worker], [{"CPU": 4}, {"CPU": 8}]) == []
+
+
+def test_accelerator_type_needs_a_node_that_has_it():
+    worker = Request("training worker(s)", 2, {"CPU": 1, "GPU": 1, "accelerator_type:A100": 0.001})
+    a100 = {"CPU": 8, "GPU": 8, "accelerator_type:A100": 1}
+    assert unplaced([worker], [GPU_NODE, GPU_NODE]) == ["2 of 2 training worker(s)"]
+    assert unplaced([worker], [GPU_NODE, a100]) == []
+
+
+def test_largest_units_are_placed_first():
+    # First-fit in the given order would put the small task on the 1-CPU node's neighbour and strand the big one.
+    big, small = Request("actor", 1, {"CPU": 2}), Request("task slot", 1, {"CPU": 1})
+    assert unplaced([small, big], [{"CPU": 2}, {"CPU": 1}]) == []
+
+
+def _refusal(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.ray
+def test_generate_that_would_hold_every_cpu_is_refused_in_one_line(ray_local, tmp_path, capsys):
+    """2 generation actors x 1 CPU on a 2-CPU Ray leave nothing for the scorer and the encode tasks."""
+    out = tmp_path / "gen"
+    line = _refusal(capsys, ["generate", "--preset", "tiny", "--workers", "2", "--cpus-per-worker", "1", "--output", str(out)])
+    assert line.startswith("lbgen generate: error: generate needs 2 generation actor(s) x {CPU: 1} + 1 scoring actor(s)")
+    assert "cannot hold 1 of 1 scoring actor(s), 1 of 1 planning/encoding task slot" in line
+    assert "{CPU: 2}" in line and "generate.workers (--workers)" in line
+    assert not list(out.glob("data/*.parquet"))
+
+
+@pytest.mark.ray
+def test_training_workers_the_cluster_cannot_hold_are_refused_in_one_line(ray_local, tmp_path, capsys):
+    line = _refusal(capsys, ["finetune", "--preset", "tiny", "--workers", "3", "--output", str(tmp_path / "ft")])
+    assert line.startswith("lbgen finetune: error: finetune needs 3 training worker(s) x {CPU: 1} at once")
+    assert "finetune.cluster.workers (--workers)" in line
+    line = _refusal(capsys, ["finetune", "--preset", "tiny", "--accelerator-type", "A100", "--use-gpu", "--output", str(tmp_path / "ft")])
+    assert "x {CPU: 1, GPU: 1, accelerator_type:A100: 0.001}" in line
+
+
+HANG = """
+import sys
+import lbgen.runtime.resources as resources
+resources.require = lambda *args, **kwargs: None  # the check this test is about, removed
+from lbgen.cli import main
+from lbgen.runtime.locks import LOCK_FILE
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_without_the_check_the_same_generate_waits_forever(tmp_path):
+    """The hang the check prevents, reproduced: 20 s after the actors asked for every CPU, no image is made."""
+    out = tmp_path / "gen"
+    args = ["generate", "--preset", "tiny", "--workers", "2", "--cpus-per-worker", "1", "--output", str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", HANG, *args], cwd=HERE.parent, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out / LOCK_FILE).exists():
+            time.sleep(0.5)  # the output is locked once Ray is up, just before the pipeline starts
+        assert (out / LOCK_FILE).exists(), proc.stderr.read()[-2000:] if proc.poll() is not None else "no lock"
+        time.sleep(20)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert not list(out.glob("data/*.parquet"))
+    finally:
+        proc.send_signal(signal.SIGINT)  # the CLI's own exit: its local Ray shuts down with it
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
