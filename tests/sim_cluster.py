@@ -134,10 +134,10 @@ def pretrain_node_loss(root: Path) -> dict:
     from lbgen.data.classes import load_class_table
     from lbgen.stages.pretrain import pretrain
 
-    shards = write_shape_shards(root / "shapes", load_class_table("tiny10"), per_class=24, size=32)
+    shards = write_shape_shards(root / "shapes", load_class_table("tiny10"), per_class=12, size=32)
     output = root / "pretrain"
     cfg = resolve("tiny", overrides={"pretrain": {
-        "data": [str(shards)], "output": str(output), "epochs": 4, "batch_size": 8,
+        "data": [str(shards)], "output": str(output), "epochs": 3, "batch_size": 8,
         "cluster": {"workers": 2, "cpus_per_worker": 1, "use_gpu": False, "checkpoint_every": 1, "max_failures": 3}}})
     with simulated_cluster(workers=3, gpus_per_node=0, cpus_per_node=1) as (cluster, nodes):
         record = {"start": time.perf_counter(), "nodes_before": len([n for n in ray.nodes() if n["Alive"]])}
@@ -220,11 +220,25 @@ def autoscaling_cluster(node_types: dict, idle_timeout_minutes: float, port: int
 
 
 def node_groups() -> dict[str, str]:
-    """Node id -> node type, of the live nodes the autoscaler launched."""
+    """Node id -> node type, of the live nodes the autoscaler launched. The fake provider hands each
+    node's type and id to its raylet's environment (not to its labels, which Ray reads from the
+    launching process's own environment), so they are read there."""
+    import psutil
     import ray
 
-    return {n["NodeID"]: n["Labels"]["ray.io/node-group"] for n in ray.nodes()
-            if n["Alive"] and "ray.io/node-group" in n.get("Labels", {})}
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    groups = {}
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] != "raylet":
+            continue
+        try:
+            env = proc.environ()
+        except psutil.Error:
+            continue
+        node = env.get("RAY_OVERRIDE_NODE_ID_FOR_TESTING")
+        if node in alive and "RAY_NODE_TYPE_NAME" in env:
+            groups[node] = env["RAY_NODE_TYPE_NAME"]
+    return groups
 
 
 def wait_for(condition, timeout: float) -> float:
@@ -243,10 +257,28 @@ def record_node(config: dict) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    node = ray.get_runtime_context().get_node_id()
-    group = next(n["Labels"].get("ray.io/node-group") for n in ray.nodes() if n["NodeID"] == node)
+    node, group = ray.get_runtime_context().get_node_id(), os.environ.get("RAY_NODE_TYPE_NAME")  # from the raylet
     (Path(config["out"]) / f"rank{rank}.json").write_text(json.dumps({"node": node, "type": group}))
     ray.train.report({"step": 1})
+
+
+@contextmanager
+def gloo_on_simulated_gpus():
+    """Ray Train picks NCCL when workers hold GPUs, and NCCL needs real ones: the simulated GPUs get gloo."""
+    import ray.train.torch
+    from ray.train.torch import TorchConfig
+
+    original = ray.train.torch.TorchTrainer
+
+    class GlooTrainer(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, torch_config=TorchConfig(backend="gloo"), **kwargs)
+
+    ray.train.torch.TorchTrainer = GlooTrainer
+    try:
+        yield
+    finally:
+        ray.train.torch.TorchTrainer = original
 
 
 def training_on_autoscaler(cfg, stage: str, root: Path) -> list[str]:
@@ -255,7 +287,8 @@ def training_on_autoscaler(cfg, stage: str, root: Path) -> list[str]:
 
     out = root / f"{stage}-workers"
     out.mkdir(parents=True)
-    training.fit(record_node, {"out": str(out)}, cfg, stage, contextlib.nullcontext())
+    with gloo_on_simulated_gpus():
+        training.fit(record_node, {"out": str(out)}, cfg, stage, contextlib.nullcontext())
     return [json.loads(p.read_text())["type"] for p in sorted(out.glob("rank*.json"))]
 
 
@@ -276,10 +309,12 @@ def autoscaler(root: Path) -> dict:
     out: dict = {"node_types": types, "idle_timeout_s": idle_minutes * 60}
     table = root / "classes.txt"
     table.write_text("".join(f"n{i:03d} class {i}\n" for i in range(4)))
-    # generate-sd15-in1k: 16 workers on GPUs, 1 CPU each; finetune/pretrain-sd15-in1k: 8 workers on A100s, 4 CPUs each.
+    # The in1k jobs' shapes, scaled as the node types are: generate-sd15-in1k's 16 GPU workers of 1 CPU
+    # -> 2 (the gpu-gen types' max_workers / 8); finetune/pretrain-sd15-in1k's 8 A100 workers of 4 CPUs
+    # -> 2 of 1 CPU (CPUs / 4: they fit the scaled A100 node, as 8 fit a p4d).
     generation = {"use_gpu": True, "workers": 16 // MAX_WORKERS_SCALE, "cpus_per_worker": 1.0, "images_per_class": 2,
                   "rows_per_shard": 2, "batch_size": 2, "micro_batch": 2, "steps": 1}
-    training_cluster = {"workers": 8 // MAX_WORKERS_SCALE, "use_gpu": True, "accelerator_type": "A100", "cpus_per_worker": 4 / CPU_SCALE}
+    training_cluster = {"workers": 8 // CPU_SCALE, "use_gpu": True, "accelerator_type": "A100", "cpus_per_worker": 4 / CPU_SCALE}
     with autoscaling_cluster(types, idle_minutes, port):
         out["worker_nodes_at_start"] = len(node_groups())
         cfg = resolve("tiny", overrides={"classes": str(table), "model": {"generator": "sleep:100"}, "resource_wait_s": 120,

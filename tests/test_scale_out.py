@@ -63,7 +63,7 @@ def test_pretrain_across_two_nodes_survives_the_loss_of_one(tmp_path):
     assert found["nodes_before"] == 4 and found["nodes_after"] == 3
     assert found["training_nodes"] == 2  # one DDP worker per 1-CPU node
     # Every epoch logged once, and the run after the kill started from a checkpoint, not from scratch.
-    assert found["epochs"] == [1, 2, 3, 4] and found["steps"] == 4 * found["steps_per_epoch"]
+    assert found["epochs"] == [1, 2, 3] and found["steps"] == 3 * found["steps_per_epoch"]
     assert len(found["resumed_from_step"]) == 1 and found["resumed_from_step"][0] >= found["steps_per_epoch"]
     meta = json.loads((Path(found["output"]) / "model.json").read_text())
     assert meta["steps"] == found["steps"]  # the exported backbone is the finished one
