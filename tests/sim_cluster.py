@@ -331,7 +331,7 @@ def autoscaler(root: Path) -> dict:
             "generate, 16 CPUs per actor": {"generate": {**generation, "cpus_per_worker": 16.0, "output": str(root / "never")}},
             "finetune on H100": {"finetune": {"output": str(root / "never-ft"), "cluster": {**training_cluster, "accelerator_type": "H100"}}},
         }.items():
-            cfg = resolve("tiny", overrides={"classes": str(table), "model": {"generator": "sleep:100"}, "resource_wait_s": 10, **overrides})
+            cfg = resolve("tiny", overrides={"classes": str(table), "model": {"generator": "sleep:100"}, "resource_wait_s": 5, **overrides})
             start = time.perf_counter()
             try:
                 generate(cfg, show_progress=False) if "generate" in overrides else training_on_autoscaler(cfg, "finetune", root / "h100")

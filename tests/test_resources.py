@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lbgen.cli import main
+from lbgen.runtime import resources
 from lbgen.runtime.locks import LOCK_FILE
 from lbgen.runtime.resources import Request, unplaced
 
@@ -43,6 +44,42 @@ def test_largest_units_are_placed_first():
     # First-fit in the given order would put the small task on the 1-CPU node's neighbour and strand the big one.
     big, small = Request("actor", 1, {"CPU": 2}), Request("task slot", 1, {"CPU": 1})
     assert unplaced([small, big], [{"CPU": 2}, {"CPU": 1}]) == []
+
+
+def _attached_cluster(monkeypatch, views: list[list[dict]]) -> tuple[list, list]:
+    """`require` against a cluster that may grow, whose successive node lists are `views` (the last
+    repeats); returns the bundles asked of the autoscaler and what was said."""
+    import ray.autoscaler.sdk
+
+    asked, said, looks = [], [], iter(views)
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: asked.append(bundles))
+    monkeypatch.setattr(resources, "cluster_can_grow", lambda: True)
+    monkeypatch.setattr(resources, "cluster_nodes", lambda: next(looks, views[-1]))
+    monkeypatch.setattr(resources.time, "sleep", lambda s: None)
+    return asked, said
+
+
+def test_an_attached_cluster_is_asked_to_grow_and_waited_for(monkeypatch):
+    worker = Request("training worker(s)", 2, {"CPU": 2})
+    asked, said = _attached_cluster(monkeypatch, [[{"CPU": 2}], [{"CPU": 2}], [{"CPU": 2}, {"CPU": 2}]])
+    resources.require("pretrain", [worker], "pretrain.cluster.workers", 60, said.append)
+    assert asked == [[{"CPU": 2}, {"CPU": 2}], []]  # the bundles, then the request withdrawn
+    assert said == ["[pretrain] waiting up to 60 s for the cluster to grow to 2 training worker(s) x {CPU: 2}"]
+
+
+def test_a_cluster_that_does_not_grow_in_time_is_refused(monkeypatch):
+    worker = Request("training worker(s)", 2, {"CPU": 2})
+    asked, said = _attached_cluster(monkeypatch, [[{"CPU": 2}]])
+    with pytest.raises(resources.ResourceError, match=r"cannot hold 1 of 2 training worker\(s\); lower pretrain.cluster.workers"):
+        resources.require("pretrain", [worker], "pretrain.cluster.workers", 0.05, said.append)
+    assert asked[-1] == [] and len(said) == 1
+
+
+def test_a_negative_wait_is_refused_naming_the_setting():
+    from lbgen.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match=r"^resource_wait_s must be >= 0, got -1"):
+        resolve("tiny", overrides={"resource_wait_s": -1})
 
 
 def _refusal(capsys, argv: list[str]) -> str:

@@ -1,9 +1,10 @@
-"""`lbgen run`: every stage end to end on the tiny preset (real local Ray), a re-run that skips them,
-and a run killed during generation that, re-run, ends with the same dataset."""
+"""`lbgen run`: a run killed during generation and re-run goes through every stage end to end on the
+tiny preset (real local Ray), ending with the dataset an uninterrupted generation makes; a further
+re-run skips every stage."""
 
 import csv
+import dataclasses
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from lbgen.cli import main
 from lbgen.config import resolve
 from lbgen.data.classes import load_class_table
 from lbgen.data.reader import inspect_dataset
+from lbgen.stages.generate import generate
+from lbgen.stages.run import stage_configs
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (
@@ -41,8 +44,28 @@ def small_config(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_local, small_config, tmp_path_factory) -> Path:
+def killed_then_completed(ray_local, small_config, tmp_path_factory) -> Path:
+    """A real `lbgen run` process SIGKILLed during generation, then the same command run to the end.
+
+    At the kill, fine-tuning is done and generation under way: every shard visible is whole, pretrain
+    has not started and the dataset is incomplete."""
     out = tmp_path_factory.mktemp("run") / "run"
+    cmd = [sys.executable, "-m", "lbgen.cli", *run_args(out, small_config), "--address", ray_local.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    data, seen, deadline = out / "generate" / "data", set(), time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None and not seen:
+            seen = {p.name for p in data.glob("train-*.parquet")} if data.exists() else set()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert seen and not (out / "pretrain").exists(), "the run was not killed during generation"
+    for path in data.glob("train-*.parquet"):
+        assert pq.read_metadata(path).num_rows == 5  # whole the moment it is visible
+    assert not inspect_dataset(out / "generate").ok
+
     assert main(run_args(out, small_config)) == 0
     return out
 
@@ -82,8 +105,8 @@ def test_run_checks_once_before_ray_and_hands_the_checked_table_on(tmp_path, mon
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_all_stages_then_skip_them(uninterrupted, small_config, capsys):
-    out = uninterrupted
+def test_run_all_stages_then_skip_them(killed_then_completed, small_config, capsys):
+    out = killed_then_completed
     for path in ("finetune/pytorch_lora_weights.safetensors", "generate/manifest.json", "downstream/train",
                  "pretrain/backbone.safetensors", "evaluate/results.md"):
         assert (out / path).exists(), path
@@ -112,31 +135,13 @@ def test_run_all_stages_then_skip_them(uninterrupted, small_config, capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_killed_during_generation_resumes_to_the_same_dataset(uninterrupted, small_config, ray_local, tmp_path):
-    out = tmp_path / "run"
-    # The state of a run killed during generation: fine-tuning complete (it is deterministic, so the
-    # uninterrupted run's result is this run's), generation under way in a real `lbgen run` process.
-    shutil.copytree(uninterrupted / "finetune", out / "finetune")
-    cmd = [sys.executable, "-m", "lbgen.cli", *run_args(out, small_config),
-           "--address", ray_local.get_runtime_context().gcs_address]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    data, seen, deadline = out / "generate" / "data", set(), time.time() + 180
-    try:
-        while time.time() < deadline and proc.poll() is None and not seen:
-            seen = {p.name for p in data.glob("train-*.parquet")} if data.exists() else set()
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert seen and not (out / "pretrain").exists(), "the run was not killed during generation"
-    for path in data.glob("train-*.parquet"):
-        assert pq.read_metadata(path).num_rows == 5  # whole the moment it is visible
-    assert not inspect_dataset(out / "generate").ok
-
-    assert main(run_args(out, small_config)) == 0
-    assert (out / "evaluate" / "results.csv").exists()
-    a, b = read_rows(uninterrupted / "generate"), read_rows(out / "generate")
+def test_run_killed_during_generation_resumes_to_the_same_dataset(killed_then_completed, small_config, tmp_path):
+    """The resumed run's dataset equals one `generate` makes uninterrupted with the same settings and LoRA."""
+    out = killed_then_completed
+    wired = stage_configs(resolve("tiny", small_config, {"run": {"output": str(out)}}))
+    reference = tmp_path / "reference"
+    generate(dataclasses.replace(wired, generate=dataclasses.replace(wired.generate, output=str(reference))), show_progress=False)
+    a, b = read_rows(reference), read_rows(out / "generate")
     assert a.keys() == b.keys()
     for key in a:
         assert_same_pixels_and_row(a[key], b[key])
