@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -57,14 +58,15 @@ def generate_config(table: Path, output: Path, delay_ms: int):
     })
 
 
-def kill_after_first_shard(cluster, node, output: Path, record: dict) -> threading.Thread:
-    """Hard-kill `node` (its raylet and every process on it) once `output` holds a whole shard."""
+def kill_once_written(cluster, pattern: Path, choose_node: Callable[[], object], record: dict, counted: str) -> threading.Thread:
+    """Hard-kill the node `choose_node()` names (its raylet and every process on it) once a file matching
+    `pattern` exists; `record` gets the time of the kill and, as `counted`, how many such files there were."""
     def watch():
-        while not list((output / "data").glob("train-*.parquet")):
+        while not list(pattern.parent.glob(pattern.name)):
             time.sleep(0.05)
         record["killed_after_s"] = round(time.perf_counter() - record["start"], 2)
-        record["shards_before_kill"] = len(list((output / "data").glob("train-*.parquet")))
-        cluster.remove_node(node, allow_graceful=False)
+        record[counted] = len(list(pattern.parent.glob(pattern.name)))
+        cluster.remove_node(choose_node(), allow_graceful=False)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -89,7 +91,8 @@ def generate_node_loss(root: Path, timed: bool = False) -> dict:
         for name, kill in ((("uninterrupted", False),) if timed else ()) + (("node_killed", True),):
             output = root / name
             record = {"start": time.perf_counter(), "nodes_before": len([n for n in ray.nodes() if n["Alive"]])}
-            watcher = kill_after_first_shard(cluster, nodes[0], output, record) if kill else None
+            watcher = kill_once_written(cluster, output / "data" / "train-*.parquet", lambda: nodes[0], record,
+                                        "shards_before_kill") if kill else None
             manifest = generate(generate_config(table, output, delay_ms=DELAY_MS), show_progress=False)
             record["seconds"] = round(time.perf_counter() - record.pop("start"), 2)
             if watcher:
@@ -102,23 +105,14 @@ def generate_node_loss(root: Path, timed: bool = False) -> dict:
     return out
 
 
-def kill_a_training_node_after_first_checkpoint(cluster, nodes, output: Path, record: dict) -> threading.Thread:
-    """Hard-kill the worker node of a training worker once `output` holds its first checkpoint."""
+def training_node(nodes, record: dict):
+    """The first of `nodes` that holds a Ray Train worker (its placement group's bundles)."""
     import ray
 
-    def watch():
-        while not list((output / "checkpoints").glob("checkpoint_*")):
-            time.sleep(0.05)
-        record["killed_after_s"] = round(time.perf_counter() - record["start"], 2)
-        record["checkpoints_before_kill"] = len(list((output / "checkpoints").glob("checkpoint_*")))
-        used = {node for group in ray.util.placement_group_table().values() if group["state"] == "CREATED"
-                for node in group["bundles_to_node_id"].values()}
-        record["training_nodes"] = len(used)
-        cluster.remove_node(next(n for n in nodes if n.node_id in used), allow_graceful=False)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    used = {node for group in ray.util.placement_group_table().values() if group["state"] == "CREATED"
+            for node in group["bundles_to_node_id"].values()}
+    record["training_nodes"] = len(used)
+    return next(n for n in nodes if n.node_id in used)
 
 
 def pretrain_node_loss(root: Path) -> dict:
@@ -141,7 +135,8 @@ def pretrain_node_loss(root: Path) -> dict:
         "cluster": {"workers": 2, "cpus_per_worker": 1, "use_gpu": False, "checkpoint_every": 1, "max_failures": 3}}})
     with simulated_cluster(workers=3, gpus_per_node=0, cpus_per_node=1) as (cluster, nodes):
         record = {"start": time.perf_counter(), "nodes_before": len([n for n in ray.nodes() if n["Alive"]])}
-        watcher = kill_a_training_node_after_first_checkpoint(cluster, nodes, output, record)
+        watcher = kill_once_written(cluster, output / "checkpoints" / "checkpoint_*", partial(training_node, nodes, record),
+                                    record, "checkpoints_before_kill")
         pretrain(cfg)
         record["seconds"] = round(time.perf_counter() - record.pop("start"), 2)
         watcher.join(timeout=1)
