@@ -88,6 +88,8 @@ def test_local_directories_of_the_in1k_jobs_are_on_the_shared_mount(cluster):
     mount = "/mnt/lbgen"
     assert any("mount -t nfs4" in cmd and mount in cmd for cmd in cluster["initialization_commands"])
     assert f"-v {mount}:{mount}" in cluster["docker"]["run_options"]
+    evaluate = in1k("evaluate").evaluate
     local = [in1k("finetune").finetune.output, in1k("generate").generate.lora, in1k("pretrain").pretrain.output,
-             in1k("evaluate").evaluate.output, *in1k("evaluate").evaluate.downstream]
+             evaluate.output, evaluate.data_root, *(d for d in evaluate.downstream if not d.startswith("torchvision:"))]
     assert all(path.startswith(mount + "/") for path in local)
+    assert len(evaluate.downstream) == 8  # the paper's eight, by torchvision name under data_root
