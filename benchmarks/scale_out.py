@@ -8,8 +8,8 @@ A model time that dominates the CPU cost, as on real GPUs, makes the result a pr
 pipeline rather than of this machine's 2 cores; `--delay-ms 0` measures the pipeline's own ceiling.
 
 For each N in `--gpus`, N generation actors (one per simulated GPU, spread over the nodes) make
-N x `--images-per-gpu` images. The rate is the steady one: images in shards 2..last over the time
-between the first and the last shard landing (actor start-up is not the pipeline's throughput).
+N classes x `--images-per-gpu` images, in whole batches. The rate is the steady one: the images
+landing after the N-th shard (every actor past its start-up) over the time from it to the last.
 
     python benchmarks/scale_out.py --json scale_out.json
 """
@@ -31,15 +31,17 @@ sys.path.insert(0, str(REPO / "tests"))  # the simulated cluster is the tests' o
 from sim_cluster import simulated_cluster  # noqa: E402
 
 from lbgen.config import resolve  # noqa: E402
-from lbgen.data.classes import load_class_table  # noqa: E402
 from lbgen.data.format import DATA_DIR  # noqa: E402
 
 
-def config(output: Path, gpus: int, images: int, args):
+def config(output: Path, gpus: int, args):
+    """N classes of `--images-per-gpu` images for N actors: every actor makes the same whole batches."""
+    table = output.parent / f"classes-{gpus}.txt"
+    table.write_text("".join(f"n{i:08d} class {i}\n" for i in range(gpus)))
     return resolve("tiny", overrides={
-        "classes": "tiny10",
+        "classes": str(table),
         "model": {"generator": f"sleep:{args.delay_ms}", "resolution": args.resolution},
-        "generate": {"output": str(output), "use_gpu": True, "workers": gpus, "images_per_class": max(1, images // 10),
+        "generate": {"output": str(output), "use_gpu": True, "workers": gpus, "images_per_class": args.images_per_gpu,
                      "rows_per_shard": args.rows_per_shard, "batch_size": args.batch_size, "micro_batch": args.batch_size,
                      "steps": args.steps, "image_format": "jpeg", "cpus_per_worker": args.cpus_per_actor},
     })
@@ -59,23 +61,24 @@ def operator_seconds(ds) -> dict:
     return out
 
 
-def steady_rate(output: Path) -> float:
-    """Images per second between the first and the last shard landing (start-up excluded)."""
+def steady_rate(output: Path, gpus: int) -> float:
+    """Images per second after the first round: from the N-th shard landing (each of the N actors has
+    delivered its first batch: start-up is over) to the last, over the images that landed in between."""
     import pyarrow.parquet as pq
 
     shards = sorted((output / DATA_DIR).glob("train-*.parquet"), key=lambda p: p.stat().st_mtime)
-    rows = sum(pq.read_metadata(p).num_rows for p in shards[1:])
-    return rows / (shards[-1].stat().st_mtime - shards[0].stat().st_mtime)
+    rows = sum(pq.read_metadata(p).num_rows for p in shards[gpus:])
+    return rows / (shards[-1].stat().st_mtime - shards[gpus - 1].stat().st_mtime)
 
 
-def run_once(output: Path, gpus: int, images: int, args) -> dict:
+def run_once(output: Path, gpus: int, args) -> dict:
     """One generation with `gpus` actors: the writer loop of `lbgen.stages.generate`, timed in its parts."""
     import ray
 
     from lbgen.data.writer import DatasetWriter
     from lbgen.stages.generate import build_pipeline, check_inputs, dataset_plan
 
-    cfg = config(output, gpus, images, args)
+    cfg = config(output, gpus, args)
     table, lora = check_inputs(cfg)
     plan = dataset_plan(cfg, table, lora)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -91,7 +94,7 @@ def run_once(output: Path, gpus: int, images: int, args) -> dict:
     model_s = manifest["totals"]["rows"] / args.batch_size * args.steps * args.delay_ms / 1000
     return {
         "gpus": gpus, "images": manifest["totals"]["rows"], "seconds": round(time.perf_counter() - start, 2),
-        "images_per_s": round(steady_rate(output), 3),
+        "images_per_s": round(steady_rate(output, gpus), 3),
         "time": {"model_s (summed over actors)": round(model_s, 2), "driver_shard_assembly_s": round(in_writer, 2),
                  "driver_waiting_s": round(time.perf_counter() - start - in_writer, 2), "operators": operator_seconds(ds)},
     }
@@ -112,10 +115,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     counts = [int(n) for n in args.gpus.split(",")]
-    load_class_table("tiny10")
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as tmp, simulated_cluster(workers=args.nodes, gpus_per_node=2, cpus_per_node=1):
-        runs = {n: run_once(Path(tmp) / f"n{n}", n, n * args.images_per_gpu, args) for n in counts}
+        runs = {n: run_once(Path(tmp) / f"n{n}", n, args) for n in counts}
         for n, run in runs.items():
             print(json.dumps(run), flush=True)
         base = runs[counts[0]]["images_per_s"] / counts[0]
@@ -124,7 +126,7 @@ def main() -> None:
         if not args.no_ceiling:
             ceiling_args = argparse.Namespace(**{**vars(args), "delay_ms": 0})
             top = max(counts)
-            results["ceiling"] = run_once(Path(tmp) / "ceiling", top, top * args.images_per_gpu, ceiling_args)
+            results["ceiling"] = run_once(Path(tmp) / "ceiling", top, ceiling_args)
             results["ceiling_images_per_s"] = results["ceiling"]["images_per_s"]
     print(json.dumps({k: results[k] for k in ("efficiency", "ceiling_images_per_s") if k in results}))
     if args.json:
