@@ -37,8 +37,7 @@ class Request:
 
 
 def format_resources(resources: dict[str, float]) -> str:
-    shown = {k: v for k, v in resources.items() if v and k != "object_store_memory" and k != "memory"
-             and not k.startswith("node:")}
+    shown = {k: v for k, v in resources.items() if v and k not in ("object_store_memory", "memory") and not k.startswith("node:")}
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
 
 
@@ -83,14 +82,15 @@ def require(stage: str, requests: Sequence[Request], settings: str, wait_s: floa
     """Return once the cluster can hold all `requests` at once; raise ResourceError naming `settings` (the
     flags that size the requests) and the cluster when it cannot, after waiting up to `wait_s` for an
     attached cluster to grow."""
-    missing = unplaced(requests, cluster_nodes())
+    nodes = cluster_nodes()
+    missing = unplaced(requests, nodes)
     if not missing:
         return
     if cluster_can_grow() and wait_s > 0:
         missing = _wait_for_growth(stage, requests, wait_s, say)
         if not missing:
             return
-    nodes = cluster_nodes()
+        nodes = cluster_nodes()  # what the cluster grew to, for the message
     raise ResourceError(
         f"{stage} needs {' + '.join(r.describe() for r in requests)} at once, and the cluster's {len(nodes)} "
         f"node(s) {', '.join(format_resources(n) for n in nodes) or '(none)'} cannot hold {', '.join(missing)}; "
