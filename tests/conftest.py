@@ -37,6 +37,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for this test only (set_num_threads is process-wide: the rest of the session keeps its own)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_root(tmp_path_factory) -> Path:
     """A data root holding the real Fashion-MNIST in torchvision's layout, from Debian's package."""

@@ -202,3 +202,18 @@ def test_registries_reach_their_implementations_without_torch():
     from lbgen.stages.protocols import PROTOCOLS, load_protocol
 
     assert all(callable(load_protocol(name)) for name in PROTOCOLS) and all(callable(f) for f in KINDS.values())
+
+
+def test_a_recipe_sets_its_fields_over_the_preset_and_under_the_users_own(tmp_path):
+    from lbgen.config.presets import RECIPES
+
+    deit = resolve("sd15-in1k", overrides={"pretrain": {"recipe": "deit"}}).pretrain
+    assert {k: getattr(deit, k) for k in RECIPES["deit"]} == RECIPES["deit"]  # the preset's SGD lr 0.8 does not leak in
+    assert resolve("sd15-in1k").pretrain.lr == 0.8 and resolve("sd15-in1k").pretrain.mixup == 0.0
+    (tmp_path / "job.yaml").write_text("pretrain:\n  recipe: deit\n  weight_decay: 0.1\n")
+    mine = resolve(config_file=tmp_path / "job.yaml", overrides={"pretrain": {"lr": 1e-3}}).pretrain
+    assert (mine.opt, mine.weight_decay, mine.lr, mine.mixup) == ("adamw", 0.1, 1e-3, 0.8)  # the file's and the flag's win
+    with pytest.raises(ConfigError, match=r"pretrain.recipe must be resnet or deit, got 'vit'"):
+        resolve(overrides={"pretrain": {"recipe": "vit"}})
+    with pytest.raises(ConfigError, match=r"pretrain.batch_size must be even with mixup/cutmix"):
+        resolve(overrides={"pretrain": {"recipe": "deit", "batch_size": 33}})

@@ -82,8 +82,7 @@ def downstream(tmp_path_factory) -> Path:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_trained_backbone_beats_random_init_under_the_linear_probe(ray_local, downstream, tmp_path):
-    torch.set_num_threads(1)
+def test_trained_backbone_beats_random_init_under_the_linear_probe(ray_local, downstream, tmp_path, one_torch_thread):
     shards = write_shape_shards(tmp_path / "shards", TABLE, per_class=40, size=40)
     backbone = _train_backbone(tmp_path / "backbone", shards, epochs=20)
     out = tmp_path / "eval"

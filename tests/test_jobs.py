@@ -39,10 +39,11 @@ def test_every_job_file_is_a_stage_and_a_setup_and_resolves_with_its_own_preset(
 
     files = sorted(JOBS.glob("*.yaml"))
     assert files
-    for path in files:
+    for path in files:  # <stage>-<setup>.yaml, or <stage>-<setup>-<variant>.yaml for a second job of that stage
         stage = next((s.name for s in STAGES if path.stem.startswith(s.name + "-")), None)
         assert stage, f"{path.name} is not <stage>-<setup>.yaml"
-        setup = path.stem[len(stage) + 1:]
+        rest = path.stem[len(stage) + 1:]
+        setup = max((p for p in PRESETS if rest == p or rest.startswith(p + "-")), key=len, default=None)
         assert setup in PRESETS, path.name
         assert yaml.safe_load(path.read_text())["preset"] == setup, path.name
         resolve(config_file=path)
@@ -57,6 +58,19 @@ def test_stage_jobs_chain_each_output_into_the_next_stage(setup):
     assert len({finetune.finetune.output, generate.generate.output, pretrain.pretrain.output, evaluate.evaluate.output}) == 4
     # One model setup from end to end: the LoRA is generated with the generator it was trained on.
     assert finetune.model == generate.model and finetune.classes == generate.classes == pretrain.classes
+
+
+def test_the_real_imagenet_baseline_is_trained_and_compared_like_for_like():
+    from dataclasses import asdict
+
+    lbgen_, real, vits = job("pretrain", "sd15-in1k"), job("pretrain", "sd15-in1k-real"), job("pretrain", "sd15-in1k-vits")
+    same = {k: v for k, v in asdict(real.pretrain).items() if k not in ("data", "output")}
+    assert same == {k: v for k, v in asdict(lbgen_.pretrain).items() if k not in ("data", "output")}  # recipe, budget, loader
+    assert real.classes == lbgen_.classes and real.pretrain.data == ["/mnt/lbgen/datasets/imagenet/train"]
+    assert (vits.pretrain.model, vits.pretrain.recipe, vits.pretrain.data) == ("vit_small_patch16_224", "deit", lbgen_.pretrain.data)
+    transfer, classify = job("evaluate", "sd15-in1k"), job("evaluate", "sd15-in1k-classify")
+    assert transfer.evaluate.backbone[:2] == [lbgen_.pretrain.output, real.pretrain.output]  # no timm:resnet50 of another recipe
+    assert classify.evaluate.protocol == "classify" and classify.evaluate.backbone == [lbgen_.pretrain.output, real.pretrain.output]
 
 
 def test_in1k_jobs_write_to_shared_storage_and_ask_for_gpus():

@@ -90,7 +90,7 @@ def write_finetune(directory: Path, cfg, colours: np.ndarray) -> None:
 
 
 def write_pretrain_and_evaluate(run: Path) -> None:
-    from lbgen.stages.evaluate import RESULTS_JSON, plot_results, results_markdown, write_results
+    from lbgen.data.results import RESULTS_JSON, plot_results, results_markdown, write_results
 
     (run / "pretrain").mkdir()
     (run / "pretrain" / "metrics.jsonl").write_text("".join(json.dumps(

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from lbgen.config.presets import PRESETS
+from lbgen.config.presets import PRESETS, RECIPES
 from lbgen.config.schema import Config, validate
 from lbgen.errors import ConfigError
 
@@ -113,7 +113,9 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None, ov
 def resolve_with_preset(
     preset: str | None = None, config_file: str | Path | None = None, overrides: dict | None = None
 ) -> tuple[Config, str | None]:
-    """Defaults <- preset <- YAML file <- overrides (nested dicts), validated; and the preset that applied.
+    """Defaults <- preset <- recipe <- YAML file <- overrides (nested dicts), validated; and the preset that applied.
+
+    The recipe (`pretrain.recipe`, `RECIPES`) is whichever the last layer names.
 
     A YAML file may name its preset (`preset: sd15-in1k`), so that a job file carries its whole
     setup; a `preset` given here wins over the file's. When neither names one, the dataclass
@@ -122,10 +124,19 @@ def resolve_with_preset(
     file_data = load_yaml(config_file) if config_file is not None else {}
     where = str(config_file) if config_file is not None else "config"
     preset = preset_name(preset, file_data, where)
-    data = _merge(_merge(asdict(Config()), PRESETS[preset] if preset else {}), file_data)
+    data = _merge(asdict(Config()), PRESETS[preset] if preset else {})
+    recipe = named_recipe(data, file_data, overrides or {})
+    recipe_fields = RECIPES.get(recipe, {}) if isinstance(recipe, str) else {}  # an unknown name: refused by validate
+    data = _merge(_merge(data, {"pretrain": recipe_fields}), file_data)
     from_dict(Config, data, where)  # the file alone must be well-formed: a flag must not hide `generate: 3`
     data = _merge(data, overrides or {})
     return validate(from_dict(Config, data, where)), preset
+
+
+def named_recipe(*layers: dict) -> str | None:
+    """The `pretrain.recipe` the last of `layers` that names one gives."""
+    named = [layer["pretrain"]["recipe"] for layer in layers if isinstance(layer.get("pretrain"), dict) and "recipe" in layer["pretrain"]]
+    return named[-1] if named else None
 
 
 def preset_name(preset: str | None, file_data: dict, where: str = "config") -> str | None:

@@ -97,3 +97,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "generate": {"output": "runs/sd15-shape/generate", "images_per_class": 8},
     },
 }
+
+
+# Training recipes by `pretrain.recipe`: the pretrain fields each sets. They apply over the preset and under a
+# config file's and the flags' own values, so a preset's optimiser settings (made for one recipe) never leak
+# into another, and a value the user gives always wins.
+RECIPES: dict[str, dict[str, Any]] = {
+    # The dataclass defaults: SGD with Nesterov momentum, cosine with warm-up, label smoothing (ResNets).
+    "resnet": {},
+    # DeiT (Touvron et al., 2021), the recipe that trains ViT-S on ImageNet without extra data: AdamW, lr 5e-4
+    # per 512 images scaled to the global batch, weight decay 0.05, 5 warm-up epochs, mixup 0.8 / cutmix 1.0,
+    # label smoothing 0.1, stochastic depth 0.1. (Its RandAugment and random erasing are not applied here.)
+    "deit": {"opt": "adamw", "lr": 5e-4, "lr_base_batch": 512, "weight_decay": 0.05, "warmup_epochs": 5.0, "warmup_lr": 1e-6,
+             "min_lr": 1e-5, "label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0, "drop_path": 0.1},
+}

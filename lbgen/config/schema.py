@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lbgen.config.presets import RECIPES
 from lbgen.data.images import IMAGE_FORMATS
 from lbgen.errors import ConfigError
 from lbgen.runtime.faults import POINTS
@@ -213,12 +214,19 @@ class PretrainConfig:
     cluster: TrainCluster = field(default_factory=functools.partial(TrainCluster, cpus_per_worker=2.0, checkpoint_every=1))
     # Any timm model name.
     model: str = "resnet50"
+    # Training recipe: "resnet" (these defaults: SGD, lr 0.1 per global batch, weight decay 1e-4) or "deit"
+    # (transformers, e.g. ViT-S: AdamW, lr 5e-4 per 512 images scaled to the global batch, weight decay 0.05,
+    # 5 warm-up epochs, mixup 0.8 + cutmix 1.0, label smoothing 0.1, drop path 0.1). The recipe sets those fields;
+    # a preset's, a config file's or a flag's own value for one of them still wins.
+    recipe: str = "resnet"
     # Passes over the training rows.
     epochs: int = resumable(100)
     # Images per worker per step.
     batch_size: int = 256
-    # Peak learning rate (for the global batch), reached after the warm-up.
+    # Peak learning rate (for the global batch, or per `lr_base_batch` images), reached after the warm-up.
     lr: float = 0.1
+    # When set, `lr` is scaled by global batch / lr_base_batch (the linear scaling rule DeiT uses); null: as given.
+    lr_base_batch: Optional[int] = None
     # Optimiser, any `timm.optim.create_optimizer_v2` name ("sgd" uses Nesterov momentum 0.9).
     opt: str = "sgd"
     # Weight decay (not applied to biases and norm layers).
@@ -229,6 +237,11 @@ class PretrainConfig:
     min_lr: float = 1e-6
     # Cross-entropy label smoothing.
     label_smoothing: float = 0.1
+    # Mixup and CutMix alphas (timm's Mixup, one of the two per batch when both are set); 0: off.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    # Stochastic depth rate of the model (timm's drop_path_rate).
+    drop_path: float = 0.0
     # Training crop side in pixels (evaluation resizes to image_size / crop_pct, then centre-crops).
     image_size: int = 224
     crop_pct: float = 0.875
@@ -265,6 +278,12 @@ class PretrainConfig:
             f"{where}.min_lr": (0 <= self.min_lr <= self.lr, f"must be in [0, lr], got {self.min_lr}"),
             f"{where}.warmup_lr": (0 <= self.warmup_lr <= self.lr, f"must be in [0, lr], got {self.warmup_lr}"),
             f"{where}.label_smoothing": (0 <= self.label_smoothing < 1, f"must be in [0, 1), got {self.label_smoothing}"),
+            f"{where}.recipe": (self.recipe in RECIPES, f"must be {' or '.join(RECIPES)}, got {self.recipe!r}"),
+            f"{where}.lr_base_batch": (self.lr_base_batch is None or self.lr_base_batch > 0, f"must be > 0 or null, got {self.lr_base_batch}"),
+            **_non_negative(where, self, ("mixup", "cutmix")),
+            f"{where}.batch_size": (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0,
+                                    f"must be even with mixup/cutmix (they pair each image with another), got {self.batch_size}"),
+            f"{where}.drop_path": (0 <= self.drop_path < 1, f"must be in [0, 1), got {self.drop_path}"),
             f"{where}.image_size": (self.image_size >= 8, f"must be >= 8, got {self.image_size}"),
             f"{where}.crop_pct": (0 < self.crop_pct <= 1, f"must be in (0, 1], got {self.crop_pct}"),
             f"{where}.crop_scale": (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
@@ -294,7 +313,8 @@ class EvaluateConfig:
     data_root: str = "~/.cache/lbgen/datasets"
     # ImageNet-9-style dirs (original/, mixed_same/, mixed_rand/) for the background gap; empty: skipped.
     bias: list[str] = field(default_factory=list)
-    # "linear": frozen features + logistic regression; "finetune": full fine-tuning.
+    # "linear": frozen features + logistic regression; "finetune": full fine-tuning; "classify": the backbone's own
+    # classifier on real images of its classes (downstream: an ImageFolder of class-id folders, e.g. ImageNet val).
     protocol: str = "linear"
     # Shares of each downstream training set (stratified, seeded subsets).
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2, 0.5, 1.0])

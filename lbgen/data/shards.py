@@ -84,6 +84,28 @@ class ShardSet:
     def bytes_per_row(self) -> float:
         return self.bytes / max(self.rows, 1)
 
+    def read(self, train: bool, block_rows: int, columns: list[str]):
+        """The shards' `columns` as a Ray Dataset (file order shuffled per epoch for `train`), in blocks of
+        about `block_rows` rows."""
+        import ray.data
+
+        # Ray Data's V2 Parquet reader starts 32 footer-reading actors, each a new process, every time the
+        # read executes: each epoch of each split. The shards are known and checked already, so the V1
+        # reader, which reads the footers in its read tasks, does the same work without those processes.
+        context = ray.data.DataContext.get_current()
+        use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
+        try:
+            ds = ray.data.read_parquet(self.files, filesystem=self.filesystem, columns=columns, include_paths=True,
+                                       shuffle="files" if train else None)
+        finally:
+            context.use_datasource_v2 = use_v2
+        # This dataset's context only: Ray's defaults make one block per ~128 MiB, so a small shard would
+        # decode in one task and stream nothing until done.
+        block_bytes = max(1, int(block_rows * self.bytes_per_row()))
+        ds.context.target_min_block_size = min(ds.context.target_min_block_size or block_bytes, block_bytes)
+        ds.context.target_max_block_size = block_bytes
+        return ds
+
     def to_json(self) -> dict:
         """Everything but the filesystem object, which is named by its type (`local`, `s3`, ...)."""
         fields = {k: v for k, v in asdict(self).items() if k != "filesystem"}

@@ -130,7 +130,8 @@ def decode_batch(table: pa.Table, spec: ImageTransform, rows: RowFilter, split: 
     table = table.filter(pa.array(rows.mask(table, split)))
     images = np.empty((table.num_rows, spec.size, spec.size, 3), dtype=np.uint8)
     rng = np.random.default_rng(seed)
-    data = pc.struct_field(table.column("image"), "bytes").to_pylist()
+    column = table.column("image")  # a struct with bytes (the Hugging Face Image convention), or plain binary
+    data = (pc.struct_field(column, "bytes") if pa.types.is_struct(column.type) else column).to_pylist()
     for i, blob in enumerate(data):
         try:
             if blob is None:

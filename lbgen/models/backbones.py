@@ -134,43 +134,75 @@ def load_exported(path: Path, num_classes: int | None = None) -> torch.nn.Module
     return timm.create_model(meta["model"], pretrained=True, num_classes=n, pretrained_cfg_overlay=overlay)
 
 
-def _from_export(spec: str, seed: int) -> Backbone:
+def _from_export(spec: str, seed: int, num_classes: int | None) -> Backbone:
     meta, _ = read_meta(Path(spec))
-    return Backbone(spec, load_exported(Path(spec), num_classes=0), meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["crop_pct"])
+    model = load_exported(Path(spec), num_classes=num_classes)
+    return Backbone(spec, model, meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["crop_pct"])
 
 
-def _random(spec: str, seed: int) -> Backbone:
+def _random(spec: str, seed: int, num_classes: int | None) -> Backbone:
     """`random:<timm name>`: random initialisation, seeded: the no-pre-training baseline."""
     import timm
 
     name = spec.split(":", 1)[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "random-backbone", name))
-        model = _create(timm, name, pretrained=False)
+        model = _create(timm, name, pretrained=False, num_classes=num_classes)
     return Backbone(spec, model, 224, IMAGENET_MEAN, IMAGENET_STD, 0.875)
 
 
-def _timm(spec: str, seed: int) -> Backbone:
-    """`timm:<name>`: timm's own pretrained weights (hub or cache), e.g. the real-ImageNet reference."""
+def _timm(spec: str, seed: int, num_classes: int | None) -> Backbone:
+    """`timm:<name>`: timm's own pretrained weights (hub or cache), e.g. published real-ImageNet weights."""
     import timm
 
-    model = _create(timm, spec.split(":", 1)[1], pretrained=True)
+    model = _create(timm, spec.split(":", 1)[1], pretrained=True, num_classes=num_classes)
     cfg = model.pretrained_cfg
     return Backbone(spec, model, cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("crop_pct", 0.875))
 
 
-def _create(timm, name: str, pretrained: bool) -> torch.nn.Module:
+def _create(timm, name: str, pretrained: bool, num_classes: int | None) -> torch.nn.Module:
     if not timm.is_model(name):
         raise BackboneError(f"unknown timm model {name!r}")
-    return timm.create_model(name, pretrained=pretrained, num_classes=0)
+    head = {} if num_classes is None else {"num_classes": num_classes}  # None: the model's own classifier
+    return timm.create_model(name, pretrained=pretrained, **head)
 
 
 # Spec prefix -> loader; anything without a known prefix is a `lbgen pretrain` export.
 LOADERS = {"random": _random, "timm": _timm}
 
 
-def load_backbone(spec: str, seed: int = 0) -> Backbone:
-    """A feature backbone from `spec`: an export dir / model.json, `random:<timm name>` or `timm:<timm name>`."""
+def load_backbone(spec: str, seed: int = 0, classifier: bool = False) -> Backbone:
+    """A backbone from `spec`: an export (dir, model.json or weights file), `random:<timm name>` or `timm:<timm name>`.
+
+    Without `classifier` its head is removed (pooled features out); with it, the model keeps the
+    classifier it was trained with (logits over `backbone_classes(spec)`).
+    """
     prefix = spec.split(":", 1)[0] if ":" in spec else None
     loader = LOADERS.get(prefix, _from_export)
-    return loader(spec, seed)
+    return loader(spec, seed, None if classifier else 0)
+
+
+def backbone_classes(spec: str) -> list[str]:
+    """The class ids of `spec`'s classifier outputs, in output order, read without loading weights.
+
+    An export's come from its model.json; `timm:NAME` weights with 1000 outputs are ImageNet-1k's, in
+    the order of the shipped `imagenet1k` table (WordNet ids, the order of timm's and torchvision's heads).
+    """
+    prefix = spec.split(":", 1)[0] if ":" in spec else None
+    if prefix is None:
+        meta, _ = read_meta(Path(spec))
+        return [str(c["class_id"]) for c in meta.get("classes", [])]
+    if prefix == "timm":
+        import timm
+
+        name = spec.split(":", 1)[1]
+        if not timm.is_model(name):
+            raise BackboneError(f"unknown timm model {name!r}")
+        outputs = timm.models.get_pretrained_cfg(name).num_classes if timm.models.get_pretrained_cfg(name) else None
+        if outputs == 1000:
+            from lbgen.data.classes import load_class_table
+
+            return list(load_class_table("imagenet1k").ids)
+        raise BackboneError(f"backbone {spec}: its {outputs} outputs are not ImageNet-1k's 1000; no class ids are known for them")
+    raise BackboneError(f"backbone {spec}: a random initialisation has no classifier to apply; "
+                        f"give a `lbgen pretrain` export or timm:<name>")

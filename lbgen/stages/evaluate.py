@@ -10,14 +10,14 @@ subsets for every backbone:
   (AdamW, warm-up + cosine, label smoothing 0.1, random resized crop + flip).
 ImageNet-9-style sets (`bias`) get a linear classifier fitted on original/train and
 the background gap (`lbgen.method.bias`). Outputs: `results.json` (every record, what the report
-reads), `results.csv`, `results.md`, `accuracy_vs_fraction.png` (and `bias.csv` when bias sets are given).
+reads), `results.csv`, `results.md`, `accuracy_vs_fraction.png` (and `bias.csv` when bias sets are given;
+see `lbgen.data.results`). The `classify` protocol (`lbgen.stages.classify`) applies each backbone's own
+classifier to real images of its classes instead, and writes `classify.csv` and `classify_per_class.csv`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,6 +28,18 @@ from torch import nn
 
 from lbgen.config import Config, from_dict, require_local, to_yaml
 from lbgen.data.downstream import ImageFolderImages, TransformedImages, open_downstream
+from lbgen.data.results import (
+    BIAS_FIELDS,
+    CLASSIFY_FIELDS,
+    PER_CLASS_FIELDS,
+    RESULT_FIELDS,
+    RESULTS_JSON,
+    per_class_rows,
+    plot_results,
+    results_markdown,
+    write_csv,
+    write_results,
+)
 from lbgen.data.torchvision_sets import is_torchvision
 from lbgen.data.transforms import ImageTransform, normalize
 from lbgen.method.bias import accuracy, background_gap, in9_folders
@@ -37,9 +49,6 @@ from lbgen.stages.protocols import load_protocol
 
 log = logging.getLogger(__name__)
 
-RESULT_FIELDS = ("backbone", "dataset", "protocol", "fraction", "train_images", "accuracy", "l2", "seconds")
-BIAS_FIELDS = ("backbone", "dataset", "original", "mixed_same", "mixed_rand", "bg_gap")
-RESULTS_JSON = "results.json"
 FINETUNE_CROP_SCALE = (0.25, 1.0)  # the fixed fine-tuning recipe's crop range
 
 
@@ -186,7 +195,30 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class LinearProtocol:
+class SweepProtocol:
+    """A protocol trained on each stratified subset of a set's train split and scored on its eval split:
+    one result row per fraction. Subclasses give `accuracy(indices)`."""
+
+    section = "results"  # where results.json keeps its records
+
+    @classmethod
+    def run(cls, cfg: Config, spec: str, dataset: str, device) -> list[dict]:
+        ev = cfg.evaluate
+        train_set, test_set = open_downstream(dataset, ev.data_root)
+        protocol = cls(spec, train_set, test_set, cfg, device)
+        rows = []
+        for fraction in ev.fractions:
+            started = time.perf_counter()
+            indices = stratified_subset(train_set.targets, fraction, cfg.seed)
+            acc, l2 = protocol.accuracy(indices)
+            rows.append({
+                "backbone": spec, "dataset": dataset_name(dataset), "protocol": ev.protocol, "fraction": fraction,
+                "train_images": len(indices), "accuracy": round(acc, 2), "l2": l2, "seconds": round(time.perf_counter() - started, 2),
+            })
+        return rows
+
+
+class LinearProtocol(SweepProtocol):
     """Features of the frozen backbone, extracted once; one linear probe per training subset."""
 
     def __init__(self, spec: str, train_set, test_set, cfg: Config, device):
@@ -205,7 +237,7 @@ class LinearProtocol:
         return accuracy(probe.predict(self.test_x), self.test_y.numpy()), probe.l2
 
 
-class FinetuneProtocol:
+class FinetuneProtocol(SweepProtocol):
     """The whole backbone and a new head fine-tuned afresh on each training subset."""
 
     def __init__(self, spec: str, train_set, test_set, cfg: Config, device):
@@ -223,22 +255,9 @@ def dataset_name(dataset: str) -> str:
 
 
 def evaluate_pair(config: dict, spec: str, dataset: str) -> list[dict]:
-    """All fractions of one backbone on one downstream set: a list of result rows."""
+    """The records of one backbone on one set under the configured protocol."""
     cfg = from_dict(Config, config)
-    ev = cfg.evaluate
-    train_set, test_set = open_downstream(dataset, ev.data_root)
-    name = dataset_name(dataset)
-    protocol = load_protocol(ev.protocol)(spec, train_set, test_set, cfg, _device())
-    rows = []
-    for fraction in ev.fractions:
-        started = time.perf_counter()
-        indices = stratified_subset(train_set.targets, fraction, cfg.seed)
-        acc, l2 = protocol.accuracy(indices)
-        rows.append({
-            "backbone": spec, "dataset": name, "protocol": ev.protocol, "fraction": fraction, "train_images": len(indices),
-            "accuracy": round(acc, 2), "l2": l2, "seconds": round(time.perf_counter() - started, 2),
-        })
-    return rows
+    return load_protocol(cfg.evaluate.protocol).run(cfg, spec, dataset, _device())
 
 
 def bias_pair(config: dict, spec: str, root: str) -> dict:
@@ -264,103 +283,6 @@ def bias_pair(config: dict, spec: str, root: str) -> dict:
     return {"backbone": spec, "dataset": Path(root).name, **{k: round(v, 2) for k, v in gap.items()}}
 
 
-# ---------------------------------------------------------------- outputs
-
-
-def _fmt_fraction(f: float) -> str:
-    return f"{f * 100:g}%"
-
-
-def write_csv(rows: list[dict], path: Path, fields) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fields))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def averages(rows: list[dict]) -> dict[str, dict[float, float]]:
-    """backbone -> fraction -> mean accuracy over datasets."""
-    table: dict[str, dict[float, list[float]]] = {}
-    for row in rows:
-        table.setdefault(row["backbone"], {}).setdefault(row["fraction"], []).append(row["accuracy"])
-    return {b: {f: float(np.mean(v)) for f, v in per.items()} for b, per in table.items()}
-
-
-def write_results(rows: list[dict], bias_rows: list[dict], protocol: str, path: Path) -> None:
-    """`results.json`: the protocol, one record per backbone x dataset x fraction (`RESULT_FIELDS`), one per
-    backbone x bias set (`BIAS_FIELDS`)."""
-    data = {"protocol": protocol, "results": [{k: r[k] for k in RESULT_FIELDS} for r in rows],
-            "bias": [{k: r[k] for k in BIAS_FIELDS} for r in bias_rows]}
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def read_results(path: Path) -> dict:
-    """What `write_results` wrote; a ValueError naming `path` when it is not that."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot be read ({err})") from None
-    ok = (isinstance(data, dict) and isinstance(data.get("protocol"), str)
-          and all(isinstance(data.get(key), list) and all(isinstance(r, dict) and set(fields) <= r.keys() for r in data[key])
-                  for key, fields in (("results", RESULT_FIELDS), ("bias", BIAS_FIELDS))))
-    if not ok:
-        raise ValueError(f"{path}: not an lbgen results file (protocol, results {RESULT_FIELDS}, bias {BIAS_FIELDS})")
-    return data
-
-
-def results_markdown(rows: list[dict], bias_rows: list[dict], protocol: str, level: int = 1) -> str:
-    """The report: one row per backbone x dataset x fraction, the average over datasets, the bias table.
-
-    `level`: the title's heading level (the run report nests these under its own headings).
-    """
-    fractions = sorted({r["fraction"] for r in rows})
-    h1, h2 = "#" * level, "#" * (level + 1)
-    lines = [f"{h1} Transfer results ({protocol} protocol)", "", "Top-1 accuracy (%) on each set's eval split.", "",
-             "| backbone | dataset | fraction | train images | accuracy | L2 |", "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        l2 = "" if r["l2"] is None else f"{r['l2']:g}"
-        lines.append(f"| {r['backbone']} | {r['dataset']} | {_fmt_fraction(r['fraction'])} | {r['train_images']} | {r['accuracy']:.2f} | {l2} |")
-    lines += ["", f"{h2} Average over datasets", "", "| backbone | " + " | ".join(_fmt_fraction(f) for f in fractions) + " |",
-              "|---|" + "---:|" * len(fractions)]
-    for backbone, per in averages(rows).items():
-        lines.append(f"| {backbone} | " + " | ".join(f"{per[f]:.2f}" for f in fractions) + " |")
-    if bias_rows:
-        lines += ["", f"{h2} Background gap (ImageNet-9 style; lower is less biased)", "",
-                  "| backbone | set | original | mixed_same | mixed_rand | BG_Gap |", "|---|---|---:|---:|---:|---:|"]
-        for r in bias_rows:
-            lines.append(f"| {r['backbone']} | {r['dataset']} | {r['original']:.2f} | {r['mixed_same']:.2f} | {r['mixed_rand']:.2f} | {r['bg_gap']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_results(rows: list[dict], path: Path) -> None:
-    """Accuracy vs. fraction: one panel per dataset plus the average, one line per backbone."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = sorted({r["dataset"] for r in rows})
-    panels = datasets + (["average"] if len(datasets) > 1 else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
-    means = averages(rows)
-    for ax, panel in zip(axes[0], panels):
-        for backbone in means:
-            if panel == "average":
-                points = sorted(means[backbone].items())
-            else:
-                points = sorted((r["fraction"], r["accuracy"]) for r in rows if r["backbone"] == backbone and r["dataset"] == panel)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backbone)
-        ax.set_xscale("log")
-        ax.set_title(panel)
-        ax.set_xlabel("fraction of training data")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- driver
 
 
@@ -382,10 +304,23 @@ def check_inputs(cfg: Config) -> None:
             read_meta(Path(spec))
         elif spec.split(":", 1)[0] not in ("random", "timm"):
             raise BackboneError(f"backbone {spec!r}: unknown prefix; use a pretrain output dir, random:<name> or timm:<name>")
-    for dataset in ev.downstream:
-        open_downstream(dataset, ev.data_root)
+    check_sets(cfg)
     for root in ev.bias:
         in9_folders(root)
+
+
+def check_sets(cfg: Config) -> None:
+    """Open every downstream set the way its protocol will; `classify` also maps each set's classes to each
+    backbone's and refuses those it lacks."""
+    from lbgen.stages.classify import check_pair
+
+    ev = cfg.evaluate
+    for dataset in ev.downstream:
+        if ev.protocol == "classify":
+            for spec in ev.backbone:
+                check_pair(spec, dataset)
+        else:
+            open_downstream(dataset, ev.data_root)
 
 
 def _run_all(fn, jobs: list[tuple], cfg: Config) -> list:
@@ -413,14 +348,19 @@ def evaluate(cfg: Config) -> Path:
     (output / "config.yaml").write_text(to_yaml(cfg))
 
     pairs = [(spec, dataset) for spec in ev.backbone for dataset in ev.downstream]
-    rows = [row for result in _run_all(evaluate_pair, pairs, cfg) for row in result]
+    records = [row for result in _run_all(evaluate_pair, pairs, cfg) for row in result]
+    sections = {"results": [], "classify": [], load_protocol(ev.protocol).section: records}
+    rows, classify = sections["results"], sections["classify"]
     bias_rows = _run_all(bias_pair, [(spec, root) for spec in ev.backbone for root in ev.bias], cfg)
 
-    write_results(rows, bias_rows, ev.protocol, output / RESULTS_JSON)  # before results.csv, the completion marker
+    write_results(rows, bias_rows, ev.protocol, output / RESULTS_JSON, classify)  # before results.csv, the completion marker
     if rows:
         write_csv(rows, output / "results.csv", RESULT_FIELDS)
         plot_results(rows, output / "accuracy_vs_fraction.png")
+    if classify:
+        write_csv(classify, output / "classify.csv", CLASSIFY_FIELDS)
+        write_csv(per_class_rows(classify), output / "classify_per_class.csv", PER_CLASS_FIELDS)
     if bias_rows:
         write_csv(bias_rows, output / "bias.csv", BIAS_FIELDS)
-    (output / "results.md").write_text(results_markdown(rows, bias_rows, ev.protocol))
+    (output / "results.md").write_text(results_markdown(rows, bias_rows, ev.protocol, classify=classify))
     return output

@@ -27,7 +27,8 @@ from torch import nn
 from lbgen.config import Config, ConfigError, PretrainConfig, from_dict, require_local, resumable_fields, to_yaml
 from lbgen.data import storage
 from lbgen.data.classes import load_class_table
-from lbgen.data.shards import RowFilter, ShardError, ShardSet, open_shards
+from lbgen.data.shards import RowFilter, ShardError
+from lbgen.data.sources import TrainingData, open_training_data
 from lbgen.data.transforms import ImageTransform, decode_batch, normalize
 from lbgen.models.backbones import export_backbone
 from lbgen.runtime import training
@@ -60,21 +61,11 @@ def image_transform(cfg: Config, train: bool) -> ImageTransform:
     return ImageTransform(pt.image_size, train, tuple(pt.crop_scale), tuple(pt.crop_ratio), pt.hflip, pt.crop_pct)
 
 
-def build_dataset(shards: ShardSet, cfg: Config, split: str):
-    """The Ray Dataset of `split` ("train": augmented, file order shuffled per epoch; "val": eval crops)."""
-    import ray.data
-
+def build_dataset(source: TrainingData, cfg: Config, split: str):
+    """The Ray Dataset of `split` ("train": augmented, read order shuffled per epoch; "val": eval crops)."""
     rows = row_filter(cfg)
     train = split == "train"
-    ds = ray.data.read_parquet(
-        shards.files, filesystem=shards.filesystem, columns=["image", "label", "index", *rows.score_columns()],
-        include_paths=True, shuffle="files" if train else None,
-    )
-    # Blocks of about `read_block_rows` rows (this dataset's context only): Ray's defaults make one
-    # block per ~128 MiB, so a small shard would decode in one task and stream nothing until done.
-    block_bytes = max(1, int(cfg.pretrain.read_block_rows * shards.bytes_per_row()))
-    ds.context.target_min_block_size = min(ds.context.target_min_block_size or block_bytes, block_bytes)
-    ds.context.target_max_block_size = block_bytes
+    ds = source.read(train, cfg.pretrain.read_block_rows, ["image", "label", "index", *rows.score_columns()])
     # One map stage after the read: Ray Data's per-operator reservations only idle CPUs here (on 2 CPUs the
     # decode tasks ran 1.44 at a time on average and their workers used 1.38 CPUs; 1.69 without; benchmarks/RESULTS.md).
     ds.context.op_resource_reservation_enabled = False
@@ -104,11 +95,33 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
+def create_backbone(pt: PretrainConfig, num_classes: int) -> nn.Module:
+    """The timm model `pt.model` with `num_classes` outputs, randomly initialised; built for `pt.image_size`
+    when its architecture fixes the input size (ViTs: timm's `fixed_input_size`), as export and load do."""
+    import timm
+
+    kwargs = {"num_classes": num_classes}
+    if pt.drop_path:
+        kwargs["drop_path_rate"] = pt.drop_path
+    pretrained_cfg = timm.models.get_pretrained_cfg(pt.model)
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        kwargs["img_size"] = pt.image_size
+    return timm.create_model(pt.model, pretrained=False, **kwargs)
+
+
+def peak_lr(pt: PretrainConfig) -> float:
+    """`pt.lr`, scaled to the global batch when it is given per `lr_base_batch` images."""
+    if pt.lr_base_batch is None:
+        return pt.lr
+    return pt.lr * pt.batch_size * pt.cluster.workers / pt.lr_base_batch
+
+
 class Pretrainer:
-    """One worker's pre-training state: timm model, optimiser, warm-up + cosine schedule; plain PyTorch."""
+    """One worker's pre-training state: timm model, optimiser, warm-up + cosine schedule, mixup/cutmix; plain PyTorch."""
 
     def __init__(self, cfg: Config, num_classes: int, steps_per_epoch: int, device="cpu", wrap: Callable = lambda m: m):
-        import timm
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
         from timm.scheduler import CosineLRScheduler
 
@@ -119,16 +132,19 @@ class Pretrainer:
         self.memory_format = torch.channels_last if on_gpu else torch.contiguous_format
         with torch.random.fork_rng(devices=[]):  # the same init on every rank and every run
             torch.manual_seed(derive_seed(cfg.seed, "pretrain", pt.model))
-            self.model = timm.create_model(pt.model, pretrained=False, num_classes=num_classes)
+            self.model = create_backbone(pt, num_classes)
         self.model.to(self.device, memory_format=self.memory_format)
         self.model_ddp = wrap(self.model)
-        self.optimizer = create_optimizer_v2(self.model, opt=pt.opt, lr=pt.lr, weight_decay=pt.weight_decay)
+        self.optimizer = create_optimizer_v2(self.model, opt=pt.opt, lr=peak_lr(pt), weight_decay=pt.weight_decay)
         warmup = round(pt.warmup_epochs * steps_per_epoch)
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=max(1, pt.epochs * steps_per_epoch - warmup), lr_min=pt.min_lr,
             warmup_t=warmup, warmup_lr_init=pt.warmup_lr, warmup_prefix=True, t_in_epochs=False,
         )
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=pt.label_smoothing)
+        # Mixup/CutMix mix the normalised batch and make soft targets (label smoothing included).
+        self.mixup = (Mixup(mixup_alpha=pt.mixup, cutmix_alpha=pt.cutmix, label_smoothing=pt.label_smoothing, num_classes=num_classes)
+                      if pt.mixup or pt.cutmix else None)
+        self.loss_fn = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=pt.label_smoothing)
         self.scaler = self.precision.grad_scaler()
         self.step = 0  # optimiser steps done, across resumes
 
@@ -141,8 +157,11 @@ class Pretrainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimiser step on a batch; returns the (detached) loss tensor without syncing the device."""
         self.model_ddp.train()
+        inputs, targets = self._inputs(images), labels.to(self.device, non_blocking=True)
+        if self.mixup:
+            inputs, targets = self.mixup(inputs, targets)
         with self.precision.autocast():
-            loss = self.loss_fn(self.model_ddp(self._inputs(images)), labels.to(self.device, non_blocking=True))
+            loss = self.loss_fn(self.model_ddp(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -251,11 +270,11 @@ def _absolute(cfg: Config) -> Config:
     return dataclasses.replace(cfg, pretrain=dataclasses.replace(pt, data=data, output=output))
 
 
-def check_data(cfg: Config) -> ShardSet:
-    """Check the shards of `cfg.pretrain.data` against the class table; count rows per split."""
+def check_data(cfg: Config) -> TrainingData:
+    """Check `cfg.pretrain.data` (shards, an ImageFolder or plain Parquet) against the class table; count rows per split."""
     pt = cfg.pretrain
     table = load_class_table(cfg.classes)
-    shards = open_shards(pt.data, table, row_filter(cfg), skip_bad=pt.skip_bad_shards)
+    shards = open_training_data(pt.data, table, row_filter(cfg), skip_bad=pt.skip_bad_shards)
     if shards.bad:
         log.warning("%d bad shard(s) skipped (--skip-bad-shards); first: %s", len(shards.bad), shards.bad[0])
     if steps_per_epoch(shards.train_rows, cfg) == 0:
@@ -266,7 +285,7 @@ def check_data(cfg: Config) -> ShardSet:
     return shards
 
 
-def check_inputs(cfg: Config) -> ShardSet:
+def check_inputs(cfg: Config) -> TrainingData:
     """The checked shards of `cfg`; refuses bad shards or an unusable output before any worker starts."""
     import timm
 
@@ -278,7 +297,7 @@ def check_inputs(cfg: Config) -> ShardSet:
     return check_data(_absolute(cfg))
 
 
-def pretrain(cfg: Config, shards: ShardSet | None = None) -> Path:
+def pretrain(cfg: Config, shards: TrainingData | None = None) -> Path:
     """Run (or resume) pre-training into `cfg.pretrain.output`; returns that directory.
 
     `shards`: what `check_inputs(cfg)` returned, when the caller has already checked
@@ -317,11 +336,9 @@ def pretrain(cfg: Config, shards: ShardSet | None = None) -> Path:
 
 def export_checkpoint(checkpoint: Path, cfg: Config, output: Path) -> Path:
     """Write `backbone.safetensors` + `model.json` into `output` from a training checkpoint."""
-    import timm
-
     pt = cfg.pretrain
     table = load_class_table(cfg.classes)
-    model = timm.create_model(pt.model, pretrained=False, num_classes=len(table))
+    model = create_backbone(pt, len(table))
     model.load_state_dict(load_file(checkpoint / MODEL_FILE))
     state = json.loads((checkpoint / STATE_FILE).read_text())
     return export_backbone(

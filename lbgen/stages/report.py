@@ -334,7 +334,7 @@ def pretrain_section(report: Report, directory: Path, cfg: ReportConfig) -> None
 
 
 def evaluate_section(report: Report, directory: Path, cfg: ReportConfig) -> None:
-    from lbgen.stages.evaluate import RESULTS_JSON, read_results, results_markdown
+    from lbgen.data.results import RESULTS_JSON, read_results, results_markdown
 
     report.add("## Transfer")
     path = directory / RESULTS_JSON
@@ -345,7 +345,7 @@ def evaluate_section(report: Report, directory: Path, cfg: ReportConfig) -> None
     except ValueError as err:
         raise ReportError(str(err)) from None
     # Rendered from the records, its headings under this section's.
-    report.add(results_markdown(results["results"], results["bias"], results["protocol"], level=3).strip())
+    report.add(results_markdown(results["results"], results["bias"], results["protocol"], level=3, classify=results["classify"]).strip())
     plot = directory / "accuracy_vs_fraction.png"
     if plot.exists():
         read_image(plot)  # a damaged plot is an error naming it, not a broken image in the page
