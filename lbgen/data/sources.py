@@ -181,9 +181,13 @@ def _is_image_folder(location: Location) -> bool:
 
 
 def _is_plain(files: list[Location]) -> bool:
-    """Parquet with image and label but without lbgen's class_id and index."""
-    with files[0].open_input() as handle:
-        names = pq.ParquetFile(handle).schema_arrow.names
+    """Parquet with image and label but without lbgen's class_id and index (a damaged file: not plain, so
+    that the shard checks name it)."""
+    try:
+        with files[0].open_input() as handle:
+            names = pq.ParquetFile(handle).schema_arrow.names
+    except Exception:  # noqa: BLE001  pyarrow raises several types for a damaged file
+        return False
     return {"image", "label"} <= set(names) and not {"class_id", "index"} & set(names)
 
 
