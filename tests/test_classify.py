@@ -56,8 +56,9 @@ def known_answer(tmp_path_factory):
     return export, root, {c: 100.0 * float(np.mean(h)) for c, h in per_class.items()}
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("layout", ["imagenet", "as-parquet"])
-def test_classify_gives_the_known_top1_top5_and_per_class_accuracy(known_answer, tmp_path, layout):
+def test_classify_gives_the_known_top1_top5_and_per_class_accuracy(ray_local, known_answer, tmp_path, layout):
     export, root, per_class = known_answer
     out = tmp_path / "eval"
     assert main(["evaluate", "--preset", "tiny", "--protocol", "classify", "--backbone", str(export / "backbone.safetensors"),
