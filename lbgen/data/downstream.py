@@ -11,7 +11,7 @@ import torch
 
 from lbgen.data.shapes import KINDS, SHAPE_CLASSES, make_downstream, render_shape  # noqa: F401  (the procedural sets)
 from lbgen.data.torchvision_sets import is_torchvision, open_torchvision
-from lbgen.data.transforms import ImageTransform, decode_pixels, transform_pixels
+from lbgen.data.transforms import ImageTransform, decode_pixels, image_blobs, transform_pixels
 from lbgen.errors import DownstreamError  # noqa: F401  (raised here; defined with the others)
 
 EVAL_SPLITS = ("test", "val", "validation")
@@ -45,7 +45,6 @@ class ParquetImages:
 
     def __init__(self, files: list[Path]):
         import pyarrow as pa
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         tables = []
@@ -56,8 +55,7 @@ class ParquetImages:
                 raise DownstreamError(f"{f}: not a Parquet file with image and label columns ({err})") from None
             tables.append(table)
         table = pa.concat_tables(tables, promote_options="permissive")
-        images = table.column("image")
-        self.blobs = (pc.struct_field(images, "bytes") if pa.types.is_struct(images.type) else images).to_pylist()
+        self.blobs = image_blobs(table.column("image"))
         self.targets = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
         self.classes = [str(i) for i in range(int(self.targets.max()) + 1)] if len(self.targets) else []
 

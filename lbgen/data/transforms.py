@@ -120,6 +120,11 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - mean) / std
 
 
+def image_blobs(column) -> list:
+    """The encoded images of an `image` column: a struct with `bytes` (the Hugging Face Image convention) or plain binary."""
+    return (pc.struct_field(column, "bytes") if pa.types.is_struct(column.type) else column).to_pylist()
+
+
 def decode_batch(table: pa.Table, spec: ImageTransform, rows: RowFilter, split: str, seed=None) -> dict[str, np.ndarray]:
     """A Ray Data batch of shard rows -> {"image": (B, S, S, 3) uint8, "label": (B,) int64} of `split`'s rows.
 
@@ -130,8 +135,7 @@ def decode_batch(table: pa.Table, spec: ImageTransform, rows: RowFilter, split: 
     table = table.filter(pa.array(rows.mask(table, split)))
     images = np.empty((table.num_rows, spec.size, spec.size, 3), dtype=np.uint8)
     rng = np.random.default_rng(seed)
-    column = table.column("image")  # a struct with bytes (the Hugging Face Image convention), or plain binary
-    data = (pc.struct_field(column, "bytes") if pa.types.is_struct(column.type) else column).to_pylist()
+    data = image_blobs(table.column("image"))
     for i, blob in enumerate(data):
         try:
             if blob is None:

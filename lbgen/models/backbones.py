@@ -198,7 +198,8 @@ def backbone_classes(spec: str) -> list[str]:
         name = spec.split(":", 1)[1]
         if not timm.is_model(name):
             raise BackboneError(f"unknown timm model {name!r}")
-        outputs = timm.models.get_pretrained_cfg(name).num_classes if timm.models.get_pretrained_cfg(name) else None
+        pretrained_cfg = timm.models.get_pretrained_cfg(name)
+        outputs = pretrained_cfg.num_classes if pretrained_cfg else None
         if outputs == 1000:
             from lbgen.data.classes import load_class_table
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lbgen.data.downstream import EVAL_SPLITS, ImageFolderImages, TransformedImages
-from lbgen.data.transforms import decode_pixels, normalize
+from lbgen.data.transforms import decode_pixels, image_blobs, normalize
 from lbgen.errors import DownstreamError
 from lbgen.models.backbones import backbone_classes, load_backbone
 
@@ -29,15 +29,13 @@ class KeyedParquetImages:
 
     def __init__(self, files: list[Path]):
         import pyarrow as pa
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         try:
             table = pa.concat_tables([pq.read_table(f, columns=["image", "class_id"]) for f in files], promote_options="permissive")
         except Exception as err:  # damaged file or missing columns
             raise DownstreamError(f"{files[0].parent}: not Parquet files with image and class_id columns ({err})") from None
-        images = table.column("image")
-        self.blobs = (pc.struct_field(images, "bytes") if pa.types.is_struct(images.type) else images).to_pylist()
+        self.blobs = image_blobs(table.column("image"))
         ids = [str(c) for c in table.column("class_id").to_pylist()]
         self.classes = sorted(set(ids))
         position = {c: i for i, c in enumerate(self.classes)}
@@ -71,9 +69,11 @@ def class_map(images, known: list[str], where: str, spec: str) -> np.ndarray:
     return np.asarray([position[c] for c in images.classes], dtype=np.int64)
 
 
-def check_pair(spec: str, dataset: str) -> None:
-    """Refuse, before anything runs, a set naming classes outside the backbone's table."""
-    class_map(open_keyed(dataset), backbone_classes(spec), dataset, spec)
+def check_set(dataset: str, specs: list[str]) -> None:
+    """Refuse, before anything runs, a set naming classes outside any backbone's table (the set is read once)."""
+    images = open_keyed(dataset)
+    for spec in specs:
+        class_map(images, backbone_classes(spec), dataset, spec)
 
 
 @torch.no_grad()

@@ -312,13 +312,12 @@ def check_inputs(cfg: Config) -> None:
 def check_sets(cfg: Config) -> None:
     """Open every downstream set the way its protocol will; `classify` also maps each set's classes to each
     backbone's and refuses those it lacks."""
-    from lbgen.stages.classify import check_pair
+    from lbgen.stages.classify import check_set
 
     ev = cfg.evaluate
     for dataset in ev.downstream:
         if ev.protocol == "classify":
-            for spec in ev.backbone:
-                check_pair(spec, dataset)
+            check_set(dataset, ev.backbone)
         else:
             open_downstream(dataset, ev.data_root)
 
