@@ -89,16 +89,8 @@ class ShardSet:
         about `block_rows` rows."""
         import ray.data
 
-        # Ray Data's V2 Parquet reader starts 32 footer-reading actors, each a new process, every time the
-        # read executes: each epoch of each split. The shards are known and checked already, so the V1
-        # reader, which reads the footers in its read tasks, does the same work without those processes.
-        context = ray.data.DataContext.get_current()
-        use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
-        try:
-            ds = ray.data.read_parquet(self.files, filesystem=self.filesystem, columns=columns, include_paths=True,
-                                       shuffle="files" if train else None)
-        finally:
-            context.use_datasource_v2 = use_v2
+        ds = ray.data.read_parquet(self.files, filesystem=self.filesystem, columns=columns, include_paths=True,
+                                   shuffle="files" if train else None)
         # This dataset's context only: Ray's defaults make one block per ~128 MiB, so a small shard would
         # decode in one task and stream nothing until done.
         block_bytes = max(1, int(block_rows * self.bytes_per_row()))
