@@ -36,6 +36,8 @@ def sample(hz: int) -> dict[tuple[str, str], tuple[str, float]]:
 
 
 def kind(cmdline: str, own: str) -> str:
+    if cmdline.startswith("ray::") and "Agent" not in cmdline:  # a worker names itself after what it last ran
+        return "Ray worker " + cmdline.split()[0].split(".")[0]
     return next((k for k in KINDS if k in cmdline), "the command" if own in cmdline else "other")
 
 
@@ -53,7 +55,8 @@ def main() -> None:
     while proc.poll() is None:
         for key, (cmdline, cpu) in sample(hz).items():
             first.setdefault(key, before[key][1] if key in before else 0.0)  # CPU it had used before the command
-            last[key] = (cmdline, cpu)
+            # A process that has exited but not been reaped reads an empty command line: keep the last one.
+            last[key] = (cmdline or last.get(key, ("", 0.0))[0], cpu)
         time.sleep(0.3)
     wall = time.perf_counter() - started
     totals = collections.defaultdict(lambda: [0, 0.0])
@@ -64,6 +67,8 @@ def main() -> None:
             entry[0] += 1
             entry[1] += used
     print(f"exit {proc.returncode}, wall {wall:.1f} s")
+    workers = [entry for name, entry in totals.items() if name.startswith(("Ray worker", "default_worker"))]
+    print(f"{sum(c for _, c in workers):8.1f} CPU-s  {sum(n for n, _ in workers):4d} processes  all Ray workers")
     for name, (count, cpu) in sorted(totals.items(), key=lambda item: -item[1][1]):
         print(f"{cpu:8.1f} CPU-s  {count:4d} processes  {name}")
 

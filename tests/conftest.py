@@ -23,6 +23,42 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
+SCENARIOS = pytest.StashKey()
+
+
+def pytest_collection_finish(session):
+    """Start the simulated-cluster scenarios that the selected tests read (`@pytest.mark.scenario(NAME)`)."""
+    names = list(dict.fromkeys(mark.args[0] for item in session.items for mark in item.iter_markers("scenario")))
+    if names:
+        from sim_cluster import Scenarios
+
+        session.config.stash[SCENARIOS] = Scenarios(names)
+
+
+def pytest_sessionfinish(session):
+    if SCENARIOS in session.config.stash:
+        session.config.stash[SCENARIOS].close()
+
+
+@pytest.fixture
+def scenario(request) -> dict:
+    """The result of the test's simulated-cluster scenario, waiting for it to finish."""
+    return request.config.stash[SCENARIOS].result(request.node.get_closest_marker("scenario").args[0])
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """A test that sets torch's thread count (process-wide) leaves the rest of the session at its own:
+    an in-process generation actor sets 1, and every later in-process test then ran on one core."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    yield
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster (2 CPUs) for the whole session."""
@@ -33,7 +69,8 @@ def ray_local():
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
     if ray.is_initialized():  # started by an earlier in-process CLI run: its workers cannot import the test modules
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    # "local": a new Ray, never a cluster that another process of the session started and left to be found.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,17 +11,7 @@ from sim_cluster import generate_config
 
 from lbgen.data.reader import inspect_dataset
 
-HERE = Path(__file__).resolve().parent
-
 pytestmark = pytest.mark.slow
-
-
-def run_scenario(name: str, tmp_path: Path) -> dict:
-    result = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(HERE / "sim_cluster.py"), name, str(result)], capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(result.read_text())
 
 
 def expected_rows(classes: str) -> dict:
@@ -46,8 +34,9 @@ def expected_rows(classes: str) -> dict:
     return {(int(l), int(i)): (p, b) for l, i, p, b in zip(batch["label"], batch["index"], made["pixels"], encoded["image_bytes"])}
 
 
-def test_a_worker_node_killed_mid_generation_loses_nothing(tmp_path):
-    found = run_scenario("generate-node-loss", tmp_path)
+@pytest.mark.scenario("generate-node-loss")
+def test_a_worker_node_killed_mid_generation_loses_nothing(scenario):
+    found = scenario
     cut = found["node_killed"]
     assert cut["nodes_before"] == 4 and cut["nodes_after"] == 3 and 1 <= cut["shards_before_kill"] < 12
     assert inspect_dataset(cut["output"]).ok  # every shard whole and listed, every (label, index) once
@@ -58,8 +47,9 @@ def test_a_worker_node_killed_mid_generation_loses_nothing(tmp_path):
     print(f"node loss: {json.dumps(found)}")
 
 
-def test_pretrain_across_two_nodes_survives_the_loss_of_one(tmp_path):
-    found = run_scenario("pretrain-node-loss", tmp_path)["pretrain"]
+@pytest.mark.scenario("pretrain-node-loss")
+def test_pretrain_across_two_nodes_survives_the_loss_of_one(scenario):
+    found = scenario["pretrain"]
     assert found["nodes_before"] == 4 and found["nodes_after"] == 3
     assert found["training_nodes"] == 2  # one DDP worker per 1-CPU node
     # Every epoch logged once, and the run after the kill started from a checkpoint, not from scratch.
@@ -70,8 +60,9 @@ def test_pretrain_across_two_nodes_survives_the_loss_of_one(tmp_path):
     print(f"pretrain node loss: {json.dumps(found)}")
 
 
-def test_the_autoscaler_launches_each_stage_its_node_type_from_zero_and_takes_them_back(tmp_path):
-    found = run_scenario("autoscaler", tmp_path)
+@pytest.mark.scenario("autoscaler")
+def test_the_autoscaler_launches_each_stage_its_node_type_from_zero_and_takes_them_back(scenario):
+    found = scenario
     generation_types = {"gpu-gen-g5", "gpu-gen-g6"}
     assert set(found["node_types"]) == generation_types | {"gpu-train-a100"}  # cluster.yaml's own
     assert found["worker_nodes_at_start"] == 0

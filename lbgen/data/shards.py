@@ -11,7 +11,9 @@ A `--data` entry is a local path or an object-store URI (`lbgen.data.storage`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,6 +30,12 @@ from lbgen.errors import ShardError  # noqa: F401  (raised here; defined with th
 from lbgen.runtime.seeds import derive_seed
 
 log = logging.getLogger(__name__)
+
+# Ray Data's Parquet reader lists files by reading their footers on a pool of actors it starts for every
+# read: 32 new worker processes by default, each epoch of each split. One actor reads 128 footers at
+# once, so one per thousand or so shards is plenty; $RAY_DATA_PARQUET_FOOTER_NUM_ACTORS still wins.
+FOOTER_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+SHARDS_PER_FOOTER_ACTOR = 1024
 
 # Columns pretrain needs, with the type family each must have; score columns only when filtered on.
 _KIND = {"integer": pa.types.is_integer, "floating": pa.types.is_floating, "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "boolean": pa.types.is_boolean}
@@ -89,8 +97,9 @@ class ShardSet:
         about `block_rows` rows."""
         import ray.data
 
-        ds = ray.data.read_parquet(self.files, filesystem=self.filesystem, columns=columns, include_paths=True,
-                                   shuffle="files" if train else None)
+        with footer_readers(min(32, 1 + len(self.files) // SHARDS_PER_FOOTER_ACTOR)):
+            ds = ray.data.read_parquet(self.files, filesystem=self.filesystem, columns=columns, include_paths=True,
+                                       shuffle="files" if train else None)
         # This dataset's context only: Ray's defaults make one block per ~128 MiB, so a small shard would
         # decode in one task and stream nothing until done.
         block_bytes = max(1, int(block_rows * self.bytes_per_row()))
@@ -102,6 +111,19 @@ class ShardSet:
         """Everything but the filesystem object, which is named by its type (`local`, `s3`, ...)."""
         fields = {k: v for k, v in asdict(self).items() if k != "filesystem"}
         return {**fields, "filesystem": self.filesystem.type_name}
+
+
+@contextmanager
+def footer_readers(actors: int) -> Iterator[None]:
+    """Ray Data reads the footer pool's size from the environment when `read_parquet` plans the read."""
+    if FOOTER_ENV in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ENV] = str(actors)
+    try:
+        yield
+    finally:
+        del os.environ[FOOTER_ENV]
 
 
 def find_shards(data: Iterable[str]) -> list[Location]:
