@@ -135,6 +135,9 @@ def _ddp_loop(config):
 
     cfg = from_dict(Config, config["cfg"])
     ctx = ray.train.get_context()
+    # One thread per worker, as finetune's own loop sets for a 1-CPU worker: two workers of torch's default
+    # two threads each on two cores made every step take five times the CPU.
+    torch.set_num_threads(1)
     ft = Finetuner(cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), wrap=ray.train.torch.prepare_model)
     for step in range(3):
         ft.train_step(step)

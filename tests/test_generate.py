@@ -233,32 +233,34 @@ def assert_manifest_matches_disk(output: Path) -> None:
         assert pq.read_metadata(output / "data" / name).num_rows == 2
 
 
-# One stratum of the run per case, the point inside it drawn from the case's seeded RNG: before any
-# shard (imports, Ray attach, output claimed, actors starting), among the first shards, among the last.
+# Three kills, one per stratum of a run, each at a point drawn from a seeded RNG: before any shard (imports,
+# Ray attach, output claimed, actors starting), among the first shards, among the last. Each kill lands in
+# the re-run of the run killed before it, so the later runs also resume from a killed run's leftovers.
+KILL_STRATA = [(0, 0), (1, 5), (6, 11)]  # shards on disk when the kill's clock starts
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("seed, shards_from, shards_to", [(0, 0, 0), (1, 1, 5), (2, 6, 11)])
-def test_driver_killed_at_random_points_resumes_to_the_same_dataset(seed, shards_from, shards_to, full_run, table_file,
-                                                                       tmp_path, ray_local):
-    """SIGKILL a real `lbgen generate` (attached to this Ray) at a seeded random point; no partial shard is ever
-    visible under a final name; the resumed dataset equals the uninterrupted run."""
+def test_driver_killed_at_random_points_resumes_to_the_same_dataset(full_run, table_file, tmp_path, ray_local):
+    """SIGKILL a real `lbgen generate` (attached to this Ray) at seeded random points, three times over; no
+    partial shard is ever visible under a final name; the resumed dataset equals the uninterrupted run."""
     output = tmp_path / "ds"
     cmd = [sys.executable, "-m", "lbgen.cli", "generate", "--preset", "tiny", "--classes", str(table_file),
            "--images-per-class", str(PER_CLASS), "--rows-per-shard", "2", "--row-group-rows", "2", "--batch-size", "2",
            "--output", str(output), "--address", ray_local.get_runtime_context().gcs_address]
-    rng = random.Random(seed)
-    new_shards = rng.randint(shards_from, shards_to)
-    delay = rng.uniform(0, 6) if new_shards == 0 else rng.uniform(0, 0.3)  # 0: seconds after the process start
-    started = time.time()
-    assert run_and_kill(cmd, output, new_shards, delay), "the run finished before the kill"
-    survived = len(final_shards(output))
-    print(f"seed {seed}: killed {delay:.2f}s after {new_shards} shard(s), {time.time() - started:.1f}s in: "
-          f"{survived}/12 shards on disk")
-    assert_manifest_matches_disk(output)
-    assert survived == 12 or not inspect_dataset(output).ok  # an incomplete dataset is reported as such
+    rng = random.Random(4)  # its last kill falls early in the last stratum: the final resume has shards to make
+    for shards_from, shards_to in KILL_STRATA:
+        new_shards = max(0, rng.randint(shards_from, shards_to) - len(final_shards(output)))
+        delay = rng.uniform(0, 6) if new_shards == 0 else rng.uniform(0, 0.3)  # 0: seconds after the process start
+        started = time.time()
+        assert run_and_kill(cmd, output, new_shards, delay), "the run finished before the kill"
+        survived = len(final_shards(output))
+        print(f"killed {delay:.2f}s after {new_shards} new shard(s), {time.time() - started:.1f}s in: {survived}/12 shards on disk")
+        assert_manifest_matches_disk(output)
+        assert survived == 12 or not inspect_dataset(output).ok  # an incomplete dataset is reported as such
 
     started = time.time()
     resumed = generate(tiny_cfg(table_file, output), show_progress=False)
-    print(f"seed {seed}: resumed {24 - 2 * survived} images in {time.time() - started:.1f}s")
+    print(f"resumed {24 - 2 * survived} images in {time.time() - started:.1f}s")
     assert resumed["throughput"]["images_this_run"] == 24 - 2 * survived  # only the missing shards
     assert not [p for p in output.rglob(".*")]  # no temp shard or manifest left behind
     assert_same_dataset(full_run[0], output)

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lbgen.data.images import IMAGE_SUFFIXES
 from lbgen.data.shapes import KINDS, SHAPE_CLASSES, make_downstream, render_shape  # noqa: F401  (the procedural sets)
 from lbgen.data.torchvision_sets import is_torchvision, open_torchvision
 from lbgen.data.transforms import ImageTransform, decode_pixels, image_blobs, transform_pixels
 from lbgen.errors import DownstreamError  # noqa: F401  (raised here; defined with the others)
 
 EVAL_SPLITS = ("test", "val", "validation")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 # ---------------------------------------------------------------- reading

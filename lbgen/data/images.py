@@ -10,6 +10,9 @@ import io
 # `generate.image_format` -> (PIL format, file extension of the image's `path`).
 IMAGE_FORMATS: dict[str, tuple[str, str]] = {"jpeg": ("JPEG", "jpg"), "png": ("PNG", "png"), "webp": ("WEBP", "webp")}
 
+# The file suffixes read as images in a folder of them (an ImageFolder tree, for pre-training or a downstream set).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
 
 def encode_images(batch: dict, image_format: str, quality: int) -> dict:
     """`pixels` (B, H, W, 3) uint8 -> encoded `image_bytes`, a file name `image_path`, `height`, `width`."""

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lbgen.data.classes import ClassTable
-from lbgen.data.downstream import IMAGE_SUFFIXES
+from lbgen.data.images import IMAGE_SUFFIXES
 from lbgen.data.shards import RowFilter, ShardSet, find_shards, open_shards
 from lbgen.data.storage import Location, locate
 from lbgen.errors import ShardError

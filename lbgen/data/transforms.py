@@ -10,6 +10,10 @@ uint8: normalisation happens on the training device (`normalize`), so the loader
 a quarter of the bytes that float32 would take. Random draws come from a numpy
 Generator passed in, never from a global RNG (torch's global seed is the same in every
 fresh Ray worker process).
+
+torch, torchvision and TorchCodec are imported by the functions that use them: Ray pickles
+`decode_batch` and its `ImageTransform` into Ray Train's controller and Ray Data's coordinator
+actors, which import this module to unpickle them but never decode (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -17,17 +21,17 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from PIL import Image
-from torchcodec.decoders import decode_image as codec_decode
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from lbgen.data.shards import RowFilter, ShardError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ def decode_pixels(data: bytes) -> torch.Tensor:
     frame of an animation); other formats (BMP, TIFF, ... in a downstream ImageFolder) and
     anything TorchCodec refuses through PIL, which also words the error for damaged data.
     """
+    import torch
+    from torchcodec.decoders import decode_image as codec_decode
+
     try:
         pixels = codec_decode(data, mode="RGB")
     except (ValueError, RuntimeError):
@@ -100,6 +107,9 @@ def center_box(width: int, height: int, crop_pct: float) -> tuple[int, int, int,
 
 def transform_pixels(pixels: torch.Tensor, spec: ImageTransform, rng: np.random.Generator) -> np.ndarray:
     """(3, H, W) uint8 -> (size, size, 3) uint8 after the train or eval recipe of `spec`."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
     _, height, width = pixels.shape
     if spec.train:
         left, top, right, bottom = random_resized_box(width, height, spec.crop_scale, spec.crop_ratio, rng)
@@ -114,6 +124,8 @@ def transform_pixels(pixels: torch.Tensor, spec: ImageTransform, rng: np.random.
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, normalised; runs where `images` lives."""
+    import torch
+
     x = images.permute(0, 3, 1, 2).float().div_(255)
     mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1)
     std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1)
