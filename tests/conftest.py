@@ -29,7 +29,7 @@ SCENARIOS = pytest.StashKey()
 def pytest_collection_finish(session):
     """Start the simulated-cluster scenarios that the selected tests read (`@pytest.mark.scenario(NAME)`)."""
     names = list(dict.fromkeys(mark.args[0] for item in session.items for mark in item.iter_markers("scenario")))
-    if names:
+    if names and not session.config.option.collectonly:
         from sim_cluster import Scenarios
 
         session.config.stash[SCENARIOS] = Scenarios(names)
