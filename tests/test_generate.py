@@ -250,7 +250,9 @@ def test_driver_killed_at_random_points_resumes_to_the_same_dataset(full_run, ta
     rng = random.Random(4)  # its last kill falls early in the last stratum: the final resume has shards to make
     for shards_from, shards_to in KILL_STRATA:
         new_shards = max(0, rng.randint(shards_from, shards_to) - len(final_shards(output)))
-        delay = rng.uniform(0, 6) if new_shards == 0 else rng.uniform(0, 0.3)  # 0: seconds after the process start
+        # Drawn by stratum, not by what is on disk, so the seed fixes every draw: seconds after the process
+        # start before any shard, a fraction of a second after the shards later.
+        delay = rng.uniform(0, 6) if shards_to == 0 else rng.uniform(0, 0.3)
         started = time.time()
         assert run_and_kill(cmd, output, new_shards, delay), "the run finished before the kill"
         survived = len(final_shards(output))
