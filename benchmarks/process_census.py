@@ -5,7 +5,7 @@ them. This samples /proc every 0.3 s while the command runs and sums, per kind o
 raylet, GCS, agents, the command itself), how many were seen and the CPU time each used while seen.
 Linux only; a process that lives less than one sample may be missed.
 
-    python benchmarks/process_census.py -- python tests/sim_cluster.py pretrain-node-loss /tmp/pnl/r.json
+    python benchmarks/process_census.py -- python tests/scenarios.py pretrain-node-loss /tmp/pnl/r.json
 """
 
 from __future__ import annotations

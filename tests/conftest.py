@@ -26,11 +26,16 @@ FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t1
 SCENARIOS = pytest.StashKey()
 
 
+def pytest_collection_modifyitems(items):
+    """The tests that read a background scenario run last: by then it has finished, and meanwhile it ran beside the others."""
+    items.sort(key=lambda item: item.get_closest_marker("scenario") is not None)  # stable: order kept otherwise
+
+
 def pytest_collection_finish(session):
-    """Start the simulated-cluster scenarios that the selected tests read (`@pytest.mark.scenario(NAME)`)."""
+    """Start the scenarios (tests/scenarios.py) that the selected tests read (`@pytest.mark.scenario(NAME)`)."""
     names = list(dict.fromkeys(mark.args[0] for item in session.items for mark in item.iter_markers("scenario")))
     if names and not session.config.option.collectonly:
-        from sim_cluster import Scenarios
+        from scenarios import Scenarios
 
         session.config.stash[SCENARIOS] = Scenarios(names)
 
@@ -42,7 +47,7 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture
 def scenario(request) -> dict:
-    """The result of the test's simulated-cluster scenario, waiting for it to finish."""
+    """The result of the test's scenario, waiting for it to finish."""
     return request.config.stash[SCENARIOS].result(request.node.get_closest_marker("scenario").args[0])
 
 

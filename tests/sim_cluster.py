@@ -1,13 +1,9 @@
 """Test helper: a simulated multi-node GPU cluster on this machine, and the scenarios run inside it.
 
 Each node is its own raylet (`ray.cluster_utils.Cluster`) declaring "GPUs" that Ray schedules like real
-ones; the `sleep:<ms>` generator stands in for the GPU model. A scenario runs in its own process
-(`python tests/sim_cluster.py SCENARIO OUT.json`): it starts its cluster, attaches, and stops exactly
-what it started, apart from any Ray the calling test session runs.
-
-A test session runs the scenarios its tests need one after another in the background from the moment
-collection ends (`Scenarios`, started by conftest), so that a scenario's waits on its stand-in GPUs
-and on node deaths overlap the other tests instead of adding to them.
+ones; the `sleep:<ms>` generator stands in for the GPU model. A scenario (tests/scenarios.py runs it in
+its own process) starts its cluster, attaches, and stops exactly what it started, apart from any Ray
+the calling test session runs.
 """
 
 from __future__ import annotations
@@ -16,11 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -143,8 +134,10 @@ def pretrain_node_loss(root: Path) -> dict:
         "cluster": {"workers": 2, "cpus_per_worker": 1, "use_gpu": False, "checkpoint_every": 1, "max_failures": 3}}})
     with simulated_cluster(workers=3, gpus_per_node=0, cpus_per_node=1) as (cluster, nodes):
         record = {"start": time.perf_counter(), "nodes_before": len([n for n in ray.nodes() if n["Alive"]])}
-        watcher = kill_once_written(cluster, output / "checkpoints" / "checkpoint_*", partial(training_node, nodes, record),
-                                    record, "checkpoints_before_kill")
+        # Once Ray Train has registered the first checkpoint (its snapshot names it): a kill while a checkpoint
+        # directory is still being written rightly restarts from the one before, here from scratch.
+        watcher = kill_once_written(cluster, output / "checkpoints" / "checkpoint_manager_snapshot.json",
+                                    partial(training_node, nodes, record), record, "snapshots_before_kill")
         pretrain(cfg)
         record["seconds"] = round(time.perf_counter() - record.pop("start"), 2)
         watcher.join(timeout=1)
@@ -344,69 +337,5 @@ def autoscaler(root: Path) -> dict:
     return out
 
 
-class Scenarios:
-    """Scenarios run one after another, each in its own process, in a background thread; `result(name)`
-    waits for one. Each process gets its own Ray temp dir: a cluster it starts is then never the one a
-    plain `ray.init()` elsewhere in the session finds and attaches to."""
-
-    def __init__(self, names: list[str], timeout_s: float = 900):
-        self.root = Path(tempfile.mkdtemp(prefix="lbsim"))
-        self.timeout_s = timeout_s
-        self.done = {name: threading.Event() for name in names}
-        self.errors: dict[str, str] = {}
-        self.proc: subprocess.Popen | None = None
-        self.stopping = False
-        threading.Thread(target=self._run_all, daemon=True).start()
-
-    def _run_all(self) -> None:
-        for name, done in self.done.items():
-            if not self.stopping:
-                self._run(name)
-            done.set()
-
-    def _run(self, name: str) -> None:
-        out = self.root / name
-        out.mkdir()
-        # Short: Ray's socket paths (at most 107 bytes) lie under it.
-        env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(dir=self.root, prefix="")}
-        with open(out / "log.txt", "w") as log:
-            self.proc = subprocess.Popen([sys.executable, __file__, name, str(out / "result.json")], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
-            try:
-                code = self.proc.wait(timeout=self.timeout_s)
-            except subprocess.TimeoutExpired:
-                self._stop(self.proc)
-                code = f"timeout after {self.timeout_s:.0f} s"
-        if code != 0:
-            self.errors[name] = f"{name} exited {code}:\n" + (out / "log.txt").read_text()[-3000:]
-
-    def result(self, name: str) -> dict:
-        """The scenario's result, once it has finished; AssertionError with its log's tail if it failed."""
-        if not self.done[name].wait(self.timeout_s * len(self.done)):
-            raise AssertionError(f"scenario {name} never finished")
-        assert name not in self.errors, self.errors[name]
-        return json.loads((self.root / name / "result.json").read_text())
-
-    def close(self) -> None:
-        """Stop a scenario still running (its cluster shut down by its own clean-up) and delete the outputs."""
-        self.stopping = True
-        if self.proc is not None and self.proc.poll() is None:
-            self._stop(self.proc)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    @staticmethod
-    def _stop(proc: subprocess.Popen) -> None:
-        proc.send_signal(signal.SIGINT)  # KeyboardInterrupt: the scenario's `finally` stops its cluster
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 SCENARIOS = {"generate-node-loss": generate_node_loss, "generate-node-loss-timed": partial(generate_node_loss, timed=True),
              "pretrain-node-loss": pretrain_node_loss, "autoscaler": autoscaler}
-
-if __name__ == "__main__":  # python tests/sim_cluster.py SCENARIO OUT.json
-    scenario, result = sys.argv[1], Path(sys.argv[2])
-    result.write_text(json.dumps(SCENARIOS[scenario](result.parent), indent=1))

@@ -49,6 +49,32 @@ def test_linear_probe_separates_separable_features_and_picks_l2_from_the_grid():
     assert (noise.predict(x[200:]) == shuffled[200:].numpy()).mean() < 0.55
 
 
+class CountedImages:
+    """An image set of 4 classes, each class a distinct colour plus noise, that records which images were read."""
+
+    def __init__(self, n: int, seed: int):
+        self.targets, self.classes, self.seed, self.read = np.arange(n) % 4, ["a", "b", "c", "d"], seed, set()
+
+    def pixels(self, i: int) -> torch.Tensor:
+        self.read.add(i)
+        g = torch.Generator().manual_seed(self.seed * 100_000 + i)
+        colour = torch.tensor([[60, 60, 60], [200, 60, 60], [60, 200, 60], [60, 60, 200]])[self.targets[i]]
+        return (colour[:, None, None] + torch.randint(-30, 30, (3, 32, 32), generator=g)).to(torch.uint8)
+
+
+def test_linear_protocol_embeds_only_the_images_its_subsets_train_on():
+    from lbgen.stages.evaluate import LinearProtocol
+
+    cfg = resolve("tiny", overrides={"evaluate": {"fractions": [0.1, 0.25]}})
+    train, test = CountedImages(400, seed=1), CountedImages(40, seed=2)
+    protocol = LinearProtocol("random:test_resnet", train, test, cfg, torch.device("cpu"))
+    largest = stratified_subset(train.targets, 0.25, cfg.seed)
+    assert train.read == set(largest.tolist()) and len(test.read) == 40  # 100 of the 400 train images
+    for fraction in (0.1, 0.25):
+        acc, _ = protocol.accuracy(stratified_subset(train.targets, fraction, cfg.seed))
+        assert acc > 90  # the probe trained on the subset's own features and labels: colours are separable
+
+
 # ---------------------------------------------------------------- end to end
 
 

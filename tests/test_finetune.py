@@ -152,7 +152,7 @@ def test_two_workers_keep_identical_lora(ray_local, tiny_cfg, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = tiny_cfg(finetune=dict(lr=0.05))
+    cfg = tiny_cfg(finetune=dict(lr=0.05, num_steps=2))  # 2 denoising steps, both with gradient
     TorchTrainer(
         _ddp_loop,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "out": str(tmp_path)},
@@ -171,8 +171,10 @@ def _weights(directory: Path) -> dict:
 
 # The fine-tuning every resume test compares with: 4 steps, a checkpoint every 2, in bf16 (the precision
 # real runs use), made by the CLI after a failed run into the same output (test_cli_finetune_end_to_end).
-REFERENCE = dict(max_steps=4, lr=0.05, sample_every=2, cluster=dict(checkpoint_every=2, mixed_precision="bf16"))
-REFERENCE_FLAGS = ["--max-steps", "4", "--lr", "0.05", "--sample-every", "2", "--checkpoint-every", "2",
+# Two denoising steps per image, both with gradient: resuming does not depend on the chain's length,
+# and the runs' sampling is most of their compute.
+REFERENCE = dict(max_steps=4, lr=0.05, sample_every=2, num_steps=2, cluster=dict(checkpoint_every=2, mixed_precision="bf16"))
+REFERENCE_FLAGS = ["--max-steps", "4", "--lr", "0.05", "--sample-every", "2", "--num-steps", "2", "--checkpoint-every", "2",
                    "--mixed-precision", "bf16"]
 
 
@@ -182,26 +184,32 @@ def _tiny_run(output: Path, max_steps: int = 4, **sections) -> Path:
     return finetune(resolve("tiny", overrides={"finetune": settings, **sections}))
 
 
-@pytest.fixture(scope="module")
-def failed_then_straight_run(ray_local, tmp_path_factory) -> tuple[Path, str]:
-    """A run refused for a missing generator, then the uninterrupted reference into the same output;
-    returns the output and the refusal's last line."""
+def resume_runs(root: Path) -> dict:
+    """Scenario `finetune-resume` (tests/scenarios.py), in its own process with its own Ray:
+    - the uninterrupted reference, made by the CLI after a run refused for a missing generator into the
+      same output;
+    - a run stopped after 2 steps, then re-run: it resumes from its step-2 checkpoint, and its worker dies
+      hard after step 3, which Ray Train restarts from the same checkpoint.
+    Returns the two outputs, the refusal's exit code and last line, and whether the worker died."""
     import contextlib
     import io
 
-    out = tmp_path_factory.mktemp("straight") / "ft"
+    from scenarios import local_ray
+
+    straight, resumed, marker = root / "straight", root / "resumed", root / "worker-died"
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(["finetune", "--preset", "tiny", "--generator", "nobody-xyz/no-such-model", "--output", str(out),
-                     "--max-steps", "1"])
-    assert code == 2
-    assert main(["finetune", "--preset", "tiny", "--output", str(out), *REFERENCE_FLAGS]) == 0
-    return out, err.getvalue().strip().splitlines()[-1]
+    with local_ray():
+        with contextlib.redirect_stderr(err):
+            code = main(["finetune", "--preset", "tiny", "--generator", "nobody-xyz/no-such-model", "--output", str(straight),
+                         "--max-steps", "1"])
+        assert main(["finetune", "--preset", "tiny", "--output", str(straight), *REFERENCE_FLAGS]) == 0
+        _tiny_run(resumed, max_steps=2)  # "stopped" after 2 steps
+        _tiny_run(resumed, fault=dict(point="finetune.step", after=1, marker=str(marker)))
+    return {"straight": str(straight), "refusal_code": code, "refusal": err.getvalue().strip().splitlines()[-1],
+            "resumed": str(resumed), "worker_died": marker.exists()}
 
 
-@pytest.fixture(scope="module")
-def straight_run(failed_then_straight_run) -> Path:
-    return failed_then_straight_run[0]
+SCENARIOS = {"finetune-resume": resume_runs}
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
@@ -214,16 +222,14 @@ def _logged_steps(output: Path) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.ray
-def test_stopped_run_resumes_and_a_killed_worker_restarts_from_the_checkpoint_equal_to_the_uninterrupted_run(straight_run, tmp_path):
+@pytest.mark.scenario("finetune-resume")
+def test_stopped_run_resumes_and_a_killed_worker_restarts_from_the_checkpoint_equal_to_the_uninterrupted_run(scenario):
     """Stopped after 2 steps, the run is re-run: it resumes from its step-2 checkpoint. In that resumed run the
     worker dies hard after step 3, and Ray Train restarts it from the same checkpoint. The result equals the
     uninterrupted run; a restart from scratch would log the warm-up twice."""
-    marker = tmp_path / "worker-died"
-    _tiny_run(tmp_path / "a", max_steps=2)  # "stopped" after 2 steps
-    resumed = _tiny_run(tmp_path / "a", fault=dict(point="finetune.step", after=1, marker=str(marker)))
-    assert marker.exists()  # the worker did die, after its first step: step 3
-    _assert_same_weights(resumed, straight_run)
+    resumed = Path(scenario["resumed"])
+    assert scenario["worker_died"]  # the worker did die, after its first step: step 3
+    _assert_same_weights(resumed, Path(scenario["straight"]))
     assert _logged_steps(resumed) == [None, 1, 2, 3, 4]  # warm-up line, then each step once
     assert (resumed / "samples" / "step-000004.png").exists()
 
@@ -239,9 +245,10 @@ def test_resume_refuses_other_settings(ray_local, tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.ray
-def test_cli_finetune_end_to_end_after_a_failed_run_into_the_same_output(failed_then_straight_run):
-    out, refusal = failed_then_straight_run
+@pytest.mark.scenario("finetune-resume")
+def test_cli_finetune_end_to_end_after_a_failed_run_into_the_same_output(scenario):
+    out, refusal = Path(scenario["straight"]), scenario["refusal"]
+    assert scenario["refusal_code"] == 2
     assert refusal.startswith("lbgen finetune: error: generator 'nobody-xyz/no-such-model' was not found")
     # The failed run bound nothing: the same output took a valid run.
     for name in (LORA_FILE, DISC_FILE, "config.yaml", "metrics.jsonl",

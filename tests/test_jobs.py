@@ -1,8 +1,9 @@
 """The Ray Jobs setup: the shipped `jobs/*.yaml` stage configs, and a real `ray job submit` round trip.
 
-The round trip starts its own Ray head (loopback dashboard, own temp dir and ports) in a process
-session of its own and stops exactly that head, never `ray stop`: other Ray clusters on the machine
-(the session's `ray_local` among them) are left alone, and this module never calls `ray.init`.
+The round trip (a scenario, tests/scenarios.py) starts its own Ray head (loopback dashboard, own temp dir
+and ports) in a process session of its own and stops exactly that head, never `ray stop`: other Ray
+clusters on the machine (the session's `ray_local` among them) are left alone, and this module never
+calls `ray.init`.
 """
 
 from __future__ import annotations
@@ -153,9 +154,9 @@ def _stop_head(head: subprocess.Popen, marker: bytes) -> list[int]:
     return _processes_marked(marker)
 
 
-@pytest.fixture
-def ray_head():
-    """A Ray head with the Jobs API on a loopback dashboard; yields the dashboard URL."""
+def start_head() -> tuple[subprocess.Popen, str, bytes, str]:
+    """A Ray head with the Jobs API on a loopback dashboard, in a process session of its own; returns the
+    process, its dashboard URL, the marker its processes' environment holds and its temp dir."""
     from ray.job_submission import JobSubmissionClient
 
     token = f"LBGEN_TEST_RAY_HEAD={uuid.uuid4().hex}"
@@ -177,50 +178,63 @@ def ray_head():
     with open(Path(temp_dir) / "head.log", "w") as log:  # the head keeps its own descriptor
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if head.poll() is not None:
-                log_tail = (Path(temp_dir) / "head.log").read_text()[-3000:]
-                pytest.fail(f"ray start exited with {head.returncode}:\n{log_tail}")
-            try:
-                JobSubmissionClient(url)
-                break
-            except Exception:  # the dashboard is not up yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        yield url
-    finally:
-        survivors = _stop_head(head, token.encode())
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not survivors, f"processes of the test's Ray head still alive: {survivors}"
+    deadline = time.monotonic() + 120
+    while True:
+        if head.poll() is not None:
+            log_tail = (Path(temp_dir) / "head.log").read_text()[-3000:]
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log_tail}")
+        try:
+            JobSubmissionClient(url)
+            return head, url, token.encode(), temp_dir
+        except Exception:  # the dashboard is not up yet
+            if time.monotonic() > deadline:
+                _stop_head(head, token.encode())
+                raise
+            time.sleep(1)
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform != "linux", reason="finds the head's processes through /proc")
-def test_submitted_generate_job_attaches_to_the_cluster_and_writes_shards(ray_head, tmp_path):
+def submitted_generate_job(root: Path) -> dict:
+    """Scenario `ray-job-submit` (tests/scenarios.py): the command of jobs/README.md, made small (2 images
+    x 10 classes, 2 shards, no LoRA), submitted to a head of its own, which is then stopped. Returns the
+    job's status and log tail, whether its driver registered with the head, the output and any process
+    of the head left alive."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    head, url, marker, temp_dir = start_head()
+    output = root / "generate"
+    try:
+        client = JobSubmissionClient(url)
+        job_id = client.submit_job(
+            entrypoint=f"lbgen generate --config jobs/generate-tiny.yaml --lora none --images-per-class 2 "
+                       f"--rows-per-shard 10 --output {output}",
+            runtime_env={"working_dir": str(REPO)},
+        )
+        deadline = time.monotonic() + 300
+        while not (status := client.get_job_status(job_id)).is_terminal() and time.monotonic() < deadline:
+            time.sleep(2)
+        record = {"succeeded": status == JobStatus.SUCCEEDED, "status": f"job {job_id} is {status}",
+                  "log_tail": client.get_job_logs(job_id)[-4000:],
+                  "driver_registered": client.get_job_info(job_id).driver_info is not None}
+    finally:
+        survivors = _stop_head(head, marker)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return {**record, "output": str(output), "survivors": survivors}
+
+
+SCENARIOS = {"ray-job-submit": submitted_generate_job}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the head's processes through /proc")
+@pytest.mark.scenario("ray-job-submit")
+def test_submitted_generate_job_attaches_to_the_cluster_and_writes_shards(scenario):
     from lbgen.data.reader import inspect_dataset
 
-    client = JobSubmissionClient(ray_head)
-    output = tmp_path / "generate"
-    # The command of jobs/README.md, made small: 2 images x 10 classes, 2 shards, no LoRA.
-    job_id = client.submit_job(
-        entrypoint=f"lbgen generate --config jobs/generate-tiny.yaml --lora none --images-per-class 2 "
-                   f"--rows-per-shard 10 --output {output}",
-        runtime_env={"working_dir": str(REPO)},
-    )
-    deadline = time.monotonic() + 300
-    while not (status := client.get_job_status(job_id)).is_terminal() and time.monotonic() < deadline:
-        time.sleep(2)
-    logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, f"job {job_id} is {status}:\n{logs[-4000:]}"
+    assert scenario["succeeded"], f"{scenario['status']}:\n{scenario['log_tail']}"
     # The driver registered with this head: the CLI attached through $RAY_ADDRESS instead of
     # starting a Ray of its own (whose driver the head would never see).
-    assert client.get_job_info(job_id).driver_info is not None
-    found = inspect_dataset(output)
+    assert scenario["driver_registered"]
+    found = inspect_dataset(scenario["output"])
     assert found.ok, found.defects
     assert (found.summary["rows"], found.summary["shards"]) == (20, "2/2")
+    assert not scenario["survivors"], f"processes of the test's Ray head still alive: {scenario['survivors']}"

@@ -24,7 +24,7 @@ from lbgen.stages.run import stage_configs
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (
-    "finetune: {max_steps: 2}\n"
+    "finetune: {max_steps: 2, num_steps: 2}\n"
     "generate: {images_per_class: 3, rows_per_shard: 5, row_group_rows: 5}\n"  # tiny10: 30 rows, 6 shards
     "pretrain: {epochs: 1, batch_size: 16}\n"
     "evaluate: {fractions: [1.0]}\n"
@@ -36,38 +36,36 @@ def run_args(out: Path, config: Path) -> list[str]:
     return ["run", "--preset", "tiny", "--output", str(out), "--config", str(config)]
 
 
-@pytest.fixture(scope="module")
-def small_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "small.yaml"
-    path.write_text(SMALL)
-    return path
+def killed_then_completed(root: Path) -> dict:
+    """Scenario `run-killed-then-completed` (tests/scenarios.py), in its own process with its own Ray:
+    a real `lbgen run` process SIGKILLed during generation, then the same command run to the end.
+
+    Returns the output, the config, and what the kill left: the shards visible and their rows, whether
+    pretrain had started and whether the dataset then passed `inspect`."""
+    from scenarios import local_ray
+
+    config, out = root / "small.yaml", root / "run"
+    config.write_text(SMALL)
+    with local_ray() as ray:
+        cmd = [sys.executable, "-m", "lbgen.cli", *run_args(out, config), "--address", ray.get_runtime_context().gcs_address]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        data, seen, deadline = out / "generate" / "data", set(), time.time() + 300
+        try:
+            while time.time() < deadline and proc.poll() is None and not seen:
+                seen = {p.name for p in data.glob("train-*.parquet")} if data.exists() else set()
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        at_kill = {"shards": sorted(seen), "pretrain_started": (out / "pretrain").exists(),
+                   "shard_rows": [pq.read_metadata(path).num_rows for path in data.glob("train-*.parquet")],
+                   "inspect_ok": inspect_dataset(out / "generate").ok}
+        code = main(run_args(out, config))
+    return {"output": str(out), "config": str(config), "at_kill": at_kill, "code": code}
 
 
-@pytest.fixture(scope="module")
-def killed_then_completed(ray_local, small_config, tmp_path_factory) -> Path:
-    """A real `lbgen run` process SIGKILLed during generation, then the same command run to the end.
-
-    At the kill, fine-tuning is done and generation under way: every shard visible is whole, pretrain
-    has not started and the dataset is incomplete."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    cmd = [sys.executable, "-m", "lbgen.cli", *run_args(out, small_config), "--address", ray_local.get_runtime_context().gcs_address]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    data, seen, deadline = out / "generate" / "data", set(), time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None and not seen:
-            seen = {p.name for p in data.glob("train-*.parquet")} if data.exists() else set()
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert seen and not (out / "pretrain").exists(), "the run was not killed during generation"
-    for path in data.glob("train-*.parquet"):
-        assert pq.read_metadata(path).num_rows == 5  # whole the moment it is visible
-    assert not inspect_dataset(out / "generate").ok
-
-    assert main(run_args(out, small_config)) == 0
-    return out
+SCENARIOS = {"run-killed-then-completed": killed_then_completed}
 
 
 class ReachedFinetune(Exception):
@@ -105,8 +103,16 @@ def test_run_checks_once_before_ray_and_hands_the_checked_table_on(tmp_path, mon
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_all_stages_then_skip_them(killed_then_completed, small_config, capsys):
-    out = killed_then_completed
+@pytest.mark.scenario("run-killed-then-completed")
+def test_run_all_stages_then_skip_them(scenario, ray_local, capsys):
+    """At the kill, fine-tuning was done and generation under way: every shard visible was whole, pretrain
+    had not started and the dataset was incomplete. The re-run went through every stage; a third run
+    skips them all."""
+    out, config, at_kill = Path(scenario["output"]), Path(scenario["config"]), scenario["at_kill"]
+    assert at_kill["shards"] and not at_kill["pretrain_started"], "the run was not killed during generation"
+    assert at_kill["shard_rows"] and set(at_kill["shard_rows"]) == {5}  # whole the moment it is visible
+    assert not at_kill["inspect_ok"]
+    assert scenario["code"] == 0
     for path in ("finetune/pytorch_lora_weights.safetensors", "generate/manifest.json", "downstream/train",
                  "pretrain/backbone.safetensors", "evaluate/results.md"):
         assert (out / path).exists(), path
@@ -126,7 +132,7 @@ def test_run_all_stages_then_skip_them(killed_then_completed, small_config, caps
     assert "Not run yet" not in report and report.count("| complete |") == 5
     assert (out / "report.html").read_text().count('src="data:image/png;base64,') == 7
     capsys.readouterr()
-    assert main(run_args(out, small_config)) == 0
+    assert main(run_args(out, config)) == 0
     log = capsys.readouterr().out
     for stage in ("finetune", "generate", "pretrain", "evaluate"):
         assert f"[{stage}] complete, skipped" in log
@@ -135,10 +141,11 @@ def test_run_all_stages_then_skip_them(killed_then_completed, small_config, caps
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_killed_during_generation_resumes_to_the_same_dataset(killed_then_completed, small_config, tmp_path):
+@pytest.mark.scenario("run-killed-then-completed")
+def test_run_killed_during_generation_resumes_to_the_same_dataset(scenario, ray_local, tmp_path):
     """The resumed run's dataset equals one `generate` makes uninterrupted with the same settings and LoRA."""
-    out = killed_then_completed
-    wired = stage_configs(resolve("tiny", small_config, {"run": {"output": str(out)}}))
+    out = Path(scenario["output"])
+    wired = stage_configs(resolve("tiny", scenario["config"], {"run": {"output": str(out)}}))
     reference = tmp_path / "reference"
     generate(dataclasses.replace(wired, generate=dataclasses.replace(wired.generate, output=str(reference))), show_progress=False)
     a, b = read_rows(reference), read_rows(out / "generate")

@@ -219,20 +219,22 @@ class SweepProtocol:
 
 
 class LinearProtocol(SweepProtocol):
-    """Features of the frozen backbone, extracted once; one linear probe per training subset."""
+    """Features of the frozen backbone, extracted once for the images some subset holds (the subsets are
+    nested: the largest fraction's; 1 % of a train split embeds 1 % of it); one linear probe per subset."""
 
     def __init__(self, spec: str, train_set, test_set, cfg: Config, device):
         ev = cfg.evaluate
         self.cfg, self.num_classes = cfg, len(train_set.classes)
         backbone = load_backbone(spec, cfg.seed)
         transform = eval_transform(backbone, ev.eval_image_size)
-        self.train_x = extract_features(backbone, TransformedImages(train_set, transform), ev.eval_batch_size, ev.loader_workers, device)
+        self.embedded = np.unique(np.concatenate([stratified_subset(train_set.targets, f, cfg.seed) for f in ev.fractions]))
+        self.train_x = extract_features(backbone, TransformedImages(train_set, transform, self.embedded), ev.eval_batch_size, ev.loader_workers, device)
         self.test_x = extract_features(backbone, TransformedImages(test_set, transform), ev.eval_batch_size, ev.loader_workers, device)
-        self.train_y, self.test_y = torch.from_numpy(train_set.targets), torch.from_numpy(test_set.targets)
+        self.train_y, self.test_y = torch.from_numpy(train_set.targets[self.embedded]), torch.from_numpy(test_set.targets)
 
     def accuracy(self, indices: np.ndarray) -> tuple[float, float | None]:
-        """Test accuracy (percent) of a probe fitted on `indices`, and its chosen L2."""
-        ev, idx = self.cfg.evaluate, torch.from_numpy(indices)
+        """Test accuracy (percent) of a probe fitted on `indices` (of the train split), and its chosen L2."""
+        ev, idx = self.cfg.evaluate, torch.from_numpy(np.searchsorted(self.embedded, indices))
         probe = fit_probe(self.train_x[idx], self.train_y[idx], self.num_classes, ev.probe_l2, ev.probe_max_iter, ev.probe_val_fraction, self.cfg.seed)
         return accuracy(probe.predict(self.test_x), self.test_y.numpy()), probe.l2
 
