@@ -2,7 +2,7 @@
 
 A scenario is a function of an output directory that returns a JSON-able record: a simulated cluster
 losing a node (tests/sim_cluster.py), a fine-tuning stopped, resumed and killed, a killed `lbgen run`
-re-run, a `ray job submit` to a head of its own. The tests that read one are marked `@pytest.mark.scenario(NAME)`; conftest starts the scenarios
+re-run, `lbgen generate` killed three times and resumed, a `ray job submit` to a head of its own. The tests that read one are marked `@pytest.mark.scenario(NAME)`; conftest starts the scenarios
 they need as soon as collection ends, one after another, each in its own process with its own Ray, and
 runs their readers last. Their waits (stand-in GPUs, node deaths, Ray start-ups) then overlap other tests
 instead of adding to them.
@@ -36,6 +36,7 @@ PROVIDERS = {
     "finetune-resume": "test_finetune",
     "run-killed-then-completed": "test_run",
     "ray-job-submit": "test_jobs",
+    "generate-driver-kills": "test_generate",
 }
 
 

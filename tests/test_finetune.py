@@ -15,6 +15,10 @@ from lbgen.stages.finetune import DISC_FILE, LORA_FILE, Finetuner, class_batch, 
 
 torch.set_num_threads(2)
 
+# Denoising steps per image in the optimisation tests: what they show does not depend on the chain's
+# length, and sampling is most of their compute.
+FEW_STEPS = 4
+
 
 def _backward_one_loss(ft: Finetuner, weights: dict) -> None:
     ft.loss_fn.w_en, ft.loss_fn.w_in, ft.loss_fn.lambda_q = weights["w_en"], weights["w_in"], weights["lambda_q"]
@@ -49,7 +53,7 @@ def _mean_eval(ft: Finetuner):
 
 @pytest.mark.slow
 def test_alignment_only_run_raises_clip_cosine_on_held_out_seeds(tiny_cfg):
-    ft = Finetuner(tiny_cfg(finetune=dict(w_en=0.0, w_in=1.0, lambda_q=0.0, lr=0.1, grad_clip=1e6)))
+    ft = Finetuner(tiny_cfg(finetune=dict(w_en=0.0, w_in=1.0, lambda_q=0.0, lr=0.1, grad_clip=1e6, num_steps=FEW_STEPS)))
     before, _ = _mean_eval(ft)
     for step in range(8):
         ft.train_step(step)
@@ -59,7 +63,7 @@ def test_alignment_only_run_raises_clip_cosine_on_held_out_seeds(tiny_cfg):
 
 
 def test_quality_only_run_raises_iqa_score(tiny_cfg):
-    ft = Finetuner(tiny_cfg(finetune=dict(w_en=0.0, w_in=0.0, lambda_q=1.0, lr=0.03, grad_clip=1e6)))
+    ft = Finetuner(tiny_cfg(finetune=dict(w_en=0.0, w_in=0.0, lambda_q=1.0, lr=0.03, grad_clip=1e6, num_steps=FEW_STEPS)))
     # The same batch and seeds every step: a pure optimisation of L_q on those images.
     scores = [ft.train_step(0)["iqa_score"] for _ in range(6)]
     print("L_q-only: IQA score per step", [round(s, 4) for s in scores])
@@ -69,7 +73,7 @@ def test_quality_only_run_raises_iqa_score(tiny_cfg):
 
 @pytest.mark.slow
 def test_discriminator_warmup_beats_chance(tiny_cfg):
-    ft = Finetuner(tiny_cfg(finetune=dict(d_warmup_passes=4, d_lr=1e-2)))
+    ft = Finetuner(tiny_cfg(finetune=dict(d_warmup_passes=4, d_lr=1e-2, num_steps=FEW_STEPS)))
 
     def held_out_accuracy():
         labels = torch.arange(len(ft.table))

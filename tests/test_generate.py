@@ -239,32 +239,52 @@ def assert_manifest_matches_disk(output: Path) -> None:
 KILL_STRATA = [(0, 0), (1, 5), (6, 11)]  # shards on disk when the kill's clock starts
 
 
-@pytest.mark.slow
-def test_driver_killed_at_random_points_resumes_to_the_same_dataset(full_run, table_file, tmp_path, ray_local):
-    """SIGKILL a real `lbgen generate` (attached to this Ray) at seeded random points, three times over; no
-    partial shard is ever visible under a final name; the resumed dataset equals the uninterrupted run."""
-    output = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "lbgen.cli", "generate", "--preset", "tiny", "--classes", str(table_file),
-           "--images-per-class", str(PER_CLASS), "--rows-per-shard", "2", "--row-group-rows", "2", "--batch-size", "2",
-           "--output", str(output), "--address", ray_local.get_runtime_context().gcs_address]
-    rng = random.Random(4)  # its last kill falls early in the last stratum: the final resume has shards to make
-    for shards_from, shards_to in KILL_STRATA:
-        new_shards = max(0, rng.randint(shards_from, shards_to) - len(final_shards(output)))
-        # Drawn by stratum, not by what is on disk, so the seed fixes every draw: seconds after the process
-        # start before any shard, a fraction of a second after the shards later.
-        delay = rng.uniform(0, 6) if shards_to == 0 else rng.uniform(0, 0.3)
-        started = time.time()
-        assert run_and_kill(cmd, output, new_shards, delay), "the run finished before the kill"
-        survived = len(final_shards(output))
-        print(f"killed {delay:.2f}s after {new_shards} new shard(s), {time.time() - started:.1f}s in: {survived}/12 shards on disk")
-        assert_manifest_matches_disk(output)
-        assert survived == 12 or not inspect_dataset(output).ok  # an incomplete dataset is reported as such
+def driver_kills(root: Path) -> dict:
+    """Scenario `generate-driver-kills` (tests/scenarios.py), in its own process with its own Ray: SIGKILL a
+    real `lbgen generate` at seeded random points, three times over (`KILL_STRATA`). Every 20 ms of each run,
+    and after each kill, it asserts that no partial shard is visible under a final name and that the manifest
+    matches the disk; then it resumes in-process. Returns the output, what each kill left and the resume."""
+    from scenarios import local_ray
 
-    started = time.time()
-    resumed = generate(tiny_cfg(table_file, output), show_progress=False)
-    print(f"resumed {24 - 2 * survived} images in {time.time() - started:.1f}s")
-    assert resumed["throughput"]["images_this_run"] == 24 - 2 * survived  # only the missing shards
-    assert not [p for p in output.rglob(".*")]  # no temp shard or manifest left behind
+    table, output = root / "six.txt", root / "ds"
+    table.write_text("".join(f"n{i:08d} {name}\n" for i, name in enumerate(CLASSES)))
+    kills = []
+    with local_ray() as ray:
+        cmd = [sys.executable, "-m", "lbgen.cli", "generate", "--preset", "tiny", "--classes", str(table),
+               "--images-per-class", str(PER_CLASS), "--rows-per-shard", "2", "--row-group-rows", "2", "--batch-size", "2",
+               "--output", str(output), "--address", ray.get_runtime_context().gcs_address]
+        rng = random.Random(4)  # its last kill falls early in the last stratum: the final resume has shards to make
+        for shards_from, shards_to in KILL_STRATA:
+            new_shards = max(0, rng.randint(shards_from, shards_to) - len(final_shards(output)))
+            # Drawn by stratum, not by what is on disk, so the seed fixes every draw: seconds after the process
+            # start before any shard, a fraction of a second after the shards later.
+            delay = rng.uniform(0, 6) if shards_to == 0 else rng.uniform(0, 0.3)
+            killed = run_and_kill(cmd, output, new_shards, delay)
+            assert_manifest_matches_disk(output)
+            kills.append({"new_shards": new_shards, "delay_s": round(delay, 2), "killed": killed,
+                          "shards_left": len(final_shards(output)), "inspect_ok": inspect_dataset(output).ok})
+        resumed = generate(tiny_cfg(table, output), show_progress=False)["throughput"]["images_this_run"]
+    return {"output": str(output), "kills": kills, "images_resumed": resumed,
+            "hidden_files_left": [str(p) for p in output.rglob(".*")]}
+
+
+SCENARIOS = {"generate-driver-kills": driver_kills}
+
+
+@pytest.mark.slow
+@pytest.mark.scenario("generate-driver-kills")
+def test_driver_killed_at_random_points_resumes_to_the_same_dataset(full_run, scenario):
+    """SIGKILL a real `lbgen generate` at seeded random points, three times over, each kill landing in the
+    re-run of the run killed before it; no partial shard is ever visible under a final name; the resumed
+    dataset equals the uninterrupted run."""
+    output = Path(scenario["output"])
+    for kill in scenario["kills"]:
+        print(f"killed {kill['delay_s']:.2f}s after {kill['new_shards']} new shard(s): {kill['shards_left']}/12 shards on disk")
+        assert kill["killed"], "the run finished before the kill"
+        assert kill["shards_left"] == 12 or not kill["inspect_ok"]  # an incomplete dataset is reported as such
+    survived = scenario["kills"][-1]["shards_left"]
+    assert scenario["images_resumed"] == 24 - 2 * survived  # only the missing shards
+    assert not scenario["hidden_files_left"]  # no temp shard or manifest left behind
     assert_same_dataset(full_run[0], output)
     assert cli_main(["inspect", str(output)]) == 0
 
