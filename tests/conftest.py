@@ -74,10 +74,10 @@ def ray_local():
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
     if ray.is_initialized():  # started by an earlier in-process CLI run: its workers cannot import the test modules
         ray.shutdown()
-    # "local": a new Ray, never a cluster that another process of the session started and left to be found.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    yield ray
-    ray.shutdown()
+    from scenarios import local_ray
+
+    with local_ray():
+        yield ray
 
 
 @pytest.fixture

@@ -2,9 +2,10 @@
 
 A scenario is a function of an output directory that returns a JSON-able record: a simulated cluster
 losing a node (tests/sim_cluster.py), a fine-tuning stopped, resumed and killed, a killed `lbgen run`
-re-run, `lbgen generate` killed three times and resumed, a `ray job submit` to a head of its own. The tests that read one are marked `@pytest.mark.scenario(NAME)`; conftest starts the scenarios
-they need as soon as collection ends, one after another, each in its own process with its own Ray, and
-runs their readers last. Their waits (stand-in GPUs, node deaths, Ray start-ups) then overlap other tests
+re-run, `lbgen generate` killed three times and resumed, a `ray job submit` to a head of its own. The
+tests that read one are marked `@pytest.mark.scenario(NAME)`; conftest starts the scenarios they need as
+soon as collection ends, one after another, each in its own process with its own Ray, and runs their
+readers last. Their waits (stand-in GPUs, node deaths, Ray start-ups) then overlap other tests
 instead of adding to them.
 
     python tests/scenarios.py SCENARIO OUT.json
@@ -46,7 +47,8 @@ def scenario_function(name: str):
 
 @contextmanager
 def local_ray():
-    """A local Ray of 2 CPUs for a scenario's process, as the test session's own (`ray_local`)."""
+    """A new local Ray of 2 CPUs (the test session's `ray_local`, a scenario's own): "local", never a
+    cluster that another process of the session started and left to be found."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)

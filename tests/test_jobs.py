@@ -8,6 +8,7 @@ calls `ray.init`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -136,7 +137,8 @@ def _processes_marked(marker: bytes) -> list[int]:
 
 def _stop_head(head: subprocess.Popen, marker: bytes) -> list[int]:
     """SIGTERM the head's process group, then SIGKILL whatever of it is left; returns survivors."""
-    os.killpg(head.pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):  # a head that exited by itself may have left no group
+        os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -179,18 +181,22 @@ def start_head() -> tuple[subprocess.Popen, str, bytes, str]:
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + 120
-    while True:
-        if head.poll() is not None:
-            log_tail = (Path(temp_dir) / "head.log").read_text()[-3000:]
-            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log_tail}")
-        try:
-            JobSubmissionClient(url)
-            return head, url, token.encode(), temp_dir
-        except Exception:  # the dashboard is not up yet
-            if time.monotonic() > deadline:
-                _stop_head(head, token.encode())
-                raise
-            time.sleep(1)
+    try:
+        while True:
+            if head.poll() is not None:
+                log_tail = (Path(temp_dir) / "head.log").read_text()[-3000:]
+                raise RuntimeError(f"ray start exited with {head.returncode}:\n{log_tail}")
+            try:
+                JobSubmissionClient(url)
+                return head, url, token.encode(), temp_dir
+            except Exception:  # the dashboard is not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+    except BaseException:  # a head that never came up leaves nothing behind either
+        _stop_head(head, token.encode())
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
 
 
 def submitted_generate_job(root: Path) -> dict:
