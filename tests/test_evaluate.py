@@ -151,6 +151,17 @@ def test_missing_backbone_is_a_one_line_error(downstream, tmp_path, capsys):
     assert code == 2 and "no model.json" in capsys.readouterr().err
 
 
+def test_evaluation_uses_the_backbone_own_size_unless_one_is_set():
+    import dataclasses
+
+    from lbgen.stages.evaluate import eval_transform
+
+    backbone = dataclasses.replace(load_backbone("random:test_resnet", seed=0), image_size=48)  # trained at 48 px
+    assert resolve().evaluate.eval_image_size is None
+    assert eval_transform(backbone, resolve().evaluate.eval_image_size).size == 48
+    assert eval_transform(backbone, 32).size == 32
+
+
 def test_random_backbone_is_seeded():
     a, b = load_backbone("random:test_resnet", seed=3), load_backbone("random:test_resnet", seed=3)
     x = torch.randn(2, 3, 32, 32)
