@@ -316,6 +316,10 @@ class EvaluateConfig:
     # "linear": frozen features + logistic regression; "finetune": full fine-tuning; "classify": the backbone's own
     # classifier on real images of its classes (downstream: an ImageFolder of class-id folders, e.g. ImageNet val).
     protocol: str = "linear"
+    # Also score, beside `protocol`, each exported backbone's own classifier on every downstream set's eval split
+    # (the `classify` protocol): for sets whose folders are class ids of the backbone's table (make-downstream's
+    # fashion-mnist for the `fashion10` table).
+    also_classify: bool = False
     # Shares of each downstream training set (stratified, seeded subsets).
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2, 0.5, 1.0])
     # Output directory: results.csv, results.md, accuracy_vs_fraction.png.
@@ -388,7 +392,8 @@ class ReportConfig:
 class MakeDownstreamConfig:
     """`make-downstream`: a procedural downstream set, so evaluation runs without downloads."""
 
-    # "shapes" (ImageFolder train/ + test/) or "shapes-in9" (original/ mixed_same/ mixed_rand/).
+    # "shapes" (ImageFolder train/ + test/), "shapes-in9" (original/ mixed_same/ mixed_rand/), or "fashion-mnist"
+    # (real images, folders keyed by the `fashion10` class ids; test_per_class 1000: the whole test split).
     kind: str = "shapes"
     # Where to write it.
     output: str = "runs/downstream/shapes"

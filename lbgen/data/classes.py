@@ -5,7 +5,7 @@ Formats (label = row order, never the name: ImageNet has two "missile" rows):
   blank lines are skipped.
 - `.csv`: a header with `class_id,class_name` (other columns ignored).
 - `.parquet`: columns `class_id`, `class_name`.
-Shipped tables are named without a path: `imagenet1k` (1000 rows), `tiny10`.
+Shipped tables are named without a path: `imagenet1k` (1000 rows), `tiny10`, `fashion10` (Fashion-MNIST, its label order).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lbgen.errors import ClassTableError  # noqa: F401  (raised here; defined with the others)
 
-SHIPPED_TABLES = ("imagenet1k", "tiny10")
+SHIPPED_TABLES = ("imagenet1k", "tiny10", "fashion10")
 
 
 @dataclass(frozen=True)

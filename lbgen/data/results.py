@@ -103,6 +103,8 @@ def results_markdown(rows: list[dict], bias_rows: list[dict], protocol: str, lev
     title = "Same-class accuracy" if protocol == "classify" else "Transfer results"
     lines = [f"{h1} {title} ({protocol} protocol)", ""]
     lines += _classify_markdown(classify) if protocol == "classify" else _transfer_markdown(rows, h2)
+    if classify and protocol != "classify":  # `also_classify`: the backbones' own classifiers beside the protocol
+        lines += ["", f"{h2} Same-class accuracy (classify protocol)", ""] + _classify_markdown(classify)
     if bias_rows:
         lines += ["", f"{h2} Background gap (ImageNet-9 style; lower is less biased)", "",
                   "| backbone | set | original | mixed_same | mixed_rand | BG_Gap |", "|---|---|---:|---:|---:|---:|"]

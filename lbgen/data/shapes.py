@@ -142,7 +142,14 @@ def _write_shapes_in9(output: Path, train_per_class: int, test_per_class: int, s
 
 
 # `make_downstream.kind` -> its writer: the kinds config accepts.
-KINDS = {"shapes": _write_shapes, "shapes-in9": _write_shapes_in9}
+def _write_fashion_mnist(output: Path, train_per_class: int, test_per_class: int, size: int, seed: int) -> None:
+    """Real Fashion-MNIST (not procedural): ImageFolder train/ + test/ keyed by class id (`lbgen.data.fashion_mnist`)."""
+    from lbgen.data.fashion_mnist import write_fashion_mnist
+
+    write_fashion_mnist(output, train_per_class, test_per_class, size, seed)
+
+
+KINDS = {"shapes": _write_shapes, "shapes-in9": _write_shapes_in9, "fashion-mnist": _write_fashion_mnist}
 
 
 def make_downstream(kind: str, output: str | Path, *, train_per_class: int, test_per_class: int, size: int, seed: int = 0) -> Path:

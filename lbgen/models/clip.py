@@ -7,7 +7,9 @@ the generator.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -79,21 +81,54 @@ def build_tiny(seed: int = 0) -> Clip:
     )
 
 
-CLIP_BUILDERS: dict[str, Callable[..., Clip]] = {"tiny": build_tiny}
+# A local open_clip model: its config (open_clip's hub layout: `model_cfg` = `open_clip.CLIP` keyword
+# arguments, `preprocess_cfg` = size, mean, std) and its weights.
+MINI_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+
+
+def is_clip_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(os.path.expanduser(path), MINI_CLIP_FILES[0]))
+
+
+def load_clip_dir(path: str | Path, name: str | None = None) -> Clip:
+    """A `Clip` from a directory holding MINI_CLIP_FILES (weights read with safetensors, cast to fp32)."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    path = Path(os.path.expanduser(str(path)))
+    if not (path / MINI_CLIP_FILES[1]).is_file():
+        raise not_found("CLIP weights file", str(path / MINI_CLIP_FILES[1]), HOW_TO_PROVIDE)
+    cfg = json.loads((path / MINI_CLIP_FILES[0]).read_text(encoding="utf-8"))
+    model = open_clip.CLIP(**cfg["model_cfg"])
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path / MINI_CLIP_FILES[1])).items()})
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["model_cfg"]["text_cfg"]["context_length"])
+    pre = cfg["preprocess_cfg"]
+    return Clip(model, tokenizer, pre["size"], pre["mean"], pre["std"], name or str(path))
+
+
+def build_mini(seed: int = 0) -> Clip:
+    """The CLIP trained on real Fashion-MNIST that ships in the package (`scripts/train_mini.py`); seed unused."""
+    from lbgen.models.shipped import shipped_dir
+
+    return load_clip_dir(shipped_dir("mini", "clip"), name="mini")
+
+
+CLIP_BUILDERS: dict[str, Callable[..., Clip]] = {"tiny": build_tiny, "mini": build_mini}
 
 HOW_TO_PROVIDE = (
     "Pass an open_clip architecture name (open_clip.list_models()) with --clip-pretrained set to a tag "
-    "cached in $HF_HOME, a local weights file, or null for random weights; or use --clip tiny."
+    "cached in $HF_HOME, a local weights file, or null for random weights; a directory holding "
+    f"{' + '.join(MINI_CLIP_FILES)}; or use --clip mini (trained, shipped) or --clip tiny (random)."
 )
 
 
 def create_clip(
     name: str, pretrained: str | None = None, *, device: str | torch.device = "cpu", seed: int = 0
 ) -> Clip:
-    """A frozen `Clip` from a builder name (`tiny`) or an open_clip architecture + weights.
+    """A frozen `Clip` from a builder name (`tiny`, `mini`), a local model directory, or an open_clip architecture + weights.
 
     Args:
-        name: key of CLIP_BUILDERS, or an open_clip model name such as "ViT-L-14".
+        name: key of CLIP_BUILDERS, a directory holding MINI_CLIP_FILES, or an open_clip model name such as "ViT-L-14".
         pretrained: open_clip tag ("openai"), a local weights file, or None for random init.
         device: where the model is placed.
         seed: initialisation seed for random weights.
@@ -104,6 +139,8 @@ def create_clip(
 
     if name in CLIP_BUILDERS:
         return CLIP_BUILDERS[name](seed=seed).to(device)
+    if is_local_path(name) and is_clip_dir(name):
+        return load_clip_dir(name).to(device)
     if name not in open_clip.list_models():
         raise not_found("CLIP architecture", name, HOW_TO_PROVIDE)
     if pretrained and is_local_path(pretrained) and not os.path.isfile(os.path.expanduser(pretrained)):

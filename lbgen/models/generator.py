@@ -1,6 +1,7 @@
 """`create_generator`: a diffusers Stable Diffusion pipeline from a name.
 
-Names: a registered builder (`tiny`: small seeded random modules built in code, no download;
+Names: a registered builder (`tiny`: small seeded random modules built in code, no download; `mini`: the
+small SD trained on real Fashion-MNIST that ships in the package;
 `sd15-shape`: SD 1.5's architecture, random weights; `sleep:<ms>`: a GPU-like stand-in for scale
 tests and benchmarks only), a local directory saved with `save_pretrained`, or a hub id.
 """
@@ -233,10 +234,22 @@ def build_sleep(delay_ms: float, resolution: int = 512, seed: int = 0):
     return _assemble(unet, vae, tiny.text_encoder, tiny.tokenizer)
 
 
+def build_mini(resolution: int = 32, seed: int = 0):
+    """The generator trained on real Fashion-MNIST that ships in the package (`scripts/train_mini.py`):
+    SD's layout at 32 px (8 x 8 x 4 latents). Its weights are trained: resolution and seed are unused."""
+    from diffusers import StableDiffusionPipeline
+
+    from lbgen.models.shipped import shipped_dir
+
+    return StableDiffusionPipeline.from_pretrained(shipped_dir("mini", "generator"), safety_checker=None, requires_safety_checker=False)
+
+
 # The file diffusers writes and `pipe.load_lora_weights(dir)` reads: finetune's output, generate's input.
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
-GENERATOR_BUILDERS: dict[str, Callable[..., object]] = {"tiny": build_tiny, "sd15-shape": build_sd15_shape}
+GENERATOR_BUILDERS: dict[str, Callable[..., object]] = {"tiny": build_tiny, "sd15-shape": build_sd15_shape, "mini": build_mini}
+# Builders whose weights ship in the package: `check_generator` looks for their files.
+SHIPPED_GENERATORS = frozenset({"mini"})
 # Builders that take an argument in their name, `NAME:ARG` (`sleep:250`).
 PARAMETRIC_BUILDERS: dict[str, tuple[Callable[[str], object], Callable[..., object]]] = {"sleep": (sleep_delay, build_sleep)}
 
@@ -291,6 +304,11 @@ def check_generator(name_or_path: str) -> None:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    if name_or_path in SHIPPED_GENERATORS:
+        from lbgen.models.shipped import shipped_dir
+
+        shipped_dir(name_or_path, "generator")
+        return
     if builder_for(name_or_path) is not None:
         return
     if is_local_path(name_or_path):

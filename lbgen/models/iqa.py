@@ -12,8 +12,11 @@ mapped as the paper's `L_q = 1 - Q/5`.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pickle
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,7 +32,8 @@ REMOTE_CODE_METRICS = frozenset({"qalign", "qalign_4bit", "qalign_8bit", "compar
 
 HOW_TO_PROVIDE = (
     "Use a pyiqa no-reference metric name (pyiqa.list_models(metric_mode='NR')) whose weights are in "
-    "$TORCH_HOME/hub/pyiqa (or reachable), or --iqa tiny."
+    "$TORCH_HOME/hub/pyiqa (or reachable), a directory holding a MiniIQA's config.json + model.safetensors, "
+    "--iqa mini (trained, shipped) or --iqa tiny (random)."
 )
 
 
@@ -140,7 +144,62 @@ def build_tiny(device="cpu", seed: int = 0) -> Quality:
     return Quality(metric, "tiny", lower_better=False, score_range=(0.0, 1.0))
 
 
-IQA_BUILDERS: dict[str, Callable[..., Quality]] = {"tiny": build_tiny}
+class MiniIQA(nn.Module):
+    """A small no-reference quality CNN (`scripts/train_mini.py` trains it on real images against graded
+    noise, blur, JPEG and contrast loss): (B, 3, H, W) in [0, 1] -> (B,) quality, ~1 clean, ~0 worst.
+
+    Images of another size are resized (antialiased, differentiable) to the size it was trained at, so
+    its scale of artefacts stays the one it learnt. Mean and max pooling of the last features: a local
+    artefact (a blotch) counts as well as a global one (blur).
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64), size: int = 32):
+        super().__init__()
+        self.config = {"channels": list(channels), "size": size}
+        layers, width = [], 3
+        for i, c in enumerate(channels):
+            layers += [nn.Conv2d(width, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU()]
+            layers += [nn.AvgPool2d(2)] if i < len(channels) - 1 else []
+            width = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(2 * width, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.config["size"]
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        h = self.features(images * 2 - 1)
+        return self.head(torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)).squeeze(1)
+
+
+# A local MiniIQA: its constructor arguments and its weights.
+MINI_IQA_FILES = ("config.json", "model.safetensors")
+
+
+def is_iqa_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(os.path.expanduser(path), MINI_IQA_FILES[1]))
+
+
+def load_iqa_dir(path: str | Path, name: str | None = None, device="cpu") -> Quality:
+    """A `Quality` from a directory holding MINI_IQA_FILES (safetensors, cast to fp32); its score is already
+    higher-better in ~[0, 1] (it regresses 1 - distortion strength)."""
+    from safetensors.torch import load_file
+
+    path = Path(os.path.expanduser(str(path)))
+    cfg = json.loads((path / MINI_IQA_FILES[0]).read_text(encoding="utf-8"))
+    model = MiniIQA(channels=tuple(cfg["channels"]), size=cfg["size"])
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path / MINI_IQA_FILES[1])).items()})
+    return Quality(model.to(device), name or str(path), lower_better=False, score_range=(0.0, 1.0))
+
+
+def build_mini(device="cpu", seed: int = 0) -> Quality:
+    """The quality CNN trained on real Fashion-MNIST that ships in the package; seed unused."""
+    from lbgen.models.shipped import shipped_dir
+
+    return load_iqa_dir(shipped_dir("mini", "iqa"), name="mini", device=device)
+
+
+IQA_BUILDERS: dict[str, Callable[..., Quality]] = {"tiny": build_tiny, "mini": build_mini}
 
 
 def create_iqa(
@@ -154,6 +213,8 @@ def create_iqa(
     """
     if name in IQA_BUILDERS:
         return IQA_BUILDERS[name](device=device, seed=seed)
+    if is_iqa_dir(name):
+        return load_iqa_dir(name, device=device)
     from pyiqa.default_model_configs import DEFAULT_CONFIGS
 
     if name not in DEFAULT_CONFIGS:

@@ -262,6 +262,17 @@ def evaluate_pair(config: dict, spec: str, dataset: str) -> list[dict]:
     return load_protocol(cfg.evaluate.protocol).run(cfg, spec, dataset, _device())
 
 
+def classify_pair(config: dict, spec: str, dataset: str) -> list[dict]:
+    """The `classify` records of one exported backbone on one set, beside the configured protocol (`also_classify`)."""
+    cfg = from_dict(Config, config)
+    return load_protocol("classify").run(cfg, spec, dataset, _device())
+
+
+def own_classifiers(specs: list[str]) -> list[str]:
+    """The backbones with a classifier over a class table: pretrain exports (`random:`/`timm:` have none of ours)."""
+    return [spec for spec in specs if ":" not in spec]
+
+
 def bias_pair(config: dict, spec: str, root: str) -> dict:
     """Background gap of one backbone on one ImageNet-9-style set (linear classifier on original/train)."""
     cfg = from_dict(Config, config)
@@ -322,6 +333,8 @@ def check_sets(cfg: Config) -> None:
             check_set(dataset, ev.backbone)
         else:
             open_downstream(dataset, ev.data_root)
+            if ev.also_classify:
+                check_set(dataset, own_classifiers(ev.backbone))
 
 
 def _run_all(fn, jobs: list[tuple], cfg: Config) -> list:
@@ -351,6 +364,9 @@ def evaluate(cfg: Config) -> Path:
     pairs = [(spec, dataset) for spec in ev.backbone for dataset in ev.downstream]
     records = [row for result in _run_all(evaluate_pair, pairs, cfg) for row in result]
     sections = {"results": [], "classify": [], load_protocol(ev.protocol).section: records}
+    if ev.also_classify and ev.protocol != "classify":
+        own = [(spec, dataset) for spec in own_classifiers(ev.backbone) for dataset in ev.downstream]
+        sections["classify"] = [row for result in _run_all(classify_pair, own, cfg) for row in result]
     rows, classify = sections["results"], sections["classify"]
     bias_rows = _run_all(bias_pair, [(spec, root) for spec in ev.backbone for root in ev.bias], cfg)
 
