@@ -41,13 +41,12 @@ import dataclasses
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
+from common import PeakSampler, tree_pss
 from lbgen.config import Config, resolve
 from lbgen.data.classes import load_class_table
 from lbgen.models import create_generator
@@ -55,37 +54,6 @@ from lbgen.models.generator import create_scheduler
 from lbgen.runtime.precision import weight_dtype
 from lbgen.runtime.seeds import seeded_generator
 from lbgen.stages.generate import generate
-
-
-class PeakMemory:
-    """Samples the summed PSS of this process and all its descendants (Ray's raylet, GCS, workers)."""
-
-    def __init__(self, interval: float = 1.0):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                total += proc.memory_full_info().pss
-            except psutil.Error:
-                pass  # a process that just exited
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._sample())
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def run_lbgen(cfg: Config, per_class: int, workers: int, root: Path, measure_memory: bool) -> dict:
@@ -96,7 +64,7 @@ def run_lbgen(cfg: Config, per_class: int, workers: int, root: Path, measure_mem
     # A fresh local Ray per run: idle workers kept from an earlier run would count as memory here.
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        with PeakMemory() if measure_memory else contextlib.nullcontext() as memory:
+        with PeakSampler(tree_pss, interval=1.0) if measure_memory else contextlib.nullcontext() as memory:
             start = time.perf_counter()
             manifest = generate(dataclasses.replace(cfg, generate=gen), show_progress=False)
             seconds = time.perf_counter() - start

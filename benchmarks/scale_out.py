@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the simulated cluster is the tests' own
 
+from common import json_header  # noqa: E402
 from sim_cluster import simulated_cluster  # noqa: E402
 
 from lbgen.config import resolve  # noqa: E402
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     counts = [int(n) for n in args.gpus.split(",")]
-    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    results = json_header()
     with tempfile.TemporaryDirectory() as tmp, simulated_cluster(workers=args.nodes, gpus_per_node=2, cpus_per_node=1):
         runs = {n: run_once(Path(tmp) / f"n{n}", n, args) for n in counts}
         for n, run in runs.items():

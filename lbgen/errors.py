@@ -2,7 +2,8 @@
 
 A `UserError`'s message is the whole story (it names the input and what is wrong with it): the
 CLI prints it as one line and exits with code 2. Every stage's input checks raise these, so the CLI
-can refuse bad input, and show `--help`, without importing torch or Ray.
+can refuse bad input, and show `--help`, without importing torch or Ray. `refusal_reason` puts
+torch's refusal of a weights file that would unpickle code into one line of such a message.
 """
 
 
@@ -56,3 +57,10 @@ class ReportError(UserError, ValueError):
 
 class OutputInUseError(UserError, RuntimeError):
     """Another running lbgen command holds the output directory; the message names it."""
+
+
+def refusal_reason(err: Exception) -> str:
+    """What `torch.load(weights_only=True)` refused, in one line (torch's own message is a paragraph)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if "WeightsUnpickler error" in line]
+    return (after or [type(err).__name__])[0][:200]

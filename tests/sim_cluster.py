@@ -72,6 +72,55 @@ def kill_once_written(cluster, pattern: Path, choose_node: Callable[[], object],
     return thread
 
 
+class ActorWatch:
+    """Which node each live actor whose class name holds `name` is on, sampled every 0.2 s from the GCS actor
+    table (the simulated head runs no dashboard, so Ray's state API is not there)."""
+
+    def __init__(self, name: str):
+        self.name, self.seen = name, {}  # actor id -> [(time, node id)] while alive
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def alive(self) -> dict[str, str]:
+        """Actor id -> node id of the live actors now."""
+        import ray._private.state
+
+        return {actor_id: a["Address"]["NodeID"] for actor_id, a in ray._private.state.actors().items()
+                if self.name in a["ActorClassName"] and a["State"] == "ALIVE"}
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            for actor_id, node in self.alive().items():
+                self.seen.setdefault(actor_id, []).append((time.perf_counter(), node))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def generation_node(nodes, watch: ActorWatch, record: dict):
+    """The first of `nodes` that holds a live generation actor now; `record` gets those actors and the time."""
+    alive = watch.alive()
+    node = next(n for n in nodes if n.node_id in alive.values())
+    record["actors_on_killed_node"] = sorted(a for a, where in alive.items() if where == node.node_id)
+    record["killed_node"], record["killed_at"] = node.node_id, time.perf_counter()
+    return node
+
+
+def replacements(watch: ActorWatch, record: dict) -> dict:
+    """How the killed node's generation actors were replaced: the same actors seen alive on another node after
+    the kill (Ray restarted them), and actors first seen after the kill (new ones)."""
+    killed_at, node = record.pop("killed_at"), record["killed_node"]
+    restarted = sorted(a for a in record["actors_on_killed_node"]
+                       if any(t > killed_at and where != node for t, where in watch.seen.get(a, ())))
+    new = sorted(a for a, sightings in watch.seen.items() if sightings[0][0] > killed_at)
+    return {"restarted_elsewhere": restarted, "new_actors": new}
+
+
 def generate_node_loss(root: Path, timed: bool = False) -> dict:
     """A dataset made on a 3-node cluster while a worker node is killed mid-run (and, `timed`, the same
     dataset made uninterrupted first, for the time the loss cost).
@@ -90,9 +139,13 @@ def generate_node_loss(root: Path, timed: bool = False) -> dict:
         for name, kill in ((("uninterrupted", False),) if timed else ()) + (("node_killed", True),):
             output = root / name
             record = {"start": time.perf_counter(), "nodes_before": len([n for n in ray.nodes() if n["Alive"]])}
-            watcher = kill_once_written(cluster, output / "data" / "train-*.parquet", lambda: nodes[0], record,
-                                        "shards_before_kill") if kill else None
-            manifest = generate(generate_config(table, output, delay_ms=DELAY_MS), show_progress=False)
+            with ActorWatch("GenerateBatch") as watch:
+                watcher = kill_once_written(cluster, output / "data" / "train-*.parquet",
+                                            partial(generation_node, nodes, watch, record), record,
+                                            "shards_before_kill") if kill else None
+                manifest = generate(generate_config(table, output, delay_ms=DELAY_MS), show_progress=False)
+            if kill:
+                record.update(replacements(watch, record))
             record["seconds"] = round(time.perf_counter() - record.pop("start"), 2)
             if watcher:
                 watcher.join(timeout=1)

@@ -122,7 +122,7 @@ def test_training_cluster_is_one_dataclass_with_each_stages_defaults_and_flags()
 @pytest.mark.parametrize("section", ["finetune", "pretrain", "generate"])
 def test_resumable_fields_are_what_resume_allows(section, tmp_path):
     from lbgen.config import resumable_fields
-    from lbgen.runtime.training import check_resumable
+    from lbgen.runtime.outputs import check_resumable
 
     # The sets the stages kept by hand before the schema marked them (cluster settings nested now).
     cluster = {"cluster." + n for n in ("workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "max_failures")}
@@ -162,13 +162,13 @@ def test_resumable_fields_are_what_resume_allows(section, tmp_path):
 def _registries():
     from lbgen.data.images import IMAGE_FORMATS
     from lbgen.data.shapes import KINDS
-    from lbgen.runtime.faults import POINTS
+    from lbgen.config.choices import FAULT_POINTS
     from lbgen.runtime.precision import MIXED_PRECISION, WEIGHT_DTYPES
     from lbgen.stages.protocols import PROTOCOLS
 
     return [
         ("generate.image_format", IMAGE_FORMATS), ("evaluate.protocol", PROTOCOLS), ("make_downstream.kind", KINDS),
-        ("fault.point", POINTS), ("finetune.cluster.mixed_precision", MIXED_PRECISION),
+        ("fault.point", FAULT_POINTS), ("finetune.cluster.mixed_precision", MIXED_PRECISION),
         ("pretrain.cluster.mixed_precision", MIXED_PRECISION), ("generate.dtype", WEIGHT_DTYPES),
     ]
 

@@ -154,12 +154,11 @@ def test_missing_backbone_is_a_one_line_error(downstream, tmp_path, capsys):
 def test_evaluation_uses_the_backbone_own_size_unless_one_is_set():
     import dataclasses
 
-    from lbgen.stages.evaluate import eval_transform
 
     backbone = dataclasses.replace(load_backbone("random:test_resnet", seed=0), image_size=48)  # trained at 48 px
     assert resolve().evaluate.eval_image_size is None
-    assert eval_transform(backbone, resolve().evaluate.eval_image_size).size == 48
-    assert eval_transform(backbone, 32).size == 32
+    assert backbone.eval_transform(resolve().evaluate.eval_image_size).size == 48
+    assert backbone.eval_transform(32).size == 32
 
 
 def test_random_backbone_is_seeded():
@@ -208,3 +207,33 @@ def test_evaluation_learns_real_fashion_mnist(ray_local, fashion_mnist_root, tmp
     assert (row["dataset"], row["protocol"], row["train_images"]) == ("FashionMNIST", protocol, "1200")
     assert float(row["accuracy"]) >= floor, row
     print(f"Fashion-MNIST, {protocol}: {row['accuracy']} %")
+
+
+def _shapes_backbone(shapes: Path, root: Path) -> Path:
+    """A random test_resnet exported with the shapes set's folder names as its class ids, so that `classify`
+    can key the set's images to its outputs."""
+    import timm
+
+    classes = sorted(p.name for p in (shapes / "test").iterdir())
+    model = timm.create_model("test_resnet", num_classes=len(classes))
+    return export_backbone(model, root / "backbone", timm_name="test_resnet", class_ids=classes, class_names=classes,
+                           image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("protocol", ["linear", "finetune", "classify"])
+def test_evaluate_with_its_defaults_on_two_cpus_refuses_at_once_naming_the_settings(ray_local, downstream, tmp_path, capsys, protocol):
+    """No preset: each evaluation task asks for `evaluate.task_cpus` (4) CPUs, which a 2-CPU machine cannot
+    give. Ray would queue such a task forever; lbgen refuses the plan in one line, before writing anything."""
+    import time
+
+    assert ray_local.cluster_resources()["CPU"] == 2 and resolve().evaluate.task_cpus > 2  # the defaults do not fit
+    shapes = downstream / "shapes"
+    backbone = str(_shapes_backbone(shapes, tmp_path)) if protocol == "classify" else "random:test_resnet"
+    started = time.monotonic()
+    code = main(["evaluate", "--protocol", protocol, "--backbone", backbone, "--downstream", str(shapes),
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and time.monotonic() - started < 60, err
+    assert len(err) == 1 and "evaluate.task_cpus (--task-cpus)" in err[0] and "cannot hold 1 of 1 evaluation task" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -450,3 +450,35 @@ def test_overwrite_replaces_only_what_generate_wrote(full_run, table_file, tmp_p
     assert manifest["totals"]["rows"] == len(CLASSES) and manifest["images_per_class"] == 1
     assert sorted(p.name for p in (copy / "data").iterdir()) == [f"train-{k:05d}-of-00003.parquet" for k in range(3)]
     assert (copy / "notes.txt").read_text() == "keep me" and inspect_dataset(copy).ok
+
+
+def test_scores_equal_an_independent_computation():
+    """`ScoreBatch`'s clip_score, clip_agrees and iqa_score on a few rows equal the same quantities computed here
+    from the factories' networks alone: normalisation, tokenising, cosine, own-class pick, zero-shot ranking and
+    the IQA forward written out apart from lbgen's scoring code. Pre-training filters on these columns."""
+    import open_clip
+    import torch
+
+    from lbgen.models import create_clip, create_iqa
+
+    cfg = resolve("tiny")
+    table = load_class_table(cfg.classes)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, cfg.model.resolution, cfg.model.resolution, 3), dtype=np.uint8)
+
+    clip = create_clip(cfg.model.clip, cfg.model.clip_pretrained, seed=cfg.seed).model
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255  # the tiny CLIP's own 64 px: no resize
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD))
+    with torch.no_grad():
+        image_features = clip.encode_image((images - mean) / std).numpy()
+        prompts = [cfg.generate.score_template.format(name=name) for name in table.names]
+        text_features = clip.encode_text(open_clip.get_tokenizer("ViT-B-32")(prompts)).numpy()
+        iqa = create_iqa(cfg.model.iqa, seed=cfg.seed).metric(images).reshape(3).numpy()
+    cosines = (image_features / np.linalg.norm(image_features, axis=1, keepdims=True)) @ \
+        (text_features / np.linalg.norm(text_features, axis=1, keepdims=True)).T  # (3, classes)
+    best = cosines.argmax(axis=1)
+    labels = np.array([best[0], best[1], (best[2] + 1) % len(table)])  # two rows CLIP agrees with, one it does not
+
+    scored = ScoreBatch(dataclasses.asdict(cfg))({"pixels": pixels, "label": labels})
+    np.testing.assert_allclose(scored["clip_score"], cosines[np.arange(3), labels], atol=1e-5)
+    assert scored["clip_agrees"].tolist() == [True, True, False]
+    np.testing.assert_allclose(scored["iqa_score"], iqa, atol=1e-5)

@@ -66,3 +66,42 @@ def test_a_clean_end_or_a_refusal_leaves_no_lock_file(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
     OutputLock(tmp_path / "out").acquire().release()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+class _Stopped(Exception):
+    """Raised by the stand-in trainer once it has tried the lock: the stage stops there."""
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_a_running_training_stage_refuses_a_second_writer(stage, tmp_path, monkeypatch):
+    """While the stage's trainer runs (here a stand-in for Ray Train's `fit`), its output is held: a second
+    command's check and a second lock are both refused."""
+    import importlib
+
+    from shape_shards import write_shape_shards
+
+    from lbgen.config import resolve
+    from lbgen.data.classes import load_class_table
+    from lbgen.runtime import training
+
+    module = importlib.import_module(f"lbgen.stages.{stage}")
+    output = tmp_path / "out"
+    overrides = {stage: {"output": str(output)}}
+    if stage == "pretrain":
+        write_shape_shards(tmp_path / "shards", load_class_table("tiny10"), per_class=4, size=16)
+        overrides["pretrain"]["data"] = [str(tmp_path / "shards")]
+        monkeypatch.setattr(module, "build_dataset", lambda *args: None)  # no Ray Data: the trainer below reads nothing
+    refusals = []
+
+    def trainer_beside_a_second_writer(*args, **kwargs):
+        for second_writer in (lambda: check_free(output), lambda: OutputLock(output, "a second writer").acquire()):
+            with pytest.raises(OutputInUseError):
+                second_writer()
+            refusals.append(True)
+        raise _Stopped
+
+    monkeypatch.setattr(training, "fit", trainer_beside_a_second_writer)
+    with pytest.raises(_Stopped):
+        getattr(module, stage)(resolve("tiny", overrides=overrides))
+    assert refusals == [True, True]
+    OutputLock(output).acquire().release()  # and the stage let go of it when it stopped

@@ -227,29 +227,41 @@ def test_resume_with_other_settings_is_refused(ray_local, shards, tmp_path):
 # ---------------------------------------------------------------- the transformer recipe
 
 
+# The ViT verdict's margins, from the spread measured over seeds 0-2 x 1 and 2 threads (benchmarks/RESULTS.md,
+# "ViT recipe test"): the training loss fell 0.09-0.16 (first 5 epochs against the last 5), the clean held-out
+# loss 0.19-0.36 below the untrained model's, and accuracy reached 21.5-28 %. A model that learned nothing stays
+# at 10 % +- 1.5 % (binomial, 400 images): 15 % is 3.3 of those sigmas above it.
+VIT_MIN_TRAIN_DROP, VIT_MIN_HELD_DROP, VIT_MIN_ACC = 0.03, 0.08, 0.15
+
+
 def test_vit_learns_the_shapes_with_the_transformer_recipe(shards):
     """timm's `test_vit` under `--recipe deit` (AdamW, warm-up + cosine, mixup/cutmix, label smoothing,
     stochastic depth, lr per 512 images), in plain PyTorch: the training loss falls, and on clean images
-    the model beats the best guess of one that learned nothing (loss ln 10, accuracy 10 %)."""
-    import math
-
+    the model beats its own untrained start in loss and chance in accuracy, by margins taken from the
+    spread across seeds and thread counts (seeded CPU results differ across hosts as much as seeds do)."""
     from timm.loss import SoftTargetCrossEntropy
 
     from lbgen.stages.pretrain import Pretrainer, peak_lr
 
-    # The recipe's lr of 5e-4 per 512 images is for 300 epochs of ImageNet; 30 epochs of 400 images need a
-    # larger one. 64 px crops: test_vit's 16 px patches then give 16 tokens.
-    cfg = tiny([shards], "unused", model="test_vit", recipe="deit", epochs=30, warmup_epochs=2, lr=0.1, val_fraction=0.0, image_size=64)
+    # The recipe's lr of 5e-4 per 512 images is for 300 epochs of ImageNet; 60 epochs of 400 images need a
+    # larger one. 32 px crops: test_vit's 16 px patches then give 4 tokens, which learn the shapes faster than
+    # 16 tokens at 64 px do, at less cost.
+    cfg = tiny([shards], "unused", model="test_vit", recipe="deit", epochs=60, warmup_epochs=2, lr=0.1, val_fraction=0.0, image_size=32)
     pt = cfg.pretrain
     assert (pt.opt, pt.weight_decay, pt.mixup, pt.cutmix, pt.drop_path, pt.lr_base_batch) == ("adamw", 0.05, 0.8, 1.0, 0.1, 512)
     table = pq.read_table(shards / "data")
-    spec, rows, batch = image_transform(cfg, True), row_filter(cfg), pt.batch_size
+    spec, clean, rows, batch = image_transform(cfg, True), image_transform(cfg, False), row_filter(cfg), pt.batch_size
     steps = table.num_rows // batch
     torch.manual_seed(0)
     np.random.seed(0)  # timm's Mixup draws its mixing weights from numpy's global generator
     trainer = Pretrainer(cfg, len(TABLE), steps)
     assert isinstance(trainer.loss_fn, SoftTargetCrossEntropy) and trainer.mixup is not None
-    losses = []
+
+    def held_out() -> dict:
+        return trainer.evaluate({k: torch.from_numpy(v) for k, v in decode_batch(table.slice(i, 100), clean, rows, "train").items()}
+                                for i in range(0, table.num_rows, 100))
+
+    untrained, losses = held_out(), []
     for epoch in range(pt.epochs):
         shuffled = table.take(np.random.default_rng(epoch).permutation(table.num_rows))
         batches = ({k: torch.from_numpy(v) for k, v in decode_batch(shuffled.slice(i * batch, batch), spec, rows, "train", seed=[epoch, i]).items()}
@@ -257,9 +269,8 @@ def test_vit_learns_the_shapes_with_the_transformer_recipe(shards):
         losses.append(trainer.train_epoch(batches)["train_loss"])
         if epoch == round(pt.warmup_epochs):  # the warm-up has ended: the peak, scaled from 512 images to the batch of 32
             assert trainer.lr() == pytest.approx(peak_lr(pt), rel=0.05) and peak_lr(pt) == pytest.approx(0.1 * 32 / 512)
-    clean = image_transform(cfg, False)
-    held = trainer.evaluate({k: torch.from_numpy(v) for k, v in decode_batch(table.slice(i, 100), clean, rows, "train").items()}
-                            for i in range(0, table.num_rows, 100))
-    print(f"test_vit, deit recipe: loss per epoch {[round(v, 3) for v in losses]}, clean {held}")
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
-    assert held["val_loss"] < math.log(10) - 0.1 and held["val_acc"] > 0.15, held
+    held = held_out()
+    train_drop, held_drop = np.mean(losses[:5]) - np.mean(losses[-5:]), untrained["val_loss"] - held["val_loss"]
+    print(f"test_vit, deit recipe: train loss drop {train_drop:.3f} (>= {VIT_MIN_TRAIN_DROP}), clean held-out loss drop "
+          f"{held_drop:.3f} (>= {VIT_MIN_HELD_DROP}), accuracy {held['val_acc']:.3f} (>= {VIT_MIN_ACC}); losses {[round(v, 3) for v in losses]}")
+    assert train_drop >= VIT_MIN_TRAIN_DROP and held_drop >= VIT_MIN_HELD_DROP and held["val_acc"] >= VIT_MIN_ACC, (untrained, held)

@@ -13,12 +13,14 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import pyarrow as pa
@@ -180,7 +182,7 @@ def test_cli_refuses_a_bad_table_before_ray_and_writes_nothing(cli_until_ray, ro
         rows = [txt_row(cid, name) if ext == ".txt" else (cid, name) for cid, name in rows]
         write_table(path, rows)
         code, err = cli_until_ray(["generate", "--classes", str(path), "--output", str(out)])
-        if expected_table(rows, txt=ext == ".txt") is None and code != "ray":
+        if expected_table(rows, txt=ext == ".txt") is None:
             assert_refused(code, err, str(path))
         else:
             assert code == "ray", err
@@ -242,6 +244,24 @@ VALUES = st.one_of(
     st.floats(-2, 2), st.booleans(), st.none(), st.text(max_size=8), st.lists(st.integers(-1, 3), max_size=3),
     st.lists(st.text(max_size=4), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
+FIELD_TYPES = {".".join(path): tp for path, _, tp in leaf_fields(Config)}
+
+
+def conforms(value, tp) -> bool:
+    """Whether `value` is a well-typed value of annotation `tp`, judged apart from lbgen's own coercion:
+    ints are ints (not bools), floats finite floats, lists of their item type, None only where optional."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return True
+        (tp,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(conforms(v, typing.get_args(tp)[0]) for v in value)
+    if tp is float:
+        return type(value) is float and math.isfinite(value)
+    return type(value) is tp
+
+
 # Settings the generate command reads; a config setting them must pass or be refused, naming them.
 GENERATE_FIELDS = [f for f in FIELDS if f.split(".")[0] in ("classes", "seed", "model", "generate") and f != "generate.output"]
 
@@ -273,10 +293,12 @@ def test_config_files_work_or_name_the_setting(cli_until_ray, field, value):
             for part in field.split("."):
                 got = getattr(got, part)
             assert got == value or (isinstance(got, float) and got == float(value))
+            assert conforms(got, FIELD_TYPES[field]), f"{field} accepted {got!r}, not a {FIELD_TYPES[field]}"
         else:
-            # The line names the setting, or the value it refers to (a table path, a model id, a LoRA dir).
+            # The line names the setting, or the (non-empty) value it refers to (a table path, a model id, a LoRA dir).
             assert_refused(code, err)
-            assert leaf in err or str(value) in err or repr(value)[1:-1] in err, err
+            names_value = value not in ("", None) and (str(value) in err or repr(value)[1:-1] in err)
+            assert leaf in err or names_value, err
         assert not out.exists()
 
 
@@ -329,9 +351,12 @@ def inputs(tmp_path_factory):
     return root
 
 
-def bad_paths(root: Path, ro: Path) -> dict[str, Path]:
+def bad_path(root: Path, kind: str, request) -> Path:
+    """A path of `kind` under `root`; only the read-only kind needs (and may skip for) the read-only mount."""
+    if kind == "read-only":
+        return request.getfixturevalue("read_only_dir") / "x"
     return {"missing": root / "missing" / "x", "file": root / "file", "under-a-file": root / "file" / "x",
-            "empty-dir": root / "empty", "read-only": ro / "x"}
+            "empty-dir": root / "empty"}[kind]
 
 
 # (command, flag, kind of bad path, other arguments); each case must be refused naming the path.
@@ -348,8 +373,8 @@ PATH_CASES = [
 
 
 @pytest.mark.parametrize("command, flag, kind", PATH_CASES, ids=["-".join(c) for c in PATH_CASES])
-def test_bad_paths_are_refused_before_ray_naming_the_path(inputs, read_only_dir, tmp_path, cli_until_ray, command, flag, kind):
-    bad = bad_paths(inputs, read_only_dir)[kind]
+def test_bad_paths_are_refused_before_ray_naming_the_path(inputs, request, tmp_path, cli_until_ray, command, flag, kind):
+    bad = bad_path(inputs, kind, request)
     args = {"--output": str(tmp_path / "out"), "--data": str(inputs / "shards"), "--backbone": "random:test_resnet",
             "--downstream": str(inputs / "shapes")}
     wanted = {"pretrain": ["--output", "--data"], "evaluate": ["--output", "--backbone", "--downstream"]}.get(command, ["--output"])

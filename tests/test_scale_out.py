@@ -39,6 +39,8 @@ def test_a_worker_node_killed_mid_generation_loses_nothing(scenario):
     found = scenario
     cut = found["node_killed"]
     assert cut["nodes_before"] == 4 and cut["nodes_after"] == 3 and 1 <= cut["shards_before_kill"] < 12
+    assert cut["actors_on_killed_node"], "the killed node held no generation actor"
+    assert cut["restarted_elsewhere"] or cut["new_actors"], "no generation actor replaced the lost ones"
     assert inspect_dataset(cut["output"]).ok  # every shard whole and listed, every (label, index) once
     rows, expected = read_rows(Path(cut["output"])), expected_rows(found["classes"])
     assert rows.keys() == expected.keys() and len(rows) == 48

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from lbgen.config import ConfigError, require_local, resolve
+from lbgen.config import LOCAL_FIELDS, ConfigError, require_local, resolve
 from lbgen.stages import STAGES, Stage, resolve_ref, run_steps, stage
 
 REFS = ("check", "run", "done", "complete", "report")
@@ -22,8 +22,6 @@ def test_every_reference_names_a_function(each):
             assert callable(resolve_ref(ref)), f"{each.name}.{field} = {ref}"
     assert set(each.flags) <= {f.name for f in dataclasses.fields(resolve())}
     cfg = resolve()
-    for name in each.local_fields:
-        getattr(getattr(cfg, each.section), name)
     for path in each.models:
         section, name = path.split(".")
         getattr(getattr(cfg, section), name)
@@ -95,15 +93,22 @@ def test_the_report_status_table_lists_the_run_steps(tmp_path):
     assert "| pretrain | complete |" in rows[3] and "| evaluate | incomplete (running or stopped) |" in rows[4]
 
 
-@pytest.mark.parametrize("each", [s for s in STAGES if s.local_fields], ids=lambda s: s.name)
-def test_require_local_refuses_a_uri_in_the_stages_local_fields(each):
-    field = each.local_fields[-1]
-    value = getattr(getattr(resolve(), each.section), field)
+def test_local_fields_name_stage_sections_and_their_fields():
+    cfg = resolve()
+    assert set(LOCAL_FIELDS) <= {s.section for s in STAGES}
+    for section, names in LOCAL_FIELDS.items():
+        for name in names:
+            getattr(getattr(cfg, section), name)
+
+
+@pytest.mark.parametrize("section, field", [(s, f) for s, fields in LOCAL_FIELDS.items() for f in fields])
+def test_require_local_refuses_a_uri_in_the_stages_local_fields(section, field):
+    value = getattr(getattr(resolve(), section), field)
     uri = ["s3://bucket/x"] if isinstance(value, list) else "s3://bucket/x"
-    cfg = resolve(overrides={each.section: {field: uri}})
-    with pytest.raises(ConfigError, match=f"{each.section}.{field} must be a local path"):
-        require_local(cfg, each.section)
-    require_local(resolve(), each.section)
+    cfg = resolve(overrides={section: {field: uri}})
+    with pytest.raises(ConfigError, match=f"{section}.{field} must be a local path"):
+        require_local(cfg, section)
+    require_local(resolve(), section)
 
 
 def test_stage_lookup_and_first_line_models():

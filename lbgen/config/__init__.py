@@ -8,13 +8,14 @@ top of them; a YAML file overrides the preset; CLI flags (`lbgen.cli.flags`) ove
     schema   the section dataclasses, each field's comment, default and check; resumable fields
     presets  PRESETS (tiny, sd15-shape, sd15-in1k)
     io       YAML, dict -> dataclass coercion, resolve (defaults <- preset <- file <- overrides)
-    paths    which locations may be object-store URIs; `require_local`, checked when a stage starts
+    choices  the names a setting may take (precisions, formats, protocols, ...), which implementations import
+    paths    which locations may be object-store URIs, which must be local; `require_local`, checked when a stage starts
 """
 
 from __future__ import annotations
 
 from lbgen.config.io import from_dict, load_yaml, preset_name, resolve, resolve_with_preset, to_yaml
-from lbgen.config.paths import URI_FIELDS, require_local
+from lbgen.config.paths import LOCAL_FIELDS, URI_FIELDS, is_uri, require_local
 from lbgen.config.presets import PRESETS, SD15_SHAPE_MODELS, TINY_MODELS
 from lbgen.config.schema import (
     Config,
@@ -36,9 +37,9 @@ from lbgen.config.schema import (
 from lbgen.errors import ConfigError
 
 __all__ = [
-    "PRESETS", "SD15_SHAPE_MODELS", "TINY_MODELS", "URI_FIELDS",
+    "LOCAL_FIELDS", "PRESETS", "SD15_SHAPE_MODELS", "TINY_MODELS", "URI_FIELDS",
     "Config", "ConfigError", "EvaluateConfig", "FaultConfig", "FinetuneConfig", "GenerateConfig", "MakeDownstreamConfig",
     "ModelConfig", "PretrainConfig", "ReportConfig", "RunAllConfig", "TrainCluster",
-    "field_comments", "from_dict", "leaf_fields", "load_yaml", "preset_name", "require_local", "resolve",
+    "field_comments", "from_dict", "is_uri", "leaf_fields", "load_yaml", "preset_name", "require_local", "resolve",
     "resolve_with_preset", "resumable_fields", "to_yaml", "validate",
 ]

@@ -4,8 +4,8 @@ Defaults are the paper's method (DESIGN 1). Each section's `check(where)` sits r
 fields and raises `ConfigError` naming the field (`finetune.lr must be >= 0, got -1`). Field
 metadata marks the settings a run may change when it resumes (`resumable_fields`), and the comment
 above each field is its documentation (`field_comments`, shown by `lbgen <stage> --help`).
-Name sets come from the registries of their implementations (precision, image formats, fault
-points here; evaluation protocols and downstream kinds when checked), all torch-free at import.
+Name sets come from `lbgen.config.choices`, which the implementations of the names import: config
+imports nothing above itself.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lbgen.config.presets import RECIPES
-from lbgen.data.images import IMAGE_FORMATS
+from lbgen.config.choices import DOWNSTREAM_KINDS, FAULT_POINTS, IMAGE_FORMATS, MIXED_PRECISION, PROTOCOLS, WEIGHT_DTYPES
 from lbgen.errors import ConfigError
-from lbgen.runtime.faults import POINTS
-from lbgen.runtime.precision import MIXED_PRECISION, WEIGHT_DTYPES
 
 # Field metadata of a setting that may change between the runs of one output (resume keeps going).
 RESUMABLE = {"resumable": True}
@@ -341,13 +339,12 @@ class EvaluateConfig:
     ft_batch_size: int = 64
     # DataLoader processes per evaluation task.
     loader_workers: int = 4
-    # Resources per (backbone, dataset) Ray task; null GPUs: one when the cluster has any.
+    # Resources per (backbone, dataset) Ray task; null GPUs: one when the cluster has any. The cluster must hold
+    # one such task, or evaluate refuses at once (after `resource_wait_s` for an autoscaling one to grow).
     task_cpus: float = 4.0
     task_gpus: Optional[float] = None
 
     def check(self, where: str = "evaluate") -> None:
-        from lbgen.stages.protocols import PROTOCOLS  # the protocols' own registry (torch-free)
-
         _require({
             f"{where}.protocol": (self.protocol in PROTOCOLS, f"must be {' or '.join(PROTOCOLS)}, got {self.protocol!r}"),
             f"{where}.fractions": (bool(self.fractions) and _in_unit(self.fractions, low_open=True), f"must be values in (0, 1], got {self.fractions}"),
@@ -404,10 +401,8 @@ class MakeDownstreamConfig:
     size: int = 64
 
     def check(self, where: str = "make_downstream") -> None:
-        from lbgen.data.shapes import KINDS  # the writers' own registry (numpy and PIL, no torch)
-
         _require({
-            f"{where}.kind": (self.kind in KINDS, f"must be {' or '.join(KINDS)}, got {self.kind!r}"),
+            f"{where}.kind": (self.kind in DOWNSTREAM_KINDS, f"must be {' or '.join(DOWNSTREAM_KINDS)}, got {self.kind!r}"),
             f"{where}.train_per_class": (self.train_per_class >= 2, f"must be >= 2, got {self.train_per_class}"),
             f"{where}.test_per_class": (self.test_per_class >= 1, f"must be >= 1, got {self.test_per_class}"),
             f"{where}.size": (self.size >= 16, f"must be >= 16, got {self.size}"),
@@ -482,7 +477,7 @@ class FaultConfig:
     inside the config to every Ray actor and train worker.
     """
 
-    # Where to die: one of lbgen.runtime.faults.POINTS, or null (no fault).
+    # Where to die: one of lbgen.config.choices.FAULT_POINTS, or null (no fault).
     point: Optional[str] = None
     # Die on the `after`-th time one process reaches `point` (1: the first time).
     after: int = 1
@@ -493,7 +488,7 @@ class FaultConfig:
         if self.point is None:
             return
         _require({
-            f"{where}.point": (self.point in POINTS, f"must be one of {', '.join(POINTS)} or null, got {self.point!r}"),
+            f"{where}.point": (self.point in FAULT_POINTS, f"must be one of {', '.join(FAULT_POINTS)} or null, got {self.point!r}"),
             f"{where}.after": (self.after > 0, f"must be > 0, got {self.after}"),
             f"{where}.marker": (bool(self.marker), f"must name the marker file when {where}.point is set"),
         })

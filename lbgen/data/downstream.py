@@ -108,3 +108,8 @@ class TransformedImages(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, j])
         pixels = transform_pixels(self.images.pixels(j), self.spec, rng)
         return torch.from_numpy(pixels), int(self.images.targets[j])
+
+
+def dataset_name(dataset: str) -> str:
+    """How results name a set: torchvision's name, or the directory's."""
+    return dataset.split(":", 1)[1] if is_torchvision(dataset) else Path(dataset).name

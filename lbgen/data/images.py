@@ -1,14 +1,12 @@
-"""The stored image encodings of a generated dataset: the one registry `generate.image_format` is checked
-against, and the encode step of `generate` that uses it. Light at import (config reads it without
-numpy, PIL or pyarrow).
+"""The stored image encodings of a generated dataset (`generate.image_format`, named in
+`lbgen.config.choices`) and the encode step of `generate` that uses them.
 """
 
 from __future__ import annotations
 
 import io
 
-# `generate.image_format` -> (PIL format, file extension of the image's `path`).
-IMAGE_FORMATS: dict[str, tuple[str, str]] = {"jpeg": ("JPEG", "jpg"), "png": ("PNG", "png"), "webp": ("WEBP", "webp")}
+from lbgen.config.choices import IMAGE_FORMATS  # `generate.image_format` -> (PIL format, file extension)
 
 # The file suffixes read as images in a folder of them (an ImageFolder tree, for pre-training or a downstream set).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}

@@ -5,7 +5,7 @@ train/ (flat noisy backgrounds) and test/ (striped backgrounds, other sizes). Ki
 writes ImageNet-9-style folders (original/, mixed_same/, mixed_rand/) where the background colour
 goes with the class in original/ and mixed_same/ but is drawn at random in mixed_rand/: a model
 that leans on backgrounds shows a gap. `render_shape` is the one drawing function (tests also make
-shards with it). `KINDS` is the registry `make_downstream.kind` is checked against: no torch here.
+shards with it). `KINDS` writes each of the kinds `make_downstream.kind` accepts (`lbgen.config.choices`).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _write_shapes_in9(output: Path, train_per_class: int, test_per_class: int, s
     _write_split(output / "mixed_rand" / "val", test_per_class, size, seed, "in9-rand", bg_hue=rand)
 
 
-# `make_downstream.kind` -> its writer: the kinds config accepts.
+# `make_downstream.kind` -> its writer: one per name of `lbgen.config.choices.DOWNSTREAM_KINDS`.
 def _write_fashion_mnist(output: Path, train_per_class: int, test_per_class: int, size: int, seed: int) -> None:
     """Real Fashion-MNIST (not procedural): ImageFolder train/ + test/ keyed by class id (`lbgen.data.fashion_mnist`)."""
     from lbgen.data.fashion_mnist import write_fashion_mnist

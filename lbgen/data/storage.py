@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +22,11 @@ from typing import Union
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from lbgen.config.paths import is_uri
 from lbgen.errors import StorageError  # noqa: F401  (raised here; defined with the others)
 
 # What stages accept wherever a location may be remote.
 Where = Union[str, Path, "Location"]
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_uri(where: str | Path) -> bool:
-    """True for `scheme://...` (object stores, `file://`), False for a plain local path."""
-    return bool(_SCHEME.match(str(where)))
-
 
 def absolute(where: str | Path) -> str:
     """A URI unchanged, a local path made absolute: the form to hand to workers on other nodes."""

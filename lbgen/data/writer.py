@@ -36,7 +36,7 @@ from lbgen.data.reader import read_manifest, read_stats, sha256_file, summarize
 from lbgen.data.storage import Location, Where, locate
 from lbgen.errors import DatasetError
 from lbgen.runtime.locks import LOCK_FILE, OutputLock
-from lbgen.runtime.training import differences
+from lbgen.runtime.outputs import differences
 
 # No space left, or over quota: the run stops; whole shards stay and a re-run resumes.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

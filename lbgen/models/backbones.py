@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lbgen.data.transforms import ImageTransform
 from lbgen.errors import BackboneError  # noqa: F401  (raised here; defined with the others)
+from lbgen.runtime.outputs import umask_mode
 from lbgen.runtime.seeds import derive_seed
-from lbgen.runtime.training import umask_mode
 
 WEIGHTS_FILE = "backbone.safetensors"
 META_FILE = "model.json"
@@ -42,6 +43,10 @@ class Backbone:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_pct: float
+
+    def eval_transform(self, size: int | None = None) -> ImageTransform:
+        """The evaluation transform of its images: its own input size and crop unless `size` is set."""
+        return ImageTransform(size or self.image_size, train=False, crop_pct=self.crop_pct)
 
 
 def pretrained_cfg_overlay(weights: Path, num_classes: int, image_size: int, mean, std, crop_pct: float) -> dict:

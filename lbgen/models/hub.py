@@ -65,13 +65,6 @@ def not_found(kind: str, name: str, how: str, err: Exception | None = None) -> M
     )
 
 
-def refusal_reason(err: Exception) -> str:
-    """What `torch.load(weights_only=True)` refused, in one line (torch's own message is a paragraph)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if "WeightsUnpickler error" in line]
-    return (after or [type(err).__name__])[0][:200]
-
-
 @contextlib.contextmanager
 def weights_only_loads():
     """Within the block every `torch.load` is `weights_only=True`, even where a library passes False

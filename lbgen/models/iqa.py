@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lbgen.models.hub import UnsafeWeightsError, hub_access, not_found, refusal_reason, weights_only_loads
+from lbgen.errors import refusal_reason
+from lbgen.models.hub import UnsafeWeightsError, hub_access, not_found, weights_only_loads
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

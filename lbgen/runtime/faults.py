@@ -12,10 +12,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-# Where a fault can fire: inside `GenerateBatch` (after a micro-batch's denoising, before its decoding),
-# and in the fine-tuning loop after a step (its metrics logged and any checkpoint reported).
-POINTS = ("generate.batch", "finetune.step")
-
 _visits: Counter = Counter()  # per process: how often each point was reached
 
 

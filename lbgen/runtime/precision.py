@@ -1,7 +1,7 @@
 """Precision settings and what they mean on any device: autocast, weight dtypes, the fp16 loss scaler.
 
-The names are the registries that config validates against (torch-free at import: the CLI's
-`--help` and input checks must not load torch). The same setting means the same thing on a
+The names and their dtype names are config's (`lbgen.config.choices`), torch-free: the CLI's
+`--help` and input checks must not load torch. The same setting means the same thing on a
 GPU and on a CPU, so every GPU code path can be exercised on a CPU.
 """
 
@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
-# `finetune.cluster.mixed_precision` / `pretrain.cluster.mixed_precision` -> torch dtype name of the autocast (None: fp32).
-MIXED_PRECISION = {"bf16": "bfloat16", "fp16": "float16", "no": None}
-# `generate.dtype` -> torch dtype name of the generation model's weights.
-WEIGHT_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+from lbgen.config.choices import MIXED_PRECISION, WEIGHT_DTYPES
 
 
 def weight_dtype(name: str):

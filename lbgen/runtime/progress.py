@@ -1,4 +1,4 @@
-"""A driver-side progress bar that follows a stage's `metrics.jsonl`.
+"""A stage's `metrics.jsonl`: the log rank 0 writes (`MetricsLog`) and the driver's progress bar that follows it.
 
 Ray workers' stdout arrives interleaved with Ray's own logs, which garbles a bar
 drawn there. Rank 0 writes one JSON line per step instead, and the driver draws
@@ -9,10 +9,36 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
+
+
+class MetricsLog:
+    """`metrics.jsonl`, one JSON line per step or epoch; on resume, lines past the checkpoint are dropped.
+
+    Lines without a `step` (or with `phase: warmup`) belong to the run's start and are kept, unless
+    the run starts over (`resume_step` 0, e.g. a worker died before the first checkpoint).
+    `fields` go into every line: how the numbers were made (`device`, `precision`).
+    """
+
+    def __init__(self, path: Path, resume_step: int, fields: dict | None = None):
+        self.path = Path(path)
+        self.fields = dict(fields or {})
+        kept = []
+        if self.path.exists() and resume_step > 0:
+            for line in self.path.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("phase") == "warmup" or record.get("step", 0) <= resume_step:
+                    kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        """Append `record` with the wall-clock `time` it was written (throughput from the log)."""
+        with self.path.open("a") as f:
+            f.write(json.dumps({**record, **self.fields, "time": time.time()}) + "\n")
 
 
 class MetricsProgress:

@@ -117,3 +117,12 @@ def _wait_for_growth(stage: str, requests: Sequence[Request], wait_s: float, say
             time.sleep(1.0)
     finally:
         request_resources(bundles=[])  # the stage's own actors and workers hold the nodes from now on
+
+
+def use_gpu(setting: bool | None) -> bool:
+    """A stage's `use_gpu` setting; null means: GPUs when the attached Ray cluster has any."""
+    import ray
+
+    if setting is not None:
+        return setting
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0

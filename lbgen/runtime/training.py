@@ -1,22 +1,19 @@
-"""What the training stages (finetune, pretrain) share: the Ray Train driver, metrics log, resume guard, GPU choice.
+"""The Ray Train driver of the training stages (finetune, pretrain) and their checkpoint files.
 
-A stage's output directory holds `config.yaml` and `metrics.jsonl`, and re-running into
-it resumes only when the settings that define the run's content are unchanged.
+`fit` runs one train loop in 1 or N workers after the resource pre-flight; `report` attaches a
+checkpoint; `load_train_state` / `load_tensors` read checkpoint files back, refusing anything that
+would unpickle code. Output-directory checks and the resume guard are `lbgen.runtime.outputs`'.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import tempfile
-import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 
-from lbgen.config import Config, ConfigError, from_dict, load_yaml
+from lbgen.config import Config, ConfigError
+from lbgen.errors import refusal_reason
 from lbgen.runtime import resources
-from lbgen.runtime.locks import check_free
 
 
 class CheckpointError(ConfigError):
@@ -32,8 +29,6 @@ def load_train_state(path: Path, device) -> dict:
     import pickle
 
     import torch
-
-    from lbgen.models.hub import refusal_reason
 
     try:
         return torch.load(path, map_location=device, weights_only=True)
@@ -53,116 +48,6 @@ def load_tensors(path: Path, device) -> dict:
         return load_file(path, device=str(device))
     except Exception as err:  # noqa: BLE001  safetensors raises its own error types for a bad header
         raise CheckpointError(f"checkpoint file {path} is not a readable safetensors file ({str(err).splitlines()[0][:200]})") from None
-
-
-class MetricsLog:
-    """`metrics.jsonl`, one JSON line per step or epoch; on resume, lines past the checkpoint are dropped.
-
-    Lines without a `step` (or with `phase: warmup`) belong to the run's start and are kept, unless
-    the run starts over (`resume_step` 0, e.g. a worker died before the first checkpoint).
-    `fields` go into every line: how the numbers were made (`device`, `precision`).
-    """
-
-    def __init__(self, path: Path, resume_step: int, fields: dict | None = None):
-        self.path = Path(path)
-        self.fields = dict(fields or {})
-        kept = []
-        if self.path.exists() and resume_step > 0:
-            for line in self.path.read_text().splitlines():
-                record = json.loads(line)
-                if record.get("phase") == "warmup" or record.get("step", 0) <= resume_step:
-                    kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        """Append `record` with the wall-clock `time` it was written (throughput from the log)."""
-        with self.path.open("a") as f:
-            f.write(json.dumps({**record, **self.fields, "time": time.time()}) + "\n")
-
-
-def umask_mode(path: Path) -> Path:
-    """Give a final output file the mode the user's umask asks for, and return it.
-
-    safetensors creates its files 0600: a LoRA or backbone on shared storage would be unreadable
-    to a teammate, unlike every other file a run writes.
-    """
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-    return Path(path)
-
-
-def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """`"key.path: old -> new"` for every leaf that differs between two nested dicts."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def use_gpu(setting: bool | None) -> bool:
-    """A stage's `use_gpu` setting; null means: GPUs when the attached Ray cluster has any."""
-    import ray
-
-    if setting is not None:
-        return setting
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-
-
-def check_output_dir(path: str | Path, field: str) -> None:
-    """Refuse an output that cannot become a writable directory, before anything is written.
-
-    `field` names the setting in the message (e.g. "generate.output"). Object-store URIs pass.
-    """
-    from lbgen.data.storage import is_uri
-
-    if is_uri(path):
-        return
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{field} {path}: exists and is not a directory")
-    ancestor = path.absolute()
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"{field} {path}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{field} {path}: {ancestor} is not writable")
-    check_free(path)  # another command writing there: refused now, not after Ray starts
-
-
-def check_resumable(
-    output: Path, cfg: Config, stage: str, sections: Collection[str], resumable: Collection[str], what: str | None = None
-) -> None:
-    """Refuse to resume into `output` if its `config.yaml` differs from `cfg` in `sections`.
-
-    `what` names the run in the message (default: `stage`); fields of the `stage` section listed in
-    `resumable` (paths within it: output, epochs, cluster.workers, ...: `lbgen.config.resumable_fields`)
-    may change between runs. A run that failed before its first checkpoint (`checkpoints/checkpoint_*`)
-    binds nothing.
-    """
-    saved = output / "config.yaml"
-    if not saved.exists() or not any((output / "checkpoints").glob("checkpoint_*")):
-        return
-    def identity(config: dict) -> dict:
-        kept = {section: config[section] for section in sections}
-        kept[stage] = _without(config[stage], resumable)
-        return kept
-
-    old = dataclasses.asdict(from_dict(Config, load_yaml(saved), str(saved)))
-    changed = differences(identity(old), identity(dataclasses.asdict(cfg)))
-    if changed:
-        raise ConfigError(f"{output} holds a {what or stage} run with other settings ({', '.join(changed)}); use another --output")
-
-
-def _without(section: dict, paths: Collection[str], prefix: str = "") -> dict:
-    """`section` less the (dotted) `paths`, nested sections included."""
-    return {k: _without(v, paths, f"{prefix}{k}.") if isinstance(v, dict) else v
-            for k, v in section.items() if prefix + k not in paths}
 
 
 def run_config(output: Path, max_failures: int):
@@ -201,7 +86,7 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict, cfg: Config, stag
     from ray.train.torch import TorchTrainer
 
     output, cluster = Path(getattr(cfg, stage).output), getattr(cfg, stage).cluster
-    scaling = ScalingConfig(num_workers=cluster.workers, use_gpu=use_gpu(cluster.use_gpu),
+    scaling = ScalingConfig(num_workers=cluster.workers, use_gpu=resources.use_gpu(cluster.use_gpu),
                             resources_per_worker={"CPU": cluster.cpus_per_worker}, accelerator_type=cluster.accelerator_type)
     settings = ", ".join(f"{stage}.cluster.{name} (--{name.replace('_', '-')})" for name in ("workers", "cpus_per_worker", "use_gpu", "accelerator_type"))
     resources.require(stage, training_requests(scaling, bool(datasets)), settings, cfg.resource_wait_s)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lbgen.data.downstream import EVAL_SPLITS, ImageFolderImages, TransformedImages
+from lbgen.data.downstream import EVAL_SPLITS, ImageFolderImages, TransformedImages, dataset_name
 from lbgen.data.transforms import decode_pixels, image_blobs, normalize
 from lbgen.errors import DownstreamError
 from lbgen.models.backbones import backbone_classes, load_backbone
@@ -79,10 +79,8 @@ def check_set(dataset: str, specs: list[str]) -> None:
 @torch.no_grad()
 def top_k_hits(backbone, images, outputs: np.ndarray, size: int | None, batch_size: int, workers: int, device) -> np.ndarray:
     """(N, k) bool, k = min(TOP_K, outputs): whether each image's label is the backbone's k-th guess over all its outputs."""
-    from lbgen.stages.evaluate import eval_transform
-
     model = backbone.model.to(device).eval()
-    data = TransformedImages(images, eval_transform(backbone, size))
+    data = TransformedImages(images, backbone.eval_transform(size))
     hits = []
     for pixels, targets in torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers):
         logits = model(normalize(pixels.to(device), backbone.mean, backbone.std)).float().cpu()
@@ -108,8 +106,6 @@ class ClassifyProtocol:
 
     @staticmethod
     def run(cfg, spec: str, dataset: str, device) -> list[dict]:
-        from lbgen.stages.evaluate import dataset_name
-
         ev, started = cfg.evaluate, time.perf_counter()
         images = open_keyed(dataset)
         outputs = class_map(images, backbone_classes(spec), dataset, spec)

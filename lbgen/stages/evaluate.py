@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lbgen.config import Config, from_dict, require_local, to_yaml
-from lbgen.data.downstream import ImageFolderImages, TransformedImages, open_downstream
+from lbgen.data.downstream import ImageFolderImages, TransformedImages, dataset_name, open_downstream
 from lbgen.data.results import (
     BIAS_FIELDS,
     CLASSIFY_FIELDS,
@@ -40,10 +40,10 @@ from lbgen.data.results import (
     write_csv,
     write_results,
 )
-from lbgen.data.torchvision_sets import is_torchvision
 from lbgen.data.transforms import ImageTransform, normalize
 from lbgen.method.bias import accuracy, background_gap, in9_folders
 from lbgen.models.backbones import Backbone, load_backbone
+from lbgen.runtime import resources
 from lbgen.runtime.seeds import derive_seed
 from lbgen.stages.protocols import load_protocol
 
@@ -81,10 +81,6 @@ def validation_split(targets: np.ndarray, val_fraction: float, seed: int) -> tup
 
 
 # ---------------------------------------------------------------- linear probe
-
-
-def eval_transform(backbone: Backbone, size: int | None) -> ImageTransform:
-    return ImageTransform(size or backbone.image_size, train=False, crop_pct=backbone.crop_pct)
 
 
 @torch.no_grad()
@@ -179,7 +175,7 @@ def finetune_accuracy(spec: str, train_set, indices: np.ndarray, test_set, num_c
             step += 1
             scheduler.step_update(step)
     model.eval()
-    test_data = TransformedImages(test_set, eval_transform(backbone, ev.eval_image_size))
+    test_data = TransformedImages(test_set, backbone.eval_transform(ev.eval_image_size))
     predictions, targets = [], []
     with torch.no_grad():
         for images, labels in torch.utils.data.DataLoader(test_data, batch_size=ev.eval_batch_size, num_workers=ev.loader_workers):
@@ -226,7 +222,7 @@ class LinearProtocol(SweepProtocol):
         ev = cfg.evaluate
         self.cfg, self.num_classes = cfg, len(train_set.classes)
         backbone = load_backbone(spec, cfg.seed)
-        transform = eval_transform(backbone, ev.eval_image_size)
+        transform = backbone.eval_transform(ev.eval_image_size)
         self.embedded = np.unique(np.concatenate([stratified_subset(train_set.targets, f, cfg.seed) for f in ev.fractions]))
         self.train_x = extract_features(backbone, TransformedImages(train_set, transform, self.embedded), ev.eval_batch_size, ev.loader_workers, device)
         self.test_x = extract_features(backbone, TransformedImages(test_set, transform), ev.eval_batch_size, ev.loader_workers, device)
@@ -249,11 +245,6 @@ class FinetuneProtocol(SweepProtocol):
         """Test accuracy (percent) after fine-tuning on `indices`; no L2."""
         num_classes = len(self.train_set.classes)
         return finetune_accuracy(self.spec, self.train_set, indices, self.test_set, num_classes, self.cfg, self.device), None
-
-
-def dataset_name(dataset: str) -> str:
-    """How results name a set: torchvision's name, or the directory's."""
-    return dataset.split(":", 1)[1] if is_torchvision(dataset) else Path(dataset).name
 
 
 def evaluate_pair(config: dict, spec: str, dataset: str) -> list[dict]:
@@ -280,7 +271,7 @@ def bias_pair(config: dict, spec: str, root: str) -> dict:
     device = _device()
     folders = in9_folders(root)
     backbone = load_backbone(spec, cfg.seed)
-    transform = eval_transform(backbone, ev.eval_image_size)
+    transform = backbone.eval_transform(ev.eval_image_size)
 
     def features(folder: Path):
         images = ImageFolderImages(folder)
@@ -300,11 +291,14 @@ def bias_pair(config: dict, spec: str, root: str) -> dict:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Fail before any task starts when a backbone or dataset is missing, or the output unusable."""
+    """Fail before any task starts when the class table, a backbone or a dataset is bad or missing, or the
+    output is unusable."""
     from lbgen.config import ConfigError
+    from lbgen.data.classes import load_class_table
     from lbgen.models.backbones import BackboneError, read_meta
-    from lbgen.runtime.training import check_output_dir
+    from lbgen.runtime.outputs import check_output_dir
 
+    load_class_table(cfg.classes)  # every command refuses a bad --classes, as it always has
     require_local(cfg, "evaluate")
     ev = cfg.evaluate
     check_output_dir(ev.output, "evaluate.output")
@@ -337,24 +331,40 @@ def check_sets(cfg: Config) -> None:
                 check_set(dataset, own_classifiers(ev.backbone))
 
 
-def _run_all(fn, jobs: list[tuple], cfg: Config) -> list:
-    """`fn(config, *job)` for every job: as Ray tasks when Ray is up, else in this process."""
-    config = dataclasses.asdict(cfg)
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a dependency
-        ray = None
-    if ray is None or not ray.is_initialized():
-        return [fn(config, *job) for job in jobs]
+def task_resources(cfg: Config) -> dict[str, float] | None:
+    """What each evaluation task holds on the attached Ray cluster, once the cluster is known to hold one
+    (refused in one line naming the settings, never queued forever); None without Ray: tasks run here."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
     ev = cfg.evaluate
     gpus = ev.task_gpus if ev.task_gpus is not None else float(ray.cluster_resources().get("GPU", 0) > 0)
-    remote = ray.remote(num_cpus=ev.task_cpus, num_gpus=gpus)(fn)
+    holds = {"CPU": ev.task_cpus, "GPU": gpus}
+    resources.require("evaluate", [resources.Request("evaluation task", 1, holds)],
+                      "evaluate.task_cpus (--task-cpus) or evaluate.task_gpus (--task-gpus)", cfg.resource_wait_s)
+    return holds
+
+
+def _run_all(fn, jobs: list[tuple], cfg: Config, holds: dict[str, float] | None) -> list:
+    """`fn(config, *job)` for every job: as Ray tasks each holding `holds` when Ray is up, else in this process."""
+    config = dataclasses.asdict(cfg)
+    if holds is None or not jobs:
+        return [fn(config, *job) for job in jobs]
+    import ray
+
+    print(f"[evaluate] {len(jobs)} {fn.__name__} task(s), each holding {resources.format_resources(holds)}", flush=True)
+    remote = ray.remote(num_cpus=holds["CPU"], num_gpus=holds["GPU"])(fn)
     return ray.get([remote.remote(config, *job) for job in jobs])
 
 
-def evaluate(cfg: Config) -> Path:
-    """Evaluate every backbone on every downstream (and bias) set; returns the output directory."""
+def evaluate(cfg: Config, checked: None = None) -> Path:
+    """Evaluate every backbone on every downstream (and bias) set; returns the output directory.
+
+    `checked`: the CLI's pre-flight ran `check_inputs`, which returns nothing; evaluation checks again
+    (it reads only metadata)."""
     check_inputs(cfg)
+    holds = task_resources(cfg)  # before anything is written
     ev = cfg.evaluate
     output = Path(ev.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(ev, output=str(output)))
@@ -362,13 +372,13 @@ def evaluate(cfg: Config) -> Path:
     (output / "config.yaml").write_text(to_yaml(cfg))
 
     pairs = [(spec, dataset) for spec in ev.backbone for dataset in ev.downstream]
-    records = [row for result in _run_all(evaluate_pair, pairs, cfg) for row in result]
+    records = [row for result in _run_all(evaluate_pair, pairs, cfg, holds) for row in result]
     sections = {"results": [], "classify": [], load_protocol(ev.protocol).section: records}
     if ev.also_classify and ev.protocol != "classify":
         own = [(spec, dataset) for spec in own_classifiers(ev.backbone) for dataset in ev.downstream]
-        sections["classify"] = [row for result in _run_all(classify_pair, own, cfg) for row in result]
+        sections["classify"] = [row for result in _run_all(classify_pair, own, cfg, holds) for row in result]
     rows, classify = sections["results"], sections["classify"]
-    bias_rows = _run_all(bias_pair, [(spec, root) for spec in ev.backbone for root in ev.bias], cfg)
+    bias_rows = _run_all(bias_pair, [(spec, root) for spec in ev.backbone for root in ev.bias], cfg, holds)
 
     write_results(rows, bias_rows, ev.protocol, output / RESULTS_JSON, classify)  # before results.csv, the completion marker
     if rows:
@@ -381,3 +391,13 @@ def evaluate(cfg: Config) -> Path:
         write_csv(bias_rows, output / "bias.csv", BIAS_FIELDS)
     (output / "results.md").write_text(results_markdown(rows, bias_rows, ev.protocol, classify=classify))
     return output
+
+
+def done_line(cfg: Config, output: Path) -> str:
+    """What the CLI prints when evaluation is done."""
+    return f"results: {output / 'results.md'}"
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether `directory` holds finished results (`results.csv` is written last)."""
+    return (Path(directory) / "results.csv").exists()

@@ -30,12 +30,11 @@ from lbgen.method.sampler import TrainableSampler, encode_prompts, gradient_step
 from lbgen.models import create_clip, create_generator, create_iqa
 from lbgen.models.generator import LORA_FILE
 from lbgen.models.iqa import SCORERS, has_pixel_gradient
-from lbgen.runtime import faults, training
+from lbgen.runtime import faults, outputs, training
 from lbgen.runtime.locks import OutputLock
 from lbgen.runtime.precision import MixedPrecision
-from lbgen.runtime.progress import MetricsProgress
+from lbgen.runtime.progress import MetricsLog, MetricsProgress
 from lbgen.runtime.seeds import derive_seed, seeded_generator
-from lbgen.runtime.training import MetricsLog
 
 DISC_FILE = "discriminator.safetensors"
 ADAPTER_FILE = "adapter.safetensors"  # peft-format LoRA inside checkpoints
@@ -279,7 +278,7 @@ def export_lora(adapter_file: Path, output: Path, ft: FinetuneConfig) -> Path:
     state = convert_state_dict_to_diffusers(load_file(adapter_file))
     StableDiffusionPipeline.save_lora_weights(output, unet_lora_layers=state, safe_serialization=True,
                                               unet_lora_adapter_metadata=lora_config(ft).to_dict())
-    return training.umask_mode(output / LORA_FILE)
+    return outputs.umask_mode(output / LORA_FILE)
 
 
 # ---------------------------------------------------------------- Ray Train
@@ -306,6 +305,8 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as directory:
             start = finetuner.load(Path(directory))
     log = MetricsLog(output / "metrics.jsonl", start, finetuner.precision.record()) if rank == 0 else None
+    if log and start:  # one line per start from a checkpoint (a resumed run, a restarted worker): the restart history
+        log.write({"phase": "resume", "resumed_from_step": start})
     if start == 0:
         if rank == 0:
             save_samples(finetuner.sample_grid(), finetuner.table.ids, output / "samples", 0)
@@ -317,7 +318,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = finetuner.train_step(step)
         done = step + 1
         if log:
-            log.write(metrics)
+            log.write({**metrics, "resumed_from_step": start})
         if rank == 0 and (done == steps or (ft.sample_every and done % ft.sample_every == 0)):
             save_samples(finetuner.sample_grid(), finetuner.table.ids, output / "samples", done)
         if done == steps or done % ft.cluster.checkpoint_every == 0:
@@ -327,7 +328,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def check_resumable(output: Path, cfg: Config) -> None:
     """Refuse to resume into `output` if it holds a run with different content-defining settings."""
-    training.check_resumable(output, cfg, "finetune", ("classes", "seed", "model", "finetune"), RESUMABLE_FIELDS, "fine-tuning")
+    outputs.check_resumable(output, cfg, "finetune", ("classes", "seed", "model", "finetune"), RESUMABLE_FIELDS, "fine-tuning")
 
 
 def check_quality_loss(cfg: Config) -> None:
@@ -356,7 +357,7 @@ def check_inputs(cfg: Config) -> ClassTable:
     check_generator(cfg.model.generator)
     check_quality_loss(cfg)
     output = Path(cfg.finetune.output).expanduser()
-    training.check_output_dir(output, "finetune.output")
+    outputs.check_output_dir(output, "finetune.output")
     if output.is_dir():
         check_resumable(output.resolve(), cfg)
     return table
@@ -387,3 +388,13 @@ def finetune(cfg: Config, table: ClassTable | None = None) -> Path:
             export_lora(Path(directory) / ADAPTER_FILE, output, cfg.finetune)
             (output / DISC_FILE).write_bytes((Path(directory) / DISC_FILE).read_bytes())
     return output
+
+
+def done_line(cfg: Config, output: Path) -> str:
+    """What the CLI prints when fine-tuning is done."""
+    return f"fine-tuned LoRA: {output / LORA_FILE}"
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether `directory` holds a finished fine-tuning (its LoRA is written last)."""
+    return (Path(directory) / LORA_FILE).exists()

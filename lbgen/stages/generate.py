@@ -38,9 +38,9 @@ from lbgen.data.storage import locate
 from lbgen.data.writer import DatasetPlan, DatasetWriter
 from lbgen.models.generator import LORA_FILE, simulates_gpu
 from lbgen.runtime import faults, resources
+from lbgen.runtime.outputs import check_output_dir
 from lbgen.runtime.precision import weight_dtype
-from lbgen.runtime.resources import Request
-from lbgen.runtime.training import check_output_dir, use_gpu
+from lbgen.runtime.resources import Request, use_gpu
 
 # Settings that do not change a single row: a resumed run may change them.
 RESUMABLE_FIELDS = resumable_fields(GenerateConfig)
@@ -326,3 +326,8 @@ def summary_text(manifest: dict) -> str:
     extra = {"shards": f"{manifest['totals']['shards']}/{manifest['num_shards']}",
              "made": manifest["throughput"]["images_this_run"], "images/s": manifest["throughput"]["images_per_s"]}
     return format_summary(manifest["summary"], extra)
+
+
+def done_line(cfg: Config, manifest: dict) -> str:
+    """What the CLI prints when generation is done."""
+    return f"{summary_text(manifest)}\ndataset: {cfg.generate.output}"

@@ -31,12 +31,11 @@ from lbgen.data.shards import RowFilter, ShardError
 from lbgen.data.sources import TrainingData, open_training_data
 from lbgen.data.transforms import ImageTransform, decode_batch, normalize
 from lbgen.models.backbones import export_backbone
-from lbgen.runtime import training
+from lbgen.runtime import outputs, training
 from lbgen.runtime.locks import OutputLock
 from lbgen.runtime.precision import MixedPrecision
-from lbgen.runtime.progress import MetricsProgress
+from lbgen.runtime.progress import MetricsLog, MetricsProgress
 from lbgen.runtime.seeds import derive_seed
-from lbgen.runtime.training import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +289,7 @@ def check_inputs(cfg: Config) -> TrainingData:
     import timm
 
     require_local(cfg, "pretrain")
-    training.check_output_dir(cfg.pretrain.output, "pretrain.output")
+    outputs.check_output_dir(cfg.pretrain.output, "pretrain.output")
     # Here, not in the workers: Ray Train would retry a worker's error `max_failures` times.
     if not timm.is_model(cfg.pretrain.model):
         raise ConfigError(f"pretrain.model: {cfg.pretrain.model!r} is not a timm model (see timm.list_models())")
@@ -309,7 +308,7 @@ def pretrain(cfg: Config, shards: TrainingData | None = None) -> Path:
     output = Path(pt.output)
     table = load_class_table(cfg.classes)
     with OutputLock(output):  # one writer per output
-        training.check_resumable(output, cfg, "pretrain", ("classes", "seed", "pretrain"), RESUMABLE_FIELDS)
+        outputs.check_resumable(output, cfg, "pretrain", ("classes", "seed", "pretrain"), RESUMABLE_FIELDS)
         (output / "config.yaml").write_text(to_yaml(cfg))
         (output / "shards.json").write_text(json.dumps(shards.to_json(), indent=2) + "\n")
 
@@ -345,3 +344,13 @@ def export_checkpoint(checkpoint: Path, cfg: Config, output: Path) -> Path:
         model, output, timm_name=pt.model, class_ids=table.ids, class_names=table.names, image_size=pt.image_size,
         mean=pt.mean, std=pt.std, crop_pct=pt.crop_pct, extra={"epochs": state["epoch"], "steps": state["step"], "data": pt.data},
     )
+
+
+def done_line(cfg: Config, output: Path) -> str:
+    """What the CLI prints when pre-training is done."""
+    return f"pre-trained backbone: {output / 'backbone.safetensors'} (+ model.json)"
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether `directory` holds a finished pre-training (its exported backbone)."""
+    return (Path(directory) / "backbone.safetensors").exists()

@@ -45,7 +45,7 @@ def check_inputs(cfg: Config) -> dict[str, Any]:
     """
     from lbgen.data.classes import load_class_table
     from lbgen.models.generator import check_generator
-    from lbgen.runtime.training import check_output_dir
+    from lbgen.runtime.outputs import check_output_dir
     from lbgen.stages.finetune import check_quality_loss, check_resumable
 
     require_local(cfg, "run")
@@ -62,7 +62,7 @@ def check_inputs(cfg: Config) -> dict[str, Any]:
     return {"finetune": table}
 
 
-def run(cfg: Config, log=print, checked: dict[str, Any] | None = None) -> Path:
+def run(cfg: Config, checked: dict[str, Any] | None = None, log=print) -> Path:
     """Run every stage not yet complete under `cfg.run.output`, then write the report; returns that directory.
 
     `checked`: what `check_inputs(cfg)` returned, when the caller has already checked.
@@ -81,3 +81,8 @@ def run(cfg: Config, log=print, checked: dict[str, Any] | None = None) -> Path:
         step.call(cfg, checked.get(step.name))
     log(f"[report] {build_report(root, cfg.report)['html']}")
     return root
+
+
+def done_line(cfg: Config, output: Path) -> str:
+    """What the CLI prints when every stage is done."""
+    return f"all stages done: {output} (results: {output / 'evaluate' / 'results.md'}, report: {output / 'report.html'})"

@@ -1,8 +1,8 @@
-"""Run directories shared by the training stages: the metrics log across resumes and restarts."""
+"""A stage's metrics log (lbgen.runtime.progress): each step once across resumes and restarts."""
 
 import json
 
-from lbgen.runtime.training import MetricsLog
+from lbgen.runtime.progress import MetricsLog
 
 
 def _steps(path):

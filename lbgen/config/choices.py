@@ -1,0 +1,33 @@
+"""The names a setting may take: the vocabularies config checks values against, on the lowest floor.
+
+Which names a setting accepts is a fact about the settings, so it lives here, and the modules that
+give a name its meaning (`runtime.precision`, `runtime.faults`, `data.images`, `data.shapes`,
+`stages.protocols`) import it from here: config never imports upward. Plain data: no torch, no I/O.
+"""
+
+from __future__ import annotations
+
+# `finetune.cluster.mixed_precision` / `pretrain.cluster.mixed_precision` -> torch dtype name of the autocast (None: fp32).
+MIXED_PRECISION = {"bf16": "bfloat16", "fp16": "float16", "no": None}
+# `generate.dtype` -> torch dtype name of the generation model's weights.
+WEIGHT_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+# `fault.point`: where a test's fault can fire: inside `GenerateBatch` (after a micro-batch's denoising,
+# before its decoding), and in the fine-tuning loop after a step (its metrics logged and any checkpoint reported).
+FAULT_POINTS = ("generate.batch", "finetune.step")
+
+# `generate.image_format` -> (PIL format, file extension of the image's `path`).
+IMAGE_FORMATS: dict[str, tuple[str, str]] = {"jpeg": ("JPEG", "jpg"), "png": ("PNG", "png"), "webp": ("WEBP", "webp")}
+
+# `make_downstream.kind`: the sets `lbgen.data.shapes.KINDS` writes (procedural shapes; real Fashion-MNIST).
+DOWNSTREAM_KINDS = ("shapes", "shapes-in9", "fashion-mnist")
+
+# `evaluate.protocol` -> the protocol class, as "module:attribute" (imported when used: `stages.protocols`).
+PROTOCOLS = {
+    # Frozen features + a standardised logistic-regression probe per fraction.
+    "linear": "lbgen.stages.evaluate:LinearProtocol",
+    # The whole backbone and a new head fine-tuned per fraction.
+    "finetune": "lbgen.stages.evaluate:FinetuneProtocol",
+    # The backbone's own classifier, untrained further, on real images of its classes keyed by class_id.
+    "classify": "lbgen.stages.classify:ClassifyProtocol",
+}
