@@ -20,12 +20,10 @@ generated samples, wall time) are also written to MANIFEST.json with every file'
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import io
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lbgen.data.fashion_mnist import read_idx
 from lbgen.models.clip import MINI_CLIP_FILES, create_clip
 from lbgen.models.generator import SD_SCHEDULER, clip_bpe_tokenizer, create_generator
 from lbgen.models.iqa import MINI_IQA_FILES, MiniIQA, create_iqa
@@ -53,16 +52,6 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------- data
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (gzipped or not) as a numpy array (images: (N, 28, 28) uint8; labels: (N,) uint8)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def load_split(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
