@@ -20,7 +20,6 @@ generated samples, wall time) are also written to MANIFEST.json with every file'
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
@@ -37,6 +36,7 @@ from lbgen.data.fashion_mnist import read_idx
 from lbgen.models.clip import MINI_CLIP_FILES, create_clip
 from lbgen.models.generator import SD_SCHEDULER, clip_bpe_tokenizer, create_generator
 from lbgen.models.iqa import MINI_IQA_FILES, MiniIQA, create_iqa
+from lbgen.models.shipped import file_sha256
 
 # Fashion-MNIST's classes in its own label order (its README); also the shipped `fashion10` class table.
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -398,14 +398,6 @@ def sample_figures(generator_dir: Path, clip, seed: int, per_class: int, steps: 
 # ---------------------------------------------------------------- shipping
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(out: Path, command: str, figures: dict) -> None:
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.json")
     manifest = {
@@ -413,7 +405,7 @@ def write_manifest(out: Path, command: str, figures: dict) -> None:
         "data": "Fashion-MNIST train split (60,000 images; the test split only for CLIP's zero-shot figure)",
         "figures": figures,
         "bytes": sum(p.stat().st_size for p in files),
-        "files": {p.relative_to(out).as_posix(): sha256(p) for p in files},
+        "files": {p.relative_to(out).as_posix(): file_sha256(p) for p in files},
     }
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
