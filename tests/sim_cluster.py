@@ -102,10 +102,14 @@ class ActorWatch:
         self._thread.join()
 
 
-def generation_node(nodes, watch: ActorWatch, record: dict):
-    """The first of `nodes` that holds a live generation actor now; `record` gets those actors and the time."""
-    alive = watch.alive()
-    node = next(n for n in nodes if n.node_id in alive.values())
+def generation_node(nodes, watch: ActorWatch, record: dict, wait_s: float = 60):
+    """The first of `nodes` that holds a live generation actor, waiting up to `wait_s` for the GCS actor table
+    to list one (under load it can lag the first shard); `record` gets those actors and the time."""
+    deadline = time.perf_counter() + wait_s
+    while not (node := next((n for n in nodes if n.node_id in (alive := watch.alive()).values()), None)):
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"no worker node held a live generation actor for {wait_s} s: {alive}")
+        time.sleep(0.1)
     record["actors_on_killed_node"] = sorted(a for a, where in alive.items() if where == node.node_id)
     record["killed_node"], record["killed_at"] = node.node_id, time.perf_counter()
     return node
@@ -114,6 +118,8 @@ def generation_node(nodes, watch: ActorWatch, record: dict):
 def replacements(watch: ActorWatch, record: dict) -> dict:
     """How the killed node's generation actors were replaced: the same actors seen alive on another node after
     the kill (Ray restarted them), and actors first seen after the kill (new ones)."""
+    if "killed_at" not in record:
+        raise RuntimeError("the node was never killed (see the watcher's error above)")
     killed_at, node = record.pop("killed_at"), record["killed_node"]
     restarted = sorted(a for a in record["actors_on_killed_node"]
                        if any(t > killed_at and where != node for t, where in watch.seen.get(a, ())))

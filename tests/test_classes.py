@@ -60,3 +60,10 @@ def test_bad_tables_name_file_and_line(tmp_path, name, content, needle):
 def test_missing_table_names_the_path(tmp_path):
     with pytest.raises(ClassTableError, match="not found"):
         load_class_table(tmp_path / "nope.txt")
+
+
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_an_empty_table_name_is_refused_as_empty_not_as_the_current_directory(spec):
+    with pytest.raises(ClassTableError, match="classes is empty") as err:
+        load_class_table(spec)
+    assert "directory" not in str(err.value)

@@ -280,6 +280,7 @@ def nested(path: str, value) -> dict:
 @given(field=st.sampled_from(GENERATE_FIELDS + ["finetune.lr", "pretrain.epochs", "evaluate.fractions", "generate.bogus", "nope"]),
        value=VALUES)
 @example(field="model.generator", value="")  # not a hub id: used to escape as huggingface_hub's HFValidationError
+@example(field="classes", value="")  # Path("") is ".": was refused as a directory, naming neither setting nor value
 @example(field="classes", value="\x1e")  # a line separator in a path: the message stays one line, escaped
 def test_config_files_work_or_name_the_setting(cli_until_ray, field, value):
     with tempfile.TemporaryDirectory() as tmp:

@@ -119,6 +119,9 @@ def load_class_table(spec: str | Path) -> ClassTable:
         ref = resources.files("lbgen") / "data" / f"{spec}_classes.txt"
         with resources.as_file(ref) as path:
             return _check(path, _rows_from_txt(path), "line")
+    if not str(spec).strip():
+        # Path("") is ".", which would be refused as a directory the user never named.
+        raise ClassTableError(f"classes is empty: name a shipped table ({', '.join(SHIPPED_TABLES)}) or a .txt, .csv or .parquet file")
     path = Path(spec)
     if not path.exists():
         raise ClassTableError(f"class table not found: {path} (shipped tables: {', '.join(SHIPPED_TABLES)})")
