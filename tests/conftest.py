@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -38,6 +39,12 @@ def pytest_collection_finish(session):
         from scenarios import Scenarios
 
         session.config.stash[SCENARIOS] = Scenarios(names)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Each background scenario's wall time: they run beside the other tests, so --durations does not show them."""
+    if SCENARIOS in config.stash and config.stash[SCENARIOS].seconds:
+        terminalreporter.write_line("background scenarios (s): " + json.dumps(config.stash[SCENARIOS].seconds))
 
 
 def pytest_sessionfinish(session):

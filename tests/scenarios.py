@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class Scenarios:
         self.timeout_s = timeout_s
         self.done = {name: threading.Event() for name in names}
         self.errors: dict[str, str] = {}
+        self.seconds: dict[str, int] = {}  # wall time of each scenario run, for the session's summary
         self.proc: subprocess.Popen | None = None
         self.stopping = False
         threading.Thread(target=self._run_all, daemon=True).start()
@@ -85,6 +87,7 @@ class Scenarios:
         # Ray workers may run functions of the test modules.
         env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(dir=self.root, prefix=""),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+        started = time.perf_counter()
         with open(out / "log.txt", "w") as log:
             self.proc = subprocess.Popen([sys.executable, __file__, name, str(out / "result.json")], env=env,
                                          stdout=log, stderr=subprocess.STDOUT)
@@ -93,6 +96,7 @@ class Scenarios:
             except subprocess.TimeoutExpired:
                 self._stop(self.proc)
                 code = f"timeout after {self.timeout_s:.0f} s"
+        self.seconds[name] = round(time.perf_counter() - started)
         if code != 0:
             self.errors[name] = f"{name} exited {code}:\n" + (out / "log.txt").read_text()[-3000:]
 

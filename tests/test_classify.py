@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from lbgen.cli import main
-from lbgen.data.transforms import normalize
+from lbgen.data.transforms import Normalize
 from lbgen.errors import BackboneError
 from lbgen.models.backbones import backbone_classes, export_backbone, load_backbone
 
@@ -37,7 +37,7 @@ def known_answer(tmp_path_factory):
                              image_size=32, mean=MEAN, std=STD, crop_pct=1.0)
     pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
     with torch.no_grad():
-        ranked = model(normalize(torch.from_numpy(pixels), MEAN, STD)).argsort(1, descending=True).numpy()
+        ranked = model(Normalize(MEAN, STD)(torch.from_numpy(pixels))).argsort(1, descending=True).numpy()
     rank_used = [0] * 12 + [2] * 6 + [7] * 6
     folders, rows = root / "imagenet" / "val", []
     for i, (image, rank) in enumerate(zip(pixels, rank_used)):

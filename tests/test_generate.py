@@ -156,6 +156,16 @@ def test_full_run_rows_and_manifest(full_run, table_file):
     assert found.summary["rows"] == 24
 
 
+def test_generation_leaves_ray_datas_global_settings_as_it_found_them(full_run):
+    """Generation orders its own rows and hides Ray Data's bars on its dataset only: in `lbgen run`, pre-training's
+    ingest in the same process keeps Ray Data's defaults (unordered, its own progress)."""
+    import ray.data
+
+    defaults, ctx = ray.data.DataContext(), ray.data.DataContext.get_current()
+    assert ctx.execution_options.preserve_order == defaults.execution_options.preserve_order
+    assert ctx.enable_progress_bars == defaults.enable_progress_bars
+
+
 def test_image_remade_alone_equals_full_run(full_run, generator, table_file):
     output, _ = full_run
     cfg, gen = generator

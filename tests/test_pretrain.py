@@ -125,9 +125,28 @@ def test_cli_reads_the_shards_once(shards, tmp_path, monkeypatch):
     monkeypatch.setattr("lbgen.stages.pretrain.open_training_data", lambda *a, **k: scans.append(a) or open_training_data(*a, **k))
     monkeypatch.setattr("lbgen.cli.init_ray", lambda address: None)
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    monkeypatch.setattr("lbgen.stages.pretrain.build_dataset", lambda *a: None)  # the held-out read would start a Ray
     with pytest.raises(TrainerReached):
         main(["pretrain", "--preset", "tiny", "--data", str(shards), "--output", str(tmp_path / "out")])
     assert len(scans) == 1
+
+
+@pytest.mark.ray
+def test_validation_reads_the_shards_once_however_many_epochs(ray_local, shards, tmp_path):
+    """The held-out rows are read when pre-training starts, then never again: with the shards gone, every
+    epoch's validation pass still sees all of them (it used to re-read every shard's images each epoch)."""
+    import shutil
+
+    from lbgen.stages.pretrain import build_dataset
+
+    copy = tmp_path / "shapes"
+    shutil.copytree(shards, copy)
+    cfg = tiny([copy], tmp_path / "out", val_fraction=0.1)
+    source = check_data(cfg)
+    val = build_dataset(source, cfg, "val")
+    shutil.rmtree(copy)
+    epochs = [sorted(val.to_pandas()["label"].tolist()) for _ in range(2)]
+    assert len(epochs[0]) == source.val_rows > 0 and epochs[0] == epochs[1]
 
 
 def test_undecodable_image_names_file_and_row(tmp_path):
@@ -274,3 +293,83 @@ def test_vit_learns_the_shapes_with_the_transformer_recipe(shards):
     print(f"test_vit, deit recipe: train loss drop {train_drop:.3f} (>= {VIT_MIN_TRAIN_DROP}), clean held-out loss drop "
           f"{held_drop:.3f} (>= {VIT_MIN_HELD_DROP}), accuracy {held['val_acc']:.3f} (>= {VIT_MIN_ACC}); losses {[round(v, 3) for v in losses]}")
     assert train_drop >= VIT_MIN_TRAIN_DROP and held_drop >= VIT_MIN_HELD_DROP and held["val_acc"] >= VIT_MIN_ACC, (untrained, held)
+
+
+# ---------------------------------------------------------------- two DDP ranks: per-rank randomness, resume
+
+
+def _drop_path_masks(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Hooks that record, per forward, which samples each of timm's DropPath layers kept."""
+    from timm.layers import DropPath
+
+    masks = []
+    for module in model.modules():
+        if isinstance(module, DropPath):
+            module.register_forward_hook(lambda _m, inputs, output: masks.append((output != 0).flatten(1).any(1)))
+    return masks
+
+
+def _two_rank_run(rank: int, port: int, cfg, out: Path) -> None:
+    """One of two gloo DDP ranks: the masks of one step, and the weights after two epochs run straight
+    through and after the same two epochs with a checkpoint and a fresh trainer between them."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lbgen.stages.pretrain import Pretrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(rank)  # each rank its own batches, as DDP's data shards are
+    batches = [(torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8, generator=g), torch.randint(0, 10, (8,), generator=g))
+               for _ in range(4)]
+
+    def trainer() -> Pretrainer:
+        return Pretrainer(cfg, 10, 2, wrap=DistributedDataParallel, rank=rank)
+
+    def epoch(t: Pretrainer, e: int) -> None:
+        t.start_epoch(e)
+        for images, labels in batches[2 * e:2 * e + 2]:
+            t.train_step(images, labels)
+
+    straight = trainer()
+    masks = _drop_path_masks(straight.model)
+    for e in range(2):
+        epoch(straight, e)
+    first = trainer()
+    epoch(first, 0)
+    if rank == 0:
+        (out / "ckpt").mkdir()
+        first.save(out / "ckpt", epoch=1)
+    dist.barrier()
+    resumed = trainer()
+    assert resumed.load(out / "ckpt") == 1
+    epoch(resumed, 1)
+    torch.save({"masks": torch.stack(masks[:12]), "straight": straight.model.state_dict(), "resumed": resumed.model.state_dict()},
+               out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_draw_their_own_drop_path_masks_and_a_resumed_run_equals_a_straight_one(tmp_path):
+    """Two gloo DDP ranks of the deit recipe's `test_vit` (drop-path 0.1, mixup/cutmix): the ranks' masks
+    differ, and on each rank two epochs with a checkpoint between them end on the weights of two straight ones."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cfg = tiny(["unused"], "unused", model="test_vit", recipe="deit", drop_path=0.5, image_size=32, batch_size=8, epochs=2,
+                warmup_epochs=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_run, args=(port, cfg, tmp_path), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    differ = (rank0["masks"] != rank1["masks"]).any(1).float().mean()
+    print(f"drop-path layers whose masks differ across the two ranks: {differ:.0%}")
+    assert differ >= 0.5, (rank0["masks"], rank1["masks"])
+    for found in (rank0, rank1):
+        assert found["straight"].keys() == found["resumed"].keys()
+        assert all(torch.equal(found["straight"][k], found["resumed"][k]) for k in found["straight"])
+    assert all(torch.equal(rank0["straight"][k], rank1["straight"][k]) for k in rank0["straight"])  # DDP kept them one model

@@ -76,6 +76,10 @@ class RowFilter:
             keep &= pc.fill_null(table.column("clip_agrees"), False).to_numpy(zero_copy_only=False)
         return keep
 
+    def select(self, table: pa.Table, split: str) -> pa.Table:
+        """The rows of `table` that `split` uses (see `mask`)."""
+        return table.filter(pa.array(self.mask(table, split)))
+
 
 @dataclass
 class ShardSet:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lbgen.data.downstream import EVAL_SPLITS, ImageFolderImages, TransformedImages, dataset_name
-from lbgen.data.transforms import decode_pixels, image_blobs, normalize
+from lbgen.data.transforms import Normalize, decode_pixels, image_blobs
 from lbgen.errors import DownstreamError
 from lbgen.models.backbones import backbone_classes, load_backbone
 
@@ -81,9 +81,9 @@ def top_k_hits(backbone, images, outputs: np.ndarray, size: int | None, batch_si
     """(N, k) bool, k = min(TOP_K, outputs): whether each image's label is the backbone's k-th guess over all its outputs."""
     model = backbone.model.to(device).eval()
     data = TransformedImages(images, backbone.eval_transform(size))
-    hits = []
+    normalize, hits = Normalize(backbone.mean, backbone.std, device), []
     for pixels, targets in torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers):
-        logits = model(normalize(pixels.to(device), backbone.mean, backbone.std)).float().cpu()
+        logits = model(normalize(pixels)).float().cpu()
         guesses = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices
         truth = torch.from_numpy(outputs[targets.numpy()])
         hits.append(guesses == truth[:, None])

@@ -40,7 +40,7 @@ from lbgen.data.results import (
     write_csv,
     write_results,
 )
-from lbgen.data.transforms import ImageTransform, normalize
+from lbgen.data.transforms import ImageTransform, Normalize
 from lbgen.method.bias import accuracy, background_gap, in9_folders
 from lbgen.models.backbones import Backbone, load_backbone
 from lbgen.runtime import resources
@@ -85,10 +85,12 @@ def validation_split(targets: np.ndarray, val_fraction: float, seed: int) -> tup
 
 @torch.no_grad()
 def extract_features(backbone: Backbone, dataset: TransformedImages, batch_size: int, workers: int, device) -> torch.Tensor:
-    """(N, D) float32 pooled features of `dataset` (frozen backbone, eval mode), on the CPU."""
+    """(N, D) float32 pooled features of `dataset` (frozen backbone, eval mode), on `device`: the probe is then
+    fitted where they are (on a GPU, not on the CPU of a task that holds one)."""
     model = backbone.model.to(device).eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    chunks = [model(normalize(images.to(device), backbone.mean, backbone.std)).float().cpu() for images, _ in loader]
+    normalize = Normalize(backbone.mean, backbone.std, device)
+    chunks = [model(normalize(images)).float() for images, _ in loader]
     return torch.cat(chunks)
 
 
@@ -117,7 +119,7 @@ class Probe:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> np.ndarray:
-        return self.head((x - self.mean) / self.std).argmax(1).numpy()
+        return self.head((x - self.mean) / self.std).argmax(1).cpu().numpy()
 
 
 def fit_probe(train_x, train_y, num_classes: int, l2_grid, max_iter: int, val_fraction: float, seed: int) -> Probe:
@@ -126,15 +128,16 @@ def fit_probe(train_x, train_y, num_classes: int, l2_grid, max_iter: int, val_fr
     When the subset is too small to hold out one image of any class, the grid's middle value is used.
     """
     mean, std = train_x.mean(0), train_x.std(0, unbiased=False) + 1e-6
-    x = (train_x - mean) / std
-    fit_idx, val_idx = validation_split(train_y.numpy(), val_fraction, seed)
+    x, labels = (train_x - mean) / std, train_y.numpy()
+    train_y = train_y.to(train_x.device)
+    fit_idx, val_idx = validation_split(labels, val_fraction, seed)
     l2_grid = sorted(l2_grid)
     best = l2_grid[len(l2_grid) // 2]
     if len(val_idx):
         scores = []
         for l2 in l2_grid:
             head = fit_logistic(x[fit_idx], train_y[fit_idx], num_classes, l2, max_iter)
-            scores.append(accuracy(Probe(0.0, 1.0, head, l2).predict(x[val_idx]), train_y[val_idx].numpy()))
+            scores.append(accuracy(Probe(0.0, 1.0, head, l2).predict(x[val_idx]), labels[val_idx]))
         best = l2_grid[int(np.argmax(scores))]  # ties go to the weakest penalty
     return Probe(mean, std, fit_logistic(x, train_y, num_classes, best, max_iter), best)
 
@@ -163,12 +166,13 @@ def finetune_accuracy(spec: str, train_set, indices: np.ndarray, test_set, num_c
     warmup = len(loader) if ev.ft_epochs > 1 else 0
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, steps - warmup), warmup_t=warmup, warmup_prefix=True, t_in_epochs=False)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    normalize = Normalize(backbone.mean, backbone.std, device)
     step = 0
     for epoch in range(ev.ft_epochs):
         train_data.epoch = epoch
         model.train()
         for images, labels in loader:
-            loss = loss_fn(model(normalize(images.to(device), backbone.mean, backbone.std)), labels.to(device))
+            loss = loss_fn(model(normalize(images)), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -179,7 +183,7 @@ def finetune_accuracy(spec: str, train_set, indices: np.ndarray, test_set, num_c
     predictions, targets = [], []
     with torch.no_grad():
         for images, labels in torch.utils.data.DataLoader(test_data, batch_size=ev.eval_batch_size, num_workers=ev.loader_workers):
-            predictions.append(model(normalize(images.to(device), backbone.mean, backbone.std)).argmax(1).cpu())
+            predictions.append(model(normalize(images)).argmax(1).cpu())
             targets.append(labels)
     return accuracy(torch.cat(predictions).numpy(), torch.cat(targets).numpy())
 

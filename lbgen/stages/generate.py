@@ -310,12 +310,14 @@ def _generate_into(writer: DatasetWriter, cfg: Config, table: ClassTable, device
     todo = writer.todo
     start, made = time.perf_counter(), sum(plan_.shard_rows[k] for k in todo)
     if todo:
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # rows arrive shard by shard: bounded buffering
-        ctx.enable_progress_bars = False  # lbgen draws its own bar
+        ds = build_pipeline(cfg, table, todo, device, gpus)
+        # This dataset's context, not Ray's global one: the stages after generation (pre-training's ingest in
+        # `lbgen run`) keep Ray Data's defaults.
+        ds.context.execution_options.preserve_order = True  # rows arrive shard by shard: bounded buffering
+        ds.context.enable_progress_bars = False  # lbgen draws its own bar
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         with tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
-            for batch in build_pipeline(cfg, table, todo, device, gpus).iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.add(batch)
                 bar.update(len(batch["label"]))
     return writer.finish(made, time.perf_counter() - start)

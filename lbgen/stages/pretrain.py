@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -29,7 +30,7 @@ from lbgen.data import storage
 from lbgen.data.classes import load_class_table
 from lbgen.data.shards import RowFilter, ShardError
 from lbgen.data.sources import TrainingData, open_training_data
-from lbgen.data.transforms import ImageTransform, decode_batch, normalize
+from lbgen.data.transforms import ImageTransform, Normalize, decode_batch
 from lbgen.models.backbones import export_backbone
 from lbgen.runtime import outputs, training
 from lbgen.runtime.locks import OutputLock
@@ -61,10 +62,15 @@ def image_transform(cfg: Config, train: bool) -> ImageTransform:
 
 
 def build_dataset(source: TrainingData, cfg: Config, split: str):
-    """The Ray Dataset of `split` ("train": augmented, read order shuffled per epoch; "val": eval crops)."""
+    """The Ray Dataset of `split` ("train": augmented, read order shuffled per epoch; "val": eval crops of
+    rows read once)."""
     rows = row_filter(cfg)
     train = split == "train"
     ds = source.read(train, cfg.pretrain.read_block_rows, ["image", "label", "index", *rows.score_columns()])
+    if not train:
+        # The held-out rows (`val_fraction` of them) are read from the data once, here, and kept encoded in
+        # Ray's object store: each epoch's validation decodes them again but never re-reads every shard's images.
+        ds = ds.map_batches(rows.select, batch_format="pyarrow", fn_kwargs={"split": split}).materialize()
     # One map stage after the read: Ray Data's per-operator reservations only idle CPUs here (on 2 CPUs the
     # decode tasks ran 1.44 at a time on average and their workers used 1.38 CPUs; 1.69 without; benchmarks/RESULTS.md).
     ds.context.op_resource_reservation_enabled = False
@@ -118,17 +124,19 @@ def peak_lr(pt: PretrainConfig) -> float:
 class Pretrainer:
     """One worker's pre-training state: timm model, optimiser, warm-up + cosine schedule, mixup/cutmix; plain PyTorch."""
 
-    def __init__(self, cfg: Config, num_classes: int, steps_per_epoch: int, device="cpu", wrap: Callable = lambda m: m):
+    def __init__(self, cfg: Config, num_classes: int, steps_per_epoch: int, device="cpu", wrap: Callable = lambda m: m,
+                 rank: int = 0):
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
         from timm.scheduler import CosineLRScheduler
 
         pt = cfg.pretrain
-        self.cfg, self.device = cfg, torch.device(device)
+        self.cfg, self.device, self.rank = cfg, torch.device(device), rank
         on_gpu = self.device.type == "cuda"
         self.precision = MixedPrecision(pt.cluster.mixed_precision, self.device)
         self.memory_format = torch.channels_last if on_gpu else torch.contiguous_format
+        self.normalize = Normalize(pt.mean, pt.std, self.device)
         with torch.random.fork_rng(devices=[]):  # the same init on every rank and every run
             torch.manual_seed(derive_seed(cfg.seed, "pretrain", pt.model))
             self.model = create_backbone(pt, num_classes)
@@ -147,11 +155,21 @@ class Pretrainer:
         self.scaler = self.precision.grad_scaler()
         self.step = 0  # optimiser steps done, across resumes
 
+    def start_epoch(self, epoch: int) -> None:
+        """Seed this rank's random generators for `epoch`: torch's CPU and every CUDA device's (drop-path
+        masks, dropout) and NumPy's global one (timm's mixup/cutmix), from (seed, rank, epoch).
+
+        Ranks then draw different masks (one seed for all would repeat every mask on every GPU), and a
+        run resumed from a checkpoint, which always falls at an epoch's end, draws exactly what the
+        uninterrupted run drew: the generators' state is a function of the epoch, so none is saved.
+        """
+        seed = derive_seed(self.cfg.seed, "pretrain-epoch", self.rank, epoch)
+        torch.manual_seed(seed)  # seeds every CUDA device too
+        np.random.seed(seed % 2**32)
+
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, S, 3) uint8 -> normalised (B, 3, S, S) float on the device."""
-        pt = self.cfg.pretrain
-        x = normalize(images.to(self.device, non_blocking=True), pt.mean, pt.std)
-        return x.contiguous(memory_format=self.memory_format)
+        return self.normalize(images).contiguous(memory_format=self.memory_format)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimiser step on a batch; returns the (detached) loss tensor without syncing the device."""
@@ -209,7 +227,9 @@ class Pretrainer:
         """Restore a checkpoint written by `save`; returns the number of epochs done."""
         directory = Path(directory)
         self.model.load_state_dict(training.load_tensors(directory / MODEL_FILE, self.device))
-        state = training.load_train_state(directory / TRAIN_STATE_FILE, self.device)
+        # Onto the CPU: the optimiser moves its moments to each parameter's device itself, but keeps the
+        # `step` counters where they come from; on a GPU, non-capturable AdamW would sync per parameter per step.
+        state = training.load_train_state(directory / TRAIN_STATE_FILE, "cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -233,7 +253,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(max(1, int(pt.cluster.cpus_per_worker)))
-    trainer = Pretrainer(cfg, config["num_classes"], config["steps_per_epoch"], ray.train.torch.get_device(), ray.train.torch.prepare_model)
+    trainer = Pretrainer(cfg, config["num_classes"], config["steps_per_epoch"], ray.train.torch.get_device(),
+                         ray.train.torch.prepare_model, rank)
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -249,6 +270,7 @@ def train_loop_per_worker(config: dict) -> None:
     if start >= pt.epochs:  # nothing left: hand the restored weights back for the export
         training.report({"epoch": start, "step": trainer.step}, partial(trainer.save, epoch=start) if rank == 0 else None)
     for epoch in range(start, pt.epochs):
+        trainer.start_epoch(epoch)
         batches = train_shard.iter_torch_batches(batch_size=pt.batch_size, local_shuffle_buffer_size=shuffle, drop_last=True, prefetch_batches=2)
         record = {"epoch": epoch + 1, **trainer.train_epoch(batches)}
         if val_shard is not None:
