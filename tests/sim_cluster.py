@@ -78,6 +78,7 @@ class ActorWatch:
 
     def __init__(self, name: str):
         self.name, self.seen = name, {}  # actor id -> [(time, node id)] while alive
+        self.latest: dict[str, str] = {}  # the last sample: actor id -> node id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -90,7 +91,8 @@ class ActorWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            for actor_id, node in self.alive().items():
+            self.latest = self.alive()
+            for actor_id, node in self.latest.items():
                 self.seen.setdefault(actor_id, []).append((time.perf_counter(), node))
 
     def __enter__(self):
@@ -103,10 +105,11 @@ class ActorWatch:
 
 
 def generation_node(nodes, watch: ActorWatch, record: dict, wait_s: float = 60):
-    """The first of `nodes` that holds a live generation actor, waiting up to `wait_s` for the GCS actor table
-    to list one (under load it can lag the first shard); `record` gets those actors and the time."""
+    """The first of `nodes` that holds a live generation actor in `watch`'s latest sample, waiting up to `wait_s`
+    for one; `record` gets those actors and the time. The sample, not a query of its own: Ray's state accessor
+    is one object, and a second thread querying it beside the watch's got no actors on a loaded host."""
     deadline = time.perf_counter() + wait_s
-    while not (node := next((n for n in nodes if n.node_id in (alive := watch.alive()).values()), None)):
+    while not (node := next((n for n in nodes if n.node_id in (alive := watch.latest).values()), None)):
         if time.perf_counter() > deadline:
             raise RuntimeError(f"no worker node held a live generation actor for {wait_s} s: {alive}")
         time.sleep(0.1)

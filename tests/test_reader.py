@@ -9,7 +9,7 @@ import pytest
 
 from lbgen.config import resolve
 from lbgen.data.downstream import render_shape
-from lbgen.data.format import DATA_DIR
+from lbgen.data.format import DATA_DIR, read_columns
 from lbgen.data.images import encode_images
 from lbgen.data.reader import (
     class_embeddings,
@@ -19,6 +19,7 @@ from lbgen.data.reader import (
     near_duplicates,
     read_manifest,
 )
+from lbgen.data.plan import row_order
 from lbgen.data.writer import DatasetPlan, DatasetWriter
 from lbgen.errors import DatasetError
 
@@ -31,16 +32,19 @@ PLANTED = {(0, 4): (0, 1), (2, 5): (2, 0), (3, 3): (3, 2)}
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """A 4-class dataset of rendered shapes, scored by generate's own ScoreBatch (tiny CLIP), with
-    three images overwritten by copies of another image of their class."""
+    three images overwritten by copies of another image of their class; its rows in generation's order,
+    a seeded permutation (every shard mixes classes)."""
     from lbgen.stages.generate import ScoreBatch
 
     cfg = resolve("tiny")
-    position = np.arange(len(NAMES) * PER_CLASS)
-    label, index = position // PER_CLASS, position % PER_CLASS
-    pixels = np.stack([np.asarray(render_shape(int(lb), np.random.default_rng(int(p)), 64)) for lb, p in zip(label, position)])
+    image = np.arange(len(NAMES) * PER_CLASS)  # label * PER_CLASS + index
+    pixels = np.stack([np.asarray(render_shape(int(p) // PER_CLASS, np.random.default_rng(int(p)), 64)) for p in image])
     for (lb, i), (src_lb, src_i) in PLANTED.items():
         pixels[lb * PER_CLASS + i] = pixels[src_lb * PER_CLASS + src_i]
-    batch = {"label": label, "index": index, "shard": position // ROWS_PER_SHARD, "seed": position,
+    order = row_order(len(image), 0)
+    position, pixels = np.arange(len(image)), pixels[order]
+    label, index = order // PER_CLASS, order % PER_CLASS
+    batch = {"label": label, "index": index, "shard": position // ROWS_PER_SHARD, "seed": order,
              "class_id": np.array([f"s{k}" for k in label], dtype=object), "class_name": np.array([NAMES[k] for k in label], dtype=object),
              "prompt": np.array([NAMES[k] for k in label], dtype=object), "pixels": pixels}
     scored = ScoreBatch(dataclasses.asdict(cfg))(batch)
@@ -56,7 +60,8 @@ def planted(tmp_path_factory):
 
 def test_embeddings_come_back_per_class_across_shard_boundaries(planted):
     shards = finished_shards(planted, read_manifest(planted))
-    assert len(shards) == 5  # classes straddle shards: 6 images per class, 5 rows per shard
+    assert len(shards) == 5  # 24 images, 5 rows per shard, each shard a mix of classes
+    assert all(len(set(read_columns(path, ["label"]).column("label").to_pylist())) >= 2 for path in shards)
     got = list(class_embeddings(shards))
     assert [label for label, _, _ in got] == [0, 1, 2, 3]
     for _, indices, unit in got:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -79,38 +81,56 @@ def read_stats(paths: Sequence[Where]) -> pa.Table:
 
 
 def class_embeddings(paths: Sequence[Where]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(label, indices (n,), unit CLIP embeddings (n, D) float32) per class, reading shard by shard.
+    """(label, indices (n,), unit CLIP embeddings (n, D) float32) per class, whatever order the shards hold.
 
-    Shards are label-major (`lbgen.data.plan`), so a class is complete once a later shard starts
-    past it: memory holds about one shard and one class, at any dataset size.
+    Every shard holds every class (`lbgen.data.plan`), so the rows are gathered by class through a
+    memory-mapped file: one pass counts each class's rows, a second writes each row's embedding into its
+    class's slot. Memory holds about one shard and one class, at any dataset size.
     """
-    pending: list[pa.Table] = []
-    for path in paths:
-        table = read_columns(path, ["label", "index", "clip_embedding"])
-        pending.append(table)
-        first = table.column("label")[0].as_py() if table.num_rows else None
-        done = pa.concat_tables(pending)
-        if first is None:
-            continue
-        labels = done.column("label").to_numpy()
-        yield from _by_class(done.filter(pa.array(labels < first)))
-        pending = [done.filter(pa.array(labels >= first))]
-    if pending:
-        yield from _by_class(pa.concat_tables(pending))
-
-
-def _by_class(table: pa.Table) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    if not table.num_rows:
+    counts = _label_counts(paths)
+    if not counts.sum():
         return
-    labels, indices = table.column("label").to_numpy(), table.column("index").to_numpy()
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    with tempfile.TemporaryDirectory(prefix="lbgen-embeddings-") as tmp:
+        indices, vectors, filled = np.empty(starts[-1], np.int64), None, starts[:-1].copy()
+        for path in paths:
+            table = read_columns(path, ["label", "index", "clip_embedding"])
+            if not table.num_rows:
+                continue
+            labels, index, unit = _unit_rows(table)
+            if vectors is None:
+                vectors = np.memmap(Path(tmp) / "unit.f32", np.float32, "w+", shape=(starts[-1], unit.shape[1]))
+            order = np.argsort(labels, kind="stable")
+            sorted_labels = labels[order]
+            first = np.searchsorted(sorted_labels, sorted_labels)  # where each row's label starts among them
+            slots = filled[sorted_labels] + np.arange(len(order)) - first
+            indices[slots], vectors[slots] = index[order], unit[order]
+            filled += np.bincount(labels, minlength=len(counts))
+        for label in np.flatnonzero(counts):
+            rows = slice(starts[label], starts[label + 1])
+            by_index = np.argsort(indices[rows], kind="stable")
+            yield int(label), indices[rows][by_index], np.asarray(vectors[rows])[by_index]
+        del vectors  # the map closes before its directory goes
+
+
+def _label_counts(paths: Sequence[Where]) -> np.ndarray:
+    """Rows of each label over `paths` (label column only)."""
+    counts = np.zeros(0, np.int64)
+    for path in paths:
+        found = np.bincount(read_columns(path, ["label"]).column("label").to_numpy())
+        counts = np.pad(counts, (0, max(0, len(found) - len(counts))))
+        counts[:len(found)] += found
+    return counts
+
+
+def _unit_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, indices, unit-norm embeddings float32) of a shard's rows."""
     vectors = table.column("clip_embedding").combine_chunks()
     if vectors.null_count:
         raise DatasetError("shards hold rows without a CLIP embedding (made before lbgen stored them): re-generate")
     flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(table.num_rows, -1)
     unit = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
-    for label in np.unique(labels):
-        rows = labels == label
-        yield int(label), indices[rows], unit[rows]
+    return table.column("label").to_numpy(), table.column("index").to_numpy(), unit
 
 
 @dataclass

@@ -29,6 +29,7 @@ from lbgen.data.images import IMAGE_SUFFIXES
 from lbgen.data.shards import RowFilter, ShardSet, find_shards, open_shards
 from lbgen.data.storage import Location, locate
 from lbgen.errors import ShardError
+from lbgen.runtime.seeds import derive_seed
 
 
 @dataclass
@@ -97,6 +98,9 @@ class ImageFolderSource(_Counted):
             label_column += [labels[class_id]] * len(files)
             index += range(len(files))
         listing = pa.table({"path": paths, "label": pa.array(label_column, pa.int64()), "index": pa.array(index, pa.int64())})
+        # In a seeded random order: the class-sorted listing, cut into blocks, would give blocks of one class,
+        # and batches drawn through a shuffle buffer of a few blocks would see a few classes.
+        listing = listing.take(np.random.default_rng(derive_seed(row_filter.seed, "listing-order")).permutation(listing.num_rows))
         source = cls(root=str(root), listing=listing, filesystem=root.fs,
                      bytes=sum(info.size for files in by_class.values() for info in files))
         source.count(listing, row_filter)

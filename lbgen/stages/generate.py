@@ -32,7 +32,7 @@ from lbgen.config import Config, ConfigError, GenerateConfig, from_dict, resumab
 from lbgen.data.classes import ClassTable, load_class_table
 from lbgen.data.format import label_names
 from lbgen.data.images import encode_images
-from lbgen.data.plan import plan, shard_rows, shard_sizes  # noqa: F401  (plan is public here too)
+from lbgen.data.plan import SHARD_ORDER, plan, shard_rows, shard_sizes  # noqa: F401  (plan is public here too)
 from lbgen.data.reader import format_summary
 from lbgen.data.storage import locate
 from lbgen.data.writer import DatasetPlan, DatasetWriter
@@ -205,7 +205,7 @@ def content_settings(cfg: Config, table: ClassTable, lora_sha: str | None) -> di
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "trust_remote_code"}
     table_sha = hashlib.sha256(json.dumps([table.ids, table.names]).encode()).hexdigest()
     return {"seed": cfg.seed, "classes_sha256": table_sha, "num_classes": len(table), "model": model,
-            "lora_sha256": lora_sha, "generate": gen}
+            "lora_sha256": lora_sha, "generate": gen, "shard_order": SHARD_ORDER}
 
 
 def dataset_plan(cfg: Config, table: ClassTable, lora_sha: str | None) -> DatasetPlan:

@@ -82,6 +82,13 @@ def build_dataset(source: TrainingData, cfg: Config, split: str):
     )
 
 
+def train_batches(data, pt: PretrainConfig) -> Iterable[dict]:
+    """One epoch of training batches from `data` (a worker's dataset shard, or a Ray Dataset): batches of
+    `pt.batch_size` through a local shuffle buffer of `pt.shuffle_buffer` rows, the last partial one dropped."""
+    return data.iter_torch_batches(batch_size=pt.batch_size, local_shuffle_buffer_size=pt.shuffle_buffer or None,
+                                   drop_last=True, prefetch_batches=2)
+
+
 def steps_per_epoch(train_rows: int, cfg: Config) -> int:
     """Optimiser steps per epoch: full global batches (the last partial one is dropped)."""
     return train_rows // (cfg.pretrain.batch_size * cfg.pretrain.cluster.workers)
@@ -265,14 +272,12 @@ def train_loop_per_worker(config: dict) -> None:
     metrics_log = MetricsLog(Path(pt.output) / "metrics.jsonl", trainer.step, trainer.precision.record()) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
-    shuffle = pt.shuffle_buffer or None
 
     if start >= pt.epochs:  # nothing left: hand the restored weights back for the export
         training.report({"epoch": start, "step": trainer.step}, partial(trainer.save, epoch=start) if rank == 0 else None)
     for epoch in range(start, pt.epochs):
         trainer.start_epoch(epoch)
-        batches = train_shard.iter_torch_batches(batch_size=pt.batch_size, local_shuffle_buffer_size=shuffle, drop_last=True, prefetch_batches=2)
-        record = {"epoch": epoch + 1, **trainer.train_epoch(batches)}
+        record = {"epoch": epoch + 1, **trainer.train_epoch(train_batches(train_shard, pt))}
         if val_shard is not None:
             record.update(trainer.evaluate(val_shard.iter_torch_batches(batch_size=pt.batch_size, prefetch_batches=2)))
         record.update(step=trainer.step, lr=trainer.lr(), resumed_from_step=resumed_from)
