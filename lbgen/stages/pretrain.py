@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -70,7 +71,10 @@ def build_dataset(source: TrainingData, cfg: Config, split: str):
     if not train:
         # The held-out rows (`val_fraction` of them) are read from the data once, here, and kept encoded in
         # Ray's object store: each epoch's validation decodes them again but never re-reads every shard's images.
-        ds = ds.map_batches(rows.select, batch_format="pyarrow", fn_kwargs={"split": split}).materialize()
+        ds = ds.map_batches(rows.select, batch_format="pyarrow", fn_kwargs={"split": split})
+        ds.context.enable_progress_bars = False  # the stage draws its own progress
+        with quiet_logger("ray.data"):
+            ds = ds.materialize()
     # One map stage after the read: Ray Data's per-operator reservations only idle CPUs here (on 2 CPUs the
     # decode tasks ran 1.44 at a time on average and their workers used 1.38 CPUs; 1.69 without; benchmarks/RESULTS.md).
     ds.context.op_resource_reservation_enabled = False
@@ -80,6 +84,18 @@ def build_dataset(source: TrainingData, cfg: Config, split: str):
         batch_size=cfg.pretrain.decode_batch_size,
         fn_kwargs={"spec": image_transform(cfg, train), "rows": rows, "split": split},
     )
+
+
+@contextmanager
+def quiet_logger(name: str):
+    """`name`'s INFO lines (Ray Data's per-dataset progress and timings) left out while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def train_batches(data, pt: PretrainConfig) -> Iterable[dict]:
