@@ -130,39 +130,25 @@ def test_trained_lora_loads_into_a_saved_pipeline_and_changes_it(tiny_cfg, tmp_p
 # ------------------------------------------------------------------ Ray
 
 
-def _ddp_rank(rank: int, port: int, cfg, out: Path) -> None:
-    """One of two gloo DDP ranks: three fine-tuning steps, then its LoRA weights."""
-    import os
-
-    import torch.distributed as dist
+def _three_steps(rank: int, cfg, out: Path) -> None:
+    """One of two DDP ranks: three fine-tuning steps, then its LoRA weights."""
     from safetensors.torch import save_file
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    # One thread per rank, as finetune's own loop sets for a 1-CPU worker: two ranks of torch's default
-    # two threads each on two cores made every step take five times the CPU.
-    torch.set_num_threads(1)
     ft = Finetuner(cfg, rank=rank, world=2, wrap=DistributedDataParallel)
     for step in range(3):
         ft.train_step(step)
     save_file(ft.lora_state_dict(), out / f"rank{rank}.safetensors")
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_two_workers_keep_identical_lora(tiny_cfg, tmp_path):
     """Two DDP ranks (gloo, as Ray Train's CPU workers use; the Ray Train path runs in the epoch and resume
     tests) end three steps on the same LoRA weights, and the weights moved."""
-    import socket
-
-    import torch.multiprocessing as mp
+    from ddp import run_on_two_ranks
 
     cfg = tiny_cfg(finetune=dict(lr=0.05, num_steps=2))  # 2 denoising steps, both with gradient
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(port, cfg, tmp_path), nprocs=2)
+    run_on_two_ranks(_three_steps, cfg, tmp_path)
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)

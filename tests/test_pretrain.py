@@ -365,19 +365,14 @@ def _drop_path_masks(model: torch.nn.Module) -> list[torch.Tensor]:
     return masks
 
 
-def _two_rank_run(rank: int, port: int, cfg, out: Path) -> None:
-    """One of two gloo DDP ranks: the masks of one step, and the weights after two epochs run straight
+def _straight_and_resumed(rank: int, cfg, out: Path) -> None:
+    """One of two DDP ranks: the masks of one step, and the weights after two epochs run straight
     through and after the same two epochs with a checkpoint and a fresh trainer between them."""
-    import os
-
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from lbgen.stages.pretrain import Pretrainer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(rank)  # each rank its own batches, as DDP's data shards are
     batches = [(torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8, generator=g), torch.randint(0, 10, (8,), generator=g))
                for _ in range(4)]
@@ -405,22 +400,16 @@ def _two_rank_run(rank: int, port: int, cfg, out: Path) -> None:
     epoch(resumed, 1)
     torch.save({"masks": torch.stack(masks[:12]), "straight": straight.model.state_dict(), "resumed": resumed.model.state_dict()},
                out / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 def test_ddp_ranks_draw_their_own_drop_path_masks_and_a_resumed_run_equals_a_straight_one(tmp_path):
     """Two gloo DDP ranks of the deit recipe's `test_vit` (drop-path 0.1, mixup/cutmix): the ranks' masks
     differ, and on each rank two epochs with a checkpoint between them end on the weights of two straight ones."""
-    import socket
-
-    import torch.multiprocessing as mp
+    from ddp import run_on_two_ranks
 
     cfg = tiny(["unused"], "unused", model="test_vit", recipe="deit", drop_path=0.5, image_size=32, batch_size=8, epochs=2,
                 warmup_epochs=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_rank_run, args=(port, cfg, tmp_path), nprocs=2)
+    run_on_two_ranks(_straight_and_resumed, cfg, tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     differ = (rank0["masks"] != rank1["masks"]).any(1).float().mean()
     print(f"drop-path layers whose masks differ across the two ranks: {differ:.0%}")

@@ -629,7 +629,7 @@ def test_disk_full_stops_generate_keeping_whole_shards_and_resume_completes(tmp_
         assert inspect_dataset(output).ok
         # The same dataset an uninterrupted run makes: every row re-made alone from the plan.
         rows = sorted(pq.read_table(output / "data").to_pylist(), key=lambda r: (r["label"], r["index"]))
-        planned = plan(load_class_table(table), cfg)
+        planned = sorted(plan(load_class_table(table), cfg), key=lambda r: (r["label"], r["index"]))
         batch = {k: np.array([r[k] for r in planned]) for k in ("seed", "prompt")}
         remade = GenerateBatch(dataclasses.asdict(cfg))(batch)["pixels"]
         for row, want, pixels in zip(rows, planned, remade):

@@ -303,7 +303,6 @@ def generate(cfg: Config, checked: tuple[ClassTable, str | None] | None = None, 
 
 def _generate_into(writer: DatasetWriter, cfg: Config, table: ClassTable, device: str, gpus: bool, show_progress: bool) -> dict:
     """Make the shards `writer` still lacks through the Ray Data pipeline; returns the final manifest."""
-    import ray
     from tqdm.auto import tqdm
 
     plan_ = writer.plan
