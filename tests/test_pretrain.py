@@ -309,6 +309,7 @@ def test_training_batches_hold_as_many_classes_as_iid_draws(ray_local, hundred_c
 VIT_MIN_TRAIN_DROP, VIT_MIN_HELD_DROP, VIT_MIN_ACC = 0.03, 0.08, 0.15
 
 
+@pytest.mark.slow
 def test_vit_learns_the_shapes_with_the_transformer_recipe(shards):
     """timm's `test_vit` under `--recipe deit` (AdamW, warm-up + cosine, mixup/cutmix, label smoothing,
     stochastic depth, lr per 512 images), in plain PyTorch: the training loss falls, and on clean images
