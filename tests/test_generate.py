@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -164,6 +165,7 @@ def test_generation_leaves_ray_datas_global_settings_as_it_found_them(full_run):
     defaults, ctx = ray.data.DataContext(), ray.data.DataContext.get_current()
     assert ctx.execution_options.preserve_order == defaults.execution_options.preserve_order
     assert ctx.enable_progress_bars == defaults.enable_progress_bars
+    assert logging.getLogger("ray.data").level != logging.ERROR  # its warnings were silenced for the run only
 
 
 def test_image_remade_alone_equals_full_run(full_run, generator, table_file):

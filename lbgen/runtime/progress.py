@@ -8,8 +8,11 @@ the bar from that file on a background thread.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -90,3 +93,16 @@ class MetricsProgress:
         self._thread.join()
         self._refresh()
         self.bar.close()
+
+
+@contextmanager
+def quiet_logger(name: str, level: int = logging.WARNING) -> Iterator[None]:
+    """`name`'s lines below `level` (Ray Data's per-dataset progress and timings) left out while the block
+    runs, then its level as it was: a stage that draws its own progress does not silence the next stage."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

@@ -40,6 +40,7 @@ from lbgen.models.generator import LORA_FILE, simulates_gpu
 from lbgen.runtime import faults, resources
 from lbgen.runtime.outputs import check_output_dir
 from lbgen.runtime.precision import weight_dtype
+from lbgen.runtime.progress import quiet_logger
 from lbgen.runtime.resources import Request, use_gpu
 
 # Settings that do not change a single row: a resumed run may change them.
@@ -314,8 +315,8 @@ def _generate_into(writer: DatasetWriter, cfg: Config, table: ClassTable, device
         # `lbgen run`) keep Ray Data's defaults.
         ds.context.execution_options.preserve_order = True  # rows arrive shard by shard: bounded buffering
         ds.context.enable_progress_bars = False  # lbgen draws its own bar
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        with tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
+        with quiet_logger("ray.data", logging.ERROR), \
+                tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.add(batch)
                 bar.update(len(batch["label"]))

@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from lbgen.models.backbones import export_backbone
 from lbgen.runtime import outputs, training
 from lbgen.runtime.locks import OutputLock
 from lbgen.runtime.precision import MixedPrecision
-from lbgen.runtime.progress import MetricsLog, MetricsProgress
+from lbgen.runtime.progress import MetricsLog, MetricsProgress, quiet_logger
 from lbgen.runtime.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -84,18 +83,6 @@ def build_dataset(source: TrainingData, cfg: Config, split: str):
         batch_size=cfg.pretrain.decode_batch_size,
         fn_kwargs={"spec": image_transform(cfg, train), "rows": rows, "split": split},
     )
-
-
-@contextmanager
-def quiet_logger(name: str):
-    """`name`'s INFO lines (Ray Data's per-dataset progress and timings) left out while the block runs."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def train_batches(data, pt: PretrainConfig) -> Iterable[dict]:
