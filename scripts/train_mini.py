@@ -181,7 +181,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, scaling: float, labels, s
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    scheduler = DDPMScheduler(**SD_SCHEDULER)
+    scheduler = DDPMScheduler.from_config(SD_SCHEDULER)
     # The token embeddings stay at their seeded random values (distinct vectors per token are enough for ten
     # classes' captions): 3.2 M of the 3.3 M text-encoder parameters, which AdamW and the EMA would update each step.
     text_encoder.get_input_embeddings().requires_grad_(False)
@@ -215,11 +215,11 @@ def train_unet(unet, text_encoder, tokenizer, latents, scaling: float, labels, s
 
 
 def save_generator(out: Path, vae, unet, text_encoder, tokenizer, scaling: float) -> None:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     vae.register_to_config(scaling_factor=scaling)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+                                   scheduler=PNDMScheduler.from_config(SD_SCHEDULER), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     pipe.to(torch.float32)

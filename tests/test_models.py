@@ -175,3 +175,19 @@ def test_a_bad_sleep_delay_is_refused_naming_it(name):
 
     with pytest.raises(ConfigError, match=f"model.generator '{name}': the delay must be milliseconds >= 0"):
         check_generator(name)
+
+
+@pytest.mark.parametrize("generator", ["tiny", "mini"])
+def test_samplers_follow_sd15s_own_scheduler_config(generator):
+    """Samplers are built from the model's scheduler config: it must be SD 1.5's. Without `skip_prk_steps`,
+    PNDM adds 9 Runge-Kutta UNet calls to any step count; without `set_alpha_to_one=False`, DDIM's last step
+    differs from SD 1.5's; without `clip_sample=False`, DDIM clips its x0 estimate to [-1, 1]."""
+    from lbgen.models.generator import create_scheduler
+
+    config = create_generator(generator, resolution=32).scheduler.config
+    pndm = create_scheduler("pndm", config)
+    pndm.set_timesteps(10)
+    assert len(pndm.timesteps) == 11  # PLMS with skip_prk_steps: one warm-up step, as SD 1.5's PNDM
+    ddim = create_scheduler("ddim", config)
+    assert (ddim.config.set_alpha_to_one, ddim.config.clip_sample) == (False, False)
+    assert float(ddim.final_alpha_cumprod) == pytest.approx(float(ddim.alphas_cumprod[0]))

@@ -188,6 +188,24 @@ def test_decode_batch_gives_uint8_crops_with_labels(shards):
     assert batch["image"].std() > 10  # real pixels, not a blank canvas
 
 
+def test_memory_batches_shuffle_per_epoch_and_keep_every_eval_image_in_order():
+    from lbgen.data.downstream import ArrayImages
+    from lbgen.stages.pretrain import memory_batches
+
+    rng = np.random.default_rng(0)
+    images = ArrayImages(rng.integers(0, 256, (10, 40, 40, 3), dtype=np.uint8), np.arange(10) % 3, ["a", "b", "c"])
+    cfg = resolve("tiny", overrides={"pretrain": {"batch_size": 4, "image_size": 32}})
+
+    def labels(train: bool, epoch: int) -> list[list[int]]:
+        return [b["label"].tolist() for b in memory_batches(images, cfg, train, epoch)]
+
+    assert [len(b) for b in labels(True, 0)] == [4, 4]  # the last partial batch is dropped
+    assert labels(True, 0) == labels(True, 0) != labels(True, 1)  # a seeded order per epoch
+    evaluated = list(memory_batches(images, cfg, train=False))
+    assert sum((b["label"].tolist() for b in evaluated), []) == images.targets.tolist()
+    assert evaluated[0]["image"].shape == (4, 32, 32, 3) and evaluated[0]["image"].dtype == torch.uint8
+
+
 def test_pretrain_config_is_validated():
     with pytest.raises(ConfigError, match="pretrain.warmup_epochs"):
         resolve("tiny", overrides={"pretrain": {"epochs": 2, "warmup_epochs": 2.0}})

@@ -63,6 +63,16 @@ class ParquetImages:
         return decode_pixels(self.blobs[i])
 
 
+class ArrayImages:
+    """Images held in memory, as the other sets read them: (N, H, W, 3) uint8 `array` and (N,) `targets`."""
+
+    def __init__(self, array: np.ndarray, targets: np.ndarray, classes: list[str]):
+        self.array, self.targets, self.classes = array, np.asarray(targets, dtype=np.int64), list(classes)
+
+    def pixels(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.array[i]).permute(2, 0, 1)
+
+
 def _open_split(root: Path, split: str):
     folder = root / split
     if folder.is_dir():

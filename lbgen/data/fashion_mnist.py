@@ -73,13 +73,18 @@ def per_class_sample(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate(picks))
 
 
+def padded_rgb(images: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) grey -> (N, 32, 32, 3) uint8: padded by 2 px of background, grey replicated to RGB."""
+    return np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=3)
+
+
 def _write_split(folder: Path, images: np.ndarray, labels: np.ndarray, size: int) -> None:
     from PIL import Image
 
     for label in np.unique(labels):
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        padded = Image.fromarray(np.pad(image, 2)).convert("RGB")
+    for i, (image, label) in enumerate(zip(padded_rgb(images), labels)):
+        padded = Image.fromarray(image)
         (padded if size == 32 else padded.resize((size, size), Image.BICUBIC)).save(folder / str(label) / f"{i:05d}.png")
 
 

@@ -24,13 +24,18 @@ from lbgen.models.hub import hub_access, is_local_path, not_found
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-# SD 1.x noise schedule: training uses DDPM with it (DESIGN 1.1).
+# SD 1.5's own scheduler config (its `scheduler/scheduler_config.json`, a PNDMScheduler); training uses DDPM with its
+# noise schedule (DESIGN 1.1). Every sampler is built from it with `from_config`, which carries keys a class does
+# not take: without `skip_prk_steps`, PNDM would add 9 Runge-Kutta UNet calls (and fail below 4 steps); without
+# `set_alpha_to_one=False` and `clip_sample=False`, DDIM's last step and its clipping would differ from SD 1.5's.
 SD_SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
     clip_sample=False,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
     steps_offset=1,
 )
 
@@ -69,14 +74,14 @@ def clip_bpe_tokenizer(model_max_length: int = 77):
 
 
 def _assemble(unet, vae, text_encoder, tokenizer):
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDPMScheduler(**SD_SCHEDULER),
+        scheduler=PNDMScheduler.from_config(SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -28,6 +28,7 @@ from torch import nn
 from lbgen.config import Config, ConfigError, PretrainConfig, from_dict, require_local, resumable_fields, to_yaml
 from lbgen.data import storage
 from lbgen.data.classes import load_class_table
+from lbgen.data.downstream import TransformedImages
 from lbgen.data.shards import RowFilter, ShardError
 from lbgen.data.sources import TrainingData, open_training_data
 from lbgen.data.transforms import ImageTransform, Normalize, decode_batch
@@ -247,6 +248,30 @@ class Pretrainer:
         self.step = int(saved["step"])
         self.scheduler.step_update(self.step)
         return int(saved["epoch"])
+
+
+# ---------------------------------------------------------------- in one process
+
+
+def memory_batches(images, cfg: Config, train: bool, epoch: int = 0, batch_size: int | None = None) -> Iterable[dict]:
+    """Batches {"image", "label"} of an image set held in this process (`lbgen.data.downstream`'s sets) under the
+    train or eval transform: train batches in a seeded order per epoch, the last partial one dropped."""
+    data = TransformedImages(images, image_transform(cfg, train), seed=derive_seed(cfg.seed, "memory-crops"))
+    data.epoch = epoch
+    order = torch.Generator().manual_seed(derive_seed(cfg.seed, "memory-order", epoch))
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size or cfg.pretrain.batch_size, shuffle=train,
+                                         generator=order, drop_last=train)
+    return ({"image": pixels, "label": labels} for pixels, labels in loader)
+
+
+def pretrain_in_memory(cfg: Config, images) -> Pretrainer:
+    """`cfg.pretrain`'s training of a backbone on an image set held in this process, without Ray or files: the
+    `Pretrainer` loop each Ray Train worker runs, for tests and benchmarks that train on many small sets."""
+    trainer = Pretrainer(cfg, len(images.classes), steps_per_epoch=len(images.targets) // cfg.pretrain.batch_size)
+    for epoch in range(cfg.pretrain.epochs):
+        trainer.start_epoch(epoch)
+        trainer.train_epoch(memory_batches(images, cfg, True, epoch))
+    return trainer
 
 
 # ---------------------------------------------------------------- Ray Train
