@@ -3,6 +3,7 @@ import torch
 
 from lbgen.method.sampler import decode, denoise, gradient_step_indices, initial_latents
 from lbgen.models import create_generator
+from lbgen.models.generator import SCHEDULERS, create_scheduler
 
 
 @pytest.mark.parametrize("T, K", [(50, 5), (10, 2), (7, 3), (5, 5)])
@@ -27,7 +28,7 @@ def test_unet_called_T_times_K_with_grad():
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator().manual_seed(0)
-    latents = initial_latents(2, pipe.unet, pipe.vae_scale_factor, 64, scheduler, gen, "cpu")
+    latents = initial_latents(2, pipe.unet, pipe.vae_scale_factor, 64, gen, "cpu")
     cond = torch.randn(2, 77, 32)
     T, grad_idx = 8, [2, 5]
     out = denoise(pipe.unet, scheduler, latents, cond, torch.zeros_like(cond), num_steps=T, guidance=2.0, grad_indices=grad_idx, generator=gen)
@@ -50,10 +51,27 @@ def test_no_grad_when_the_caller_disables_it():
 
 def test_per_image_generators_make_images_batch_independent():
     pipe = create_generator("tiny", resolution=64)
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    both = initial_latents(2, pipe.unet, pipe.vae_scale_factor, 64, scheduler, gens([1, 2]), "cpu")
-    alone = initial_latents(1, pipe.unet, pipe.vae_scale_factor, 64, scheduler, gens([2]), "cpu")
+    both = initial_latents(2, pipe.unet, pipe.vae_scale_factor, 64, gens([1, 2]), "cpu")
+    alone = initial_latents(1, pipe.unet, pipe.vae_scale_factor, 64, gens([2]), "cpu")
     assert torch.equal(both[1:], alone)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+@pytest.mark.parametrize("generator", ["tiny", "mini"])  # mini's config file sets `leading` steps: Euler starts below its top sigma
+def test_denoise_equals_diffusers_own_pipeline_loop_for_every_sampler(generator, name):
+    """`denoise` against `StableDiffusionPipeline.__call__` with the same sampler, start noise, prompt states and
+    step generator: the same latents. A sampler whose first noise level, step arguments or CFG differ from
+    diffusers' (Euler's sigma before its timesteps are set, a generator PNDM's step refuses) fails here."""
+    pipe = create_generator(generator, resolution=32)
+    pipe.scheduler = create_scheduler(name, pipe.scheduler.config)
+    draw = torch.Generator().manual_seed(0)
+    noise = initial_latents(2, pipe.unet, pipe.vae_scale_factor, 32, draw, "cpu")
+    width = pipe.text_encoder.config.hidden_size
+    cond, uncond = torch.randn(2, 77, width, generator=draw), torch.randn(2, 77, width, generator=draw)
+    with torch.no_grad():
+        ours = denoise(pipe.unet, create_scheduler(name, pipe.scheduler.config), noise, cond, uncond, num_steps=5,
+                       guidance=2.0, generator=torch.Generator().manual_seed(1))
+        theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, num_inference_steps=5, guidance_scale=2.0,
+                      height=32, width=32, output_type="latent", generator=torch.Generator().manual_seed(1)).images
+    torch.testing.assert_close(ours, theirs)

@@ -6,6 +6,7 @@ steps for generation and with K gradient steps for fine-tuning.
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Sequence
 
 import torch
@@ -23,14 +24,14 @@ def gradient_step_indices(num_steps: int, grad_steps: int, generator: torch.Gene
     return [start + j * stride for j in range(grad_steps)]
 
 
-def initial_latents(batch: int, unet: nn.Module, vae_scale_factor: int, resolution: int, scheduler, generator: Generators, device) -> torch.Tensor:
-    """Gaussian start latents (B, C, H/f, W/f); one generator per image makes each image batch-independent."""
+def initial_latents(batch: int, unet: nn.Module, vae_scale_factor: int, resolution: int, generator: Generators, device) -> torch.Tensor:
+    """Unit Gaussian start noise (B, C, H/f, W/f); one generator per image makes each image batch-independent.
+    `denoise` scales it to the sampler's first noise level."""
     from diffusers.utils.torch_utils import randn_tensor
 
     side = resolution // vae_scale_factor
     shape = (batch, unet.config.in_channels, side, side)
-    latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
-    return latents * scheduler.init_noise_sigma
+    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -68,7 +69,8 @@ def denoise(
     under no_grad (their outputs are constants to autograd).
 
     Args:
-        latents: (B, C, h, w) start latents.
+        latents: (B, C, h, w) unit start noise (`initial_latents`), scaled here by the sampler's
+            `init_noise_sigma` once its timesteps are set: the Euler samplers' first sigma depends on the step count.
         cond, uncond: (B, L, D) text encoder states for the prompt and the empty prompt.
         generator: one generator, or one per image, for stochastic schedulers (DDPM).
     """
@@ -76,12 +78,15 @@ def denoise(
     grad_indices = set(grad_indices) if grad_enabled else set()
     first_grad = min(grad_indices, default=num_steps)
     scheduler.set_timesteps(num_steps, device=latents.device)
+    latents = latents * scheduler.init_noise_sigma
+    # Only the stochastic samplers' `step` takes a generator (PNDM's refuses one), as diffusers' pipelines pass it.
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(i in grad_indices):
             model_in = scheduler.scale_model_input(latents, t)
             noise = guided_noise(unet, model_in, t, cond, uncond, guidance)
         with torch.set_grad_enabled(i >= first_grad):
-            latents = scheduler.step(noise, t, latents, generator=generator).prev_sample
+            latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
     return latents
 
 

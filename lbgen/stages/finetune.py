@@ -139,10 +139,7 @@ class Finetuner:
         return cond, self.uncond.expand(len(names), -1, -1)
 
     def _latents(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        return initial_latents(
-            batch, self.pipe.unet, self.pipe.vae_scale_factor, self.cfg.model.resolution,
-            self.sampler.scheduler, generator, self.device,
-        )
+        return initial_latents(batch, self.pipe.unet, self.pipe.vae_scale_factor, self.cfg.model.resolution, generator, self.device)
 
     def _discriminator_step(self, labels: torch.Tensor, fake: torch.Tensor, generator: torch.Generator) -> dict:
         real_classes = draw_real_classes(labels, len(self.table), generator, self.cfg.finetune.exclude_own_class)

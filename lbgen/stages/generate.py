@@ -150,7 +150,7 @@ class GenerateBatch:
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]  # one per image
         unet, vae = self.pipe.unet, self.pipe.vae
         latents = initial_latents(len(seeds), unet, self.pipe.vae_scale_factor, self.cfg.model.resolution,
-                                  self.scheduler, generators, self.device).to(unet.dtype)
+                                  generators, self.device).to(unet.dtype)
         cond = encode_prompts(self.pipe, prompts, self.device)  # (B, L, D)
         latents = denoise(unet, self.scheduler, latents, cond, self.uncond.expand(len(seeds), -1, -1),
                           num_steps=gen.steps, guidance=gen.guidance, generator=generators)
