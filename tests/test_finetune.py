@@ -251,7 +251,7 @@ def test_cli_finetune_end_to_end_after_a_failed_run_into_the_same_output(scenari
     for key in ("loss_en", "loss_in", "loss_q", "loss_d", "d_acc_real", "d_acc_fake", "grad_norm", "step_time"):
         assert key in record
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all((r["device"], r["precision"]) == ("cpu", "no") for r in rows)  # the warm-up line too
+    assert all((r["device"], r["precision"]) == ("cpu", "fp32") for r in rows)  # the warm-up line too
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
