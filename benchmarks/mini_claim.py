@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from lbgen.config import Config
 from lbgen.config.io import resolve
@@ -47,7 +48,7 @@ from lbgen.stages.finetune import ADAPTER_FILE, Finetuner, export_lora, total_st
 from lbgen.stages.generate import GenerateBatch
 from lbgen.stages.pretrain import Pretrainer, memory_batches, pretrain_in_memory
 
-CLASSES = [str(label) for label in range(10)]  # fashion10's class ids: Fashion-MNIST's own labels
+CLASSES = list(load_class_table("fashion10").ids)  # Fashion-MNIST's own labels, "0".."9"
 
 # Loss weights of each fine-tuned arm, over the preset's (the paper's weights); {} keeps them all.
 LOSS_ARMS: dict[str, dict] = {
@@ -78,16 +79,15 @@ def subset(images: ArrayImages, keep: np.ndarray) -> ArrayImages:
 # ---------------------------------------------------------------- the three stages, in process
 
 def finetune_lora(cfg: Config, directory: Path) -> Path:
-    """Fine-tune as `lbgen finetune` does (discriminator warm-up, then `total_steps` steps); the exported LoRA's directory."""
-    torch.set_num_threads(cfg.generate.threads)
+    """Fine-tune as `lbgen finetune` does (discriminator warm-up, then `total_steps` steps); `directory`, now
+    holding the exported LoRA."""
     finetuner = Finetuner(cfg)
     finetuner.warmup_discriminator()
     for step in range(total_steps(cfg, len(finetuner.table))):
         finetuner.train_step(step)
-    from safetensors.torch import save_file
-
     save_file(finetuner.lora_state_dict(), directory / ADAPTER_FILE)
-    return export_lora(directory / ADAPTER_FILE, directory, cfg.finetune).parent
+    export_lora(directory / ADAPTER_FILE, directory, cfg.finetune)
+    return directory
 
 
 class CallCounter:
@@ -161,7 +161,6 @@ class Judge:
     def measure(self, images: ArrayImages, cnn_cfg: Config) -> dict:
         """The four figures of one arm's images."""
         predicted, features = predict(self.trainer, images, self.cfg)
-        torch.set_num_threads(cnn_cfg.generate.threads)
         cnn = pretrain_in_memory(cnn_cfg, images)
         on_real = cnn.evaluate(memory_batches(self.test, cnn_cfg, train=False, batch_size=500))
         # The real test set subsampled to the arm's size: Frechet distances are biased by sample size.
@@ -177,7 +176,6 @@ class Judge:
 def train_judge(cfg: Config, count: int, epochs: int) -> Judge:
     train = real_images("train")
     cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, epochs=epochs))
-    torch.set_num_threads(cfg.generate.threads)
     trainer = pretrain_in_memory(cfg, subset(train, per_class_sample(train.targets, count // 10, seed=12345)))
     test = real_images("test")
     predicted, features = predict(trainer, test, cfg)
@@ -256,8 +254,11 @@ def within_noise(arm: dict, reference: dict, figure: str, seeds: int) -> bool:
     return worse <= margin
 
 
-def cheapest_within_noise(samplers: dict, seeds: int, reference: str = "ddpm@50") -> str:
-    """The setting with the fewest UNet calls whose top-1, own-class share and Frechet distance are within noise of `reference`."""
+def cheapest_within_noise(samplers: dict, seeds: int, reference: str = "ddpm@50") -> str | None:
+    """The setting with the fewest UNet calls whose top-1, own-class share and Frechet distance are within noise of
+    `reference`; None when `--steps` left the reference out of the table."""
+    if reference not in samplers:
+        return None
     figures = ("top1_on_real", "own_class_share", "frechet_distance")
     ok = [name for name, arm in samplers.items() if all(within_noise(arm, samplers[reference], f, seeds) for f in figures)]
     return min(ok, key=lambda name: samplers[name]["unet_calls"]["mean"])
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    torch.set_num_threads(args.threads)  # GenerateBatch sets the same count (generate.threads)
     judge_cfg = seed_config(0, args.per_class, args.threads)
     judge = train_judge(judge_cfg, args.judge_images, args.judge_epochs)
     log(f"judge: {judge.accuracy:.4f} top-1 on {len(judge.test.targets)} real test images")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from lbgen.data.fashion_mnist import read_idx
 from lbgen.models.clip import MINI_CLIP_FILES, create_clip
-from lbgen.models.generator import SD_SCHEDULER, clip_bpe_tokenizer, create_generator
+from lbgen.models.generator import SD_SCHEDULER, assemble_pipeline, clip_bpe_tokenizer, create_generator
 from lbgen.models.iqa import MINI_IQA_FILES, MiniIQA, create_iqa
 from lbgen.models.shipped import file_sha256
 
@@ -215,12 +215,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, scaling: float, labels, s
 
 
 def save_generator(out: Path, vae, unet, text_encoder, tokenizer, scaling: float) -> None:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
     vae.register_to_config(scaling_factor=scaling)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler.from_config(SD_SCHEDULER), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     pipe.to(torch.float32)
 

@@ -167,11 +167,12 @@ def test_generated_images_are_recognised_by_the_clip_trained_on_real_images(gene
 
 @pytest.mark.slow
 def test_a_backbone_trained_only_on_generated_images_classifies_real_test_images(mini_config, generated_rows):
+    from lbgen.data.classes import load_class_table
     from lbgen.data.downstream import ArrayImages
     from lbgen.data.fashion_mnist import SHIPPED_DIR, load_split, padded_rgb
     from lbgen.stages.pretrain import memory_batches, pretrain_in_memory
 
-    classes = [str(label) for label in range(10)]
+    classes = list(load_class_table(mini_config.classes).ids)  # Fashion-MNIST's own labels, "0".."9"
     trainer = pretrain_in_memory(mini_config, ArrayImages(generated_rows["pixels"], generated_rows["label"], classes))
     images, labels = load_split("test", SHIPPED_DIR)  # 1,000 real test images, the same on every machine
     real = ArrayImages(padded_rgb(images), labels, classes)

@@ -73,7 +73,8 @@ def clip_bpe_tokenizer(model_max_length: int = 77):
         )
 
 
-def _assemble(unet, vae, text_encoder, tokenizer):
+def assemble_pipeline(unet, vae, text_encoder, tokenizer):
+    """A `StableDiffusionPipeline` of these modules with SD 1.5's scheduler, no safety checker."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     return StableDiffusionPipeline(
@@ -131,7 +132,7 @@ def build_tiny(resolution: int = 64, seed: int = 0):
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    return _assemble(unet, vae, text_encoder, tokenizer)
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer)
 
 
 def build_sd15_shape(resolution: int = 512, seed: int = 0):
@@ -184,7 +185,7 @@ def build_sd15_shape(resolution: int = 512, seed: int = 0):
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    return _assemble(unet, vae, text_encoder, tokenizer)
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer)
 
 
 def sleep_unet_class():
@@ -236,7 +237,7 @@ def build_sleep(delay_ms: float, resolution: int = 512, seed: int = 0):
                             up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, sample_size=resolution,
                             mid_block_add_attention=False)
     unet = sleep_unet_class()(sample_size=resolution, delay_ms=delay_ms)
-    return _assemble(unet, vae, tiny.text_encoder, tiny.tokenizer)
+    return assemble_pipeline(unet, vae, tiny.text_encoder, tiny.tokenizer)
 
 
 def build_mini(resolution: int = 32, seed: int = 0):
