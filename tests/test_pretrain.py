@@ -269,8 +269,8 @@ MIX_CLASSES, MIX_PER_CLASS, MIX_SHARD_ROWS, MIX_BUFFER, MIX_BATCH = 100, 100, 50
 
 @pytest.fixture(scope="module")
 def hundred_classes(tmp_path_factory) -> tuple[Path, Path]:
-    """100 classes x 100 tiny images: as generation lays out its shards (its own plan, shards of 500), and as a
-    class-sorted ImageFolder. Returns (class table file, root)."""
+    """100 classes x 100 tiny images: as generation lays out its shards (its own plan, shards of 500), as a
+    class-sorted ImageFolder and as class-sorted plain Parquet. Returns (class table file, root)."""
     from PIL import Image
     from shape_shards import image_bytes
 
@@ -292,16 +292,24 @@ def hundred_classes(tmp_path_factory) -> tuple[Path, Path]:
         (root / "imagefolder" / class_id).mkdir(parents=True)
         for i in range(MIX_PER_CLASS):
             (root / "imagefolder" / class_id / f"{i:03d}.png").write_bytes(blob)
+    # Plain Parquet as a class-sorted export writes it: files of 500 rows, a row group per class.
+    (root / "plain-parquet").mkdir()
+    labels = np.repeat(np.arange(MIX_CLASSES), MIX_PER_CLASS)
+    for k, start in enumerate(range(0, len(labels), MIX_SHARD_ROWS)):
+        part = labels[start:start + MIX_SHARD_ROWS]
+        pq.write_table(pa.table({"image": pa.array([blob] * len(part), pa.binary()), "label": pa.array(part, pa.int64())}),
+                       root / "plain-parquet" / f"part-{k:03d}.parquet", row_group_size=MIX_PER_CLASS)
     return table_file, root
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["shards", "imagefolder"])
+@pytest.mark.parametrize("layout", ["shards", "imagefolder", "plain-parquet"])
 def test_training_batches_hold_as_many_classes_as_iid_draws(ray_local, hundred_classes, layout):
     """Through pre-training's own read, decode and shuffle buffer (1,000 rows of 10,000), a batch of 64 holds
     within 10 % of the distinct classes that 64 iid draws from 100 classes give. Class-sorted data (shards
-    of five classes, an ImageFolder's sorted listing) gave half: 23.8 and 25.6 against 47.4."""
+    of five classes, an ImageFolder's sorted listing, plain Parquet of one class per row group read by row
+    groups) gave half or less: 23.8, 25.6 and 23.1 against 47.4."""
     from lbgen.stages.pretrain import build_dataset, train_batches
 
     table_file, root = hundred_classes
@@ -315,6 +323,28 @@ def test_training_batches_hold_as_many_classes_as_iid_draws(ray_local, hundred_c
     print(f"{layout}: {np.mean(distinct):.1f} distinct classes per batch of {MIX_BATCH} ({len(distinct)} batches); "
           f"iid draws: {iid:.1f}")
     assert np.mean(distinct) >= 0.9 * iid
+
+
+@pytest.mark.ray
+def test_plain_parquet_is_read_a_row_group_per_task_not_a_decode_batch_of_row_groups(ray_local, hundred_classes, tmp_path):
+    """Each decode block of class-mixed plain Parquet (20 files of 5 row groups) holds about `decode_batch_size`
+    rows. Read as map_batches, the row-group read fused into the decode stage, which then bundled 256 row groups
+    per task: one block of all 10,000 rows here."""
+    from lbgen.stages.pretrain import build_dataset
+
+    table_file, root = hundred_classes
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(MIX_CLASSES), MIX_PER_CLASS))
+    for k, start in enumerate(range(0, len(labels), MIX_SHARD_ROWS)):
+        part = pq.read_table(root / "plain-parquet" / f"part-{k:03d}.parquet")
+        pq.write_table(part.set_column(1, "label", pa.array(labels[start:start + MIX_SHARD_ROWS], pa.int64())),
+                       tmp_path / f"part-{k:03d}.parquet", row_group_size=MIX_PER_CLASS)
+    cfg = resolve("tiny", overrides={"classes": str(table_file), "pretrain": {
+        "data": [str(tmp_path)], "output": "unused", "val_fraction": 0.0, "image_size": 8, "decode_batch_size": 256}})
+    source = check_data(cfg)
+    assert not source.class_sorted
+    blocks = [len(batch["label"]) for batch in build_dataset(source, cfg, "train").iter_batches(batch_size=None)]
+    assert sum(blocks) == MIX_CLASSES * MIX_PER_CLASS
+    assert max(blocks) <= 256 + MIX_PER_CLASS, blocks
 
 
 # ---------------------------------------------------------------- the transformer recipe

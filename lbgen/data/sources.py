@@ -9,7 +9,8 @@ number, which the held-out split hashes) and `path`.
 - ImageFolder: `ROOT/<class_id>/<image>`. A folder's class id gives the label (its row in the class table;
   a folder naming no class is refused); `index` is the file's position among its class's files, sorted.
 - Plain Parquet: `image` and `label` (a row of the class table). `index` is the row's number across the
-  files in sorted order, read one row group per task so that the number is exact.
+  files in sorted order, read one row group per task so that the number is exact. Files whose row groups
+  hold few classes (a class-sorted export) are shuffled globally for training, once per epoch.
 
 ImageFolder and plain Parquet carry no scores: a score filter on them is refused.
 """
@@ -49,6 +50,11 @@ class _Counted:
         self.rows += table.num_rows
         self.train_rows += int(row_filter.mask(table, "train").sum())
         self.val_rows += int(row_filter.mask(table, "val").sum())
+
+
+def iid_distinct(classes: int, draws: int) -> float:
+    """Expected distinct classes among `draws` uniform draws from `classes` classes."""
+    return classes * (1 - (1 - 1 / classes) ** draws)
 
 
 def _no_scores(row_filter: RowFilter, what: str) -> None:
@@ -122,15 +128,13 @@ class ImageFolderSource(_Counted):
 # ---------------------------------------------------------------- plain Parquet
 
 
-def read_row_groups(units: pa.Table, filesystem: pafs.FileSystem) -> pa.Table:
-    """(file, row_group, first_index) units -> their rows (image, label) with `index` and `path`."""
-    tables = []
-    for path, group, first in zip(*(units.column(c).to_pylist() for c in ("file", "row_group", "first_index"))):
-        with filesystem.open_input_file(path) as f:
-            rows = pq.ParquetFile(f).read_row_group(group, columns=["image", "label"])
-        tables += [rows.append_column("index", pa.array(np.arange(first, first + rows.num_rows), pa.int64()))
-                   .append_column("path", pa.array([path] * rows.num_rows, pa.string()))]
-    return pa.concat_tables(tables)
+def read_row_group(unit: dict, filesystem: pafs.FileSystem) -> list[dict]:
+    """A (file, row_group, first_index) unit -> its rows (image, label, index, path)."""
+    with filesystem.open_input_file(unit["file"]) as f:
+        rows = pq.ParquetFile(f).read_row_group(unit["row_group"], columns=["image", "label"]).to_pylist()
+    for offset, row in enumerate(rows):
+        row.update(index=unit["first_index"] + offset, path=unit["file"])
+    return rows
 
 
 @dataclass
@@ -139,11 +143,19 @@ class PlainParquetSource(_Counted):
 
     units: list[dict] = field(default_factory=list)  # file, row_group, first_index
     filesystem: pafs.FileSystem = field(default_factory=pafs.LocalFileSystem, repr=False)
+    # Distinct classes per row group, as found and as iid rows would give: a row group is a read block, so
+    # far fewer than iid means batches of a few classes unless the rows are shuffled across row groups.
+    classes_per_group: float = 0.0
+    iid_classes_per_group: float = 0.0
+
+    @property
+    def class_sorted(self) -> bool:
+        return self.classes_per_group < 0.9 * self.iid_classes_per_group
 
     @classmethod
     def open(cls, files: list[Location], classes: ClassTable, row_filter: RowFilter) -> PlainParquetSource:
         _no_scores(row_filter, str(files[0].parent))
-        source, first = cls(filesystem=files[0].fs), 0
+        source, first, distinct, iid = cls(filesystem=files[0].fs), 0, [], []
         for location in files:
             try:
                 with location.open_input() as handle:
@@ -157,9 +169,13 @@ class PlainParquetSource(_Counted):
             if labels.null_count or ((values < 0) | (values >= len(classes))).any():
                 raise ShardError(f"{location}: labels must be rows of the class table (0..{len(classes) - 1}, {classes.source})")
             source.count(pa.table({"label": labels, "index": pa.array(np.arange(first, first + len(values)), pa.int64())}), row_filter)
+            start = 0
             for group, size in enumerate(groups):
                 source.units.append({"file": location.path, "row_group": group, "first_index": first})
-                first += size
+                distinct.append(len(np.unique(values[start:start + size])))
+                iid.append(iid_distinct(len(classes), size))
+                first, start = first + size, start + size
+        source.classes_per_group, source.iid_classes_per_group = float(np.mean(distinct)), float(np.mean(iid))
         return source
 
     def read(self, train: bool, block_rows: int, columns: list[str]):
@@ -167,11 +183,19 @@ class PlainParquetSource(_Counted):
 
         ds = ray.data.from_items(self.units, override_num_blocks=len(self.units))
         ds = ds.randomize_block_order() if train else ds
-        return ds.map_batches(read_row_groups, batch_format="pyarrow", batch_size=1, fn_kwargs={"filesystem": self.filesystem})
+        # flat_map, not map_batches: Ray Data fuses a map_batches read into the decode stage and bundles
+        # `decode_batch_size` *units* per task (512 row groups: one task reading most of a file set).
+        ds = ds.flat_map(read_row_group, fn_kwargs={"filesystem": self.filesystem})
+        # A class-sorted file read by row groups feeds the shuffle buffer a few classes at a time; Ray Data's
+        # all-to-all shuffle (a new order each epoch, at the cost of moving every row through the object store)
+        # is the only order-independent mix. `lbgen pretrain` says so when it picks it.
+        return ds.random_shuffle() if train and self.class_sorted else ds
 
     def to_json(self) -> dict:
         return {"kind": "parquet", "files": sorted({u["file"] for u in self.units}), "rows": self.rows, "train_rows": self.train_rows,
-                "val_rows": self.val_rows, "bytes": self.bytes, "filesystem": self.filesystem.type_name}
+                "val_rows": self.val_rows, "bytes": self.bytes, "filesystem": self.filesystem.type_name,
+                "classes_per_row_group": round(self.classes_per_group, 2), "iid_classes_per_row_group": round(self.iid_classes_per_group, 2),
+                "global_shuffle": self.class_sorted}
 
 
 # ---------------------------------------------------------------- dispatch

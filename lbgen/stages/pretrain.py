@@ -30,7 +30,7 @@ from lbgen.data import storage
 from lbgen.data.classes import load_class_table
 from lbgen.data.downstream import TransformedImages
 from lbgen.data.shards import RowFilter, ShardError
-from lbgen.data.sources import TrainingData, open_training_data
+from lbgen.data.sources import PlainParquetSource, TrainingData, open_training_data
 from lbgen.data.transforms import ImageTransform, Normalize, decode_batch
 from lbgen.models.backbones import export_backbone
 from lbgen.runtime import outputs, training
@@ -331,6 +331,10 @@ def check_data(cfg: Config) -> TrainingData:
     shards = open_training_data(pt.data, table, row_filter(cfg), skip_bad=pt.skip_bad_shards)
     if shards.bad:
         log.warning("%d bad shard(s) skipped (--skip-bad-shards); first: %s", len(shards.bad), shards.bad[0])
+    if isinstance(shards, PlainParquetSource) and shards.class_sorted:
+        log.warning("%s: its row groups hold %.1f classes each (rows in random order would hold %.1f), so training shuffles "
+                    "all rows through Ray's object store each epoch; write the files class-mixed to skip that cost",
+                    ", ".join(pt.data), shards.classes_per_group, shards.iid_classes_per_group)
     if steps_per_epoch(shards.train_rows, cfg) == 0:
         raise ShardError(
             f"{shards.train_rows} training rows after the split and score filters: fewer than one global batch "
