@@ -5,6 +5,8 @@ Measures, on one GPU, within `--budget-s` seconds (progress on stderr):
 - generation at 512 px, fp16, 50 DDPM steps, CFG 2.0, batch 8: images/s through lbgen's
   `GenerateBatch` (micro_batch 8) next to a bare diffusers loop (`StableDiffusionPipeline.__call__`
   on the same pipeline object, same steps, batch, guidance and scheduler), each after a warm-up call;
+- pre-training's GPU decode (`pretrain.decode_device: cuda`): `DeviceDecoder` images/s on a batch of 512 px
+  q95 JPEGs cropped to 224 px, and its crops' mean absolute difference from the CPU stage's;
 - one fine-tuning step (`Finetuner.train_step`: B=4, K=5 of T=50, 512 px, LoRA r128, gradient
   checkpointing) in bf16 and in fp16: peak GPU memory (`torch.cuda.max_memory_allocated`, reset
   between), step time after a warm-up step when the budget allows, and whether the losses are finite.
@@ -47,9 +49,9 @@ GiB = 2**30
 STARTED = time.perf_counter()
 # What each mode runs: the paper's geometry on the GPU, a toy one for the CPU smoke run.
 SETTINGS = {
-    "gpu": {"preset": "sd15-shape", "resolution": 512, "gen_steps": 50, "gen_batch": 8,
+    "gpu": {"preset": "sd15-shape", "resolution": 512, "gen_steps": 50, "gen_batch": 8, "decode_batch": 256,
             "ft": {"batch_size": 4, "grad_steps": 5, "num_steps": 50}},
-    "smoke": {"preset": "tiny", "resolution": 64, "gen_steps": 4, "gen_batch": 2,
+    "smoke": {"preset": "tiny", "resolution": 64, "gen_steps": 4, "gen_batch": 2, "decode_batch": 16,
               "ft": {"batch_size": 2, "grad_steps": 2, "num_steps": 4}},
 }
 GUIDANCE = 2.0
@@ -187,6 +189,25 @@ def check_finetune_step(settings: dict, precision: str, device: torch.device, bu
 # ---------------------------------------------------------------- main
 
 
+# ---------------------------------------------------------------- pre-training's decode on the GPU
+
+
+def check_gpu_decode(settings: dict, device: torch.device, budget: Budget) -> dict:
+    """`pretrain.decode_device: cuda`: images/s of `DeviceDecoder` (nvJPEG + crop) on batches of 512 px q95 JPEGs
+    cropped to 224 px by the train recipe, and its crops' mean absolute difference from the CPU stage's."""
+    from loader_per_cpu import ALL_ROWS, jpeg_rows
+
+    from lbgen.data.transforms import DeviceDecoder, ImageTransform, decode_batch, plan_batch
+
+    rows, spec = jpeg_rows(settings["decode_batch"], 512, 95, grain=6.0), ImageTransform(224, True)
+    planned = plan_batch(rows, spec, ALL_ROWS, "train", seed=0)
+    decoder = DeviceDecoder(224, device)
+    result = throughput(lambda: decoder(planned), rows.num_rows, device, budget)
+    on_cpu = decode_batch(rows, spec, ALL_ROWS, "train", seed=0)["image"]
+    on_device = decoder(planned)["image"].cpu().numpy()
+    return {**result, "batch": rows.num_rows, "mean_abs_diff_from_cpu": float(np.abs(on_device.astype(int) - on_cpu.astype(int)).mean())}
+
+
 def run_part(results: dict, name: str, fn, device: torch.device) -> float:
     """Run one part; an error (out of memory, say) is recorded in the document instead of ending the run.
 
@@ -237,6 +258,7 @@ def main() -> int:
         "preset": settings["preset"],
     }
     run_part(results, "generate", partial(check_generation, settings, device, budget), device)
+    run_part(results, "pretrain_decode", partial(check_gpu_decode, settings, device, budget), device)
     finetune = results["finetune"] = {"resolution": settings["resolution"], **settings["ft"], "lora_rank": 128,
                                       "gradient_checkpointing": True}
     bf16_s = run_part(finetune, "bf16", partial(check_finetune_step, settings, "bf16", device, budget), device)
@@ -246,7 +268,7 @@ def main() -> int:
         results["finetune"]["fp16"] = {"error": f"skipped: the budget ({args.budget_s:.0f} s) would be exceeded"}
     results["elapsed_s"] = elapsed()
     print(json.dumps(finite_json(results), indent=2, allow_nan=False))
-    parts = (results["generate"], results["finetune"]["bf16"], results["finetune"]["fp16"])
+    parts = (results["generate"], results["pretrain_decode"], results["finetune"]["bf16"], results["finetune"]["fp16"])
     return 1 if any("error" in part for part in parts) else 0
 
 

@@ -128,7 +128,7 @@ def test_resumable_fields_are_what_resume_allows(section, tmp_path):
     cluster = {"cluster." + n for n in ("workers", "use_gpu", "accelerator_type", "cpus_per_worker", "checkpoint_every", "max_failures")}
     expected = {
         "finetune": {"output", "max_steps", "epochs", "sample_every"} | cluster,
-        "pretrain": {"output", "epochs", "skip_bad_shards", "decode_batch_size", "read_block_rows", "shuffle_buffer"} | cluster,
+        "pretrain": {"output", "epochs", "skip_bad_shards", "decode_batch_size", "decode_device", "read_block_rows", "shuffle_buffer"} | cluster,
         "generate": {"output", "batch_size", "workers", "cpus_per_worker", "use_gpu", "overwrite"},
     }[section]
     section_cls = type(getattr(Config(), section))
@@ -139,7 +139,7 @@ def test_resumable_fields_are_what_resume_allows(section, tmp_path):
     (tmp_path / "config.yaml").write_text(to_yaml(base))
     (tmp_path / "checkpoints" / "checkpoint_000000").mkdir(parents=True)
     new_values = {"output": "elsewhere", "max_steps": 7, "epochs": 9, "sample_every": 3, "skip_bad_shards": True,
-                  "decode_batch_size": 8, "read_block_rows": 8, "shuffle_buffer": 8, "cluster.workers": 2,
+                  "decode_batch_size": 8, "decode_device": "cuda", "read_block_rows": 8, "shuffle_buffer": 8, "cluster.workers": 2,
                   "cluster.use_gpu": True, "cluster.accelerator_type": "A100", "cluster.cpus_per_worker": 0.25,
                   "cluster.checkpoint_every": 3, "cluster.max_failures": -1}
 
@@ -150,6 +150,8 @@ def test_resumable_fields_are_what_resume_allows(section, tmp_path):
         for p in parents:
             tip = tip.setdefault(p, {})
         tip[leaf] = value
+        if path == "decode_device":  # decoding on the GPUs needs GPU workers
+            node["cluster"] = {"use_gpu": True}
         return resolve("tiny", overrides={section: node})
 
     for path in expected:

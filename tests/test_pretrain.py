@@ -261,6 +261,49 @@ def test_resume_with_other_settings_is_refused(ray_local, shards, tmp_path):
         pretrain(tiny([shards], output))
 
 
+# ---------------------------------------------------------------- decoding on the training GPU
+
+
+def test_gpu_decoding_without_gpu_workers_is_refused_in_one_line_before_ray(shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("lbgen.cli.init_ray", lambda address: pytest.fail("Ray started"))
+    assert main(["pretrain", "--preset", "tiny", "--data", str(shards), "--decode-device", "cuda", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pretrain.decode_device cuda decodes on the training GPUs" in err and "use_gpu" in err
+
+
+@pytest.mark.ray
+def test_the_gpu_decode_path_runs_through_ray_datas_shuffle_buffer(ray_local, shards):
+    """With decode_device "cuda", Ray Data ships encoded bytes, boxes and flips through the worker's shuffle
+    buffer and the trainer decodes them (here with the CPU decoder, as a GPU-less host can): every training
+    row arrives once, as a crop of the configured size."""
+    import dataclasses
+
+    from lbgen.stages.pretrain import build_dataset, train_batches
+
+    cfg = tiny([shards], "unused", batch_size=16, image_size=24)
+    cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, decode_device="cuda"))  # as on GPU workers
+    source = check_data(cfg)
+    batches = list(train_batches(build_dataset(source, cfg, "train"), cfg.pretrain, device="cpu"))
+    images = torch.cat([b["image"] for b in batches])
+    assert images.dtype == torch.uint8 and images.shape[1:] == (24, 24, 3)
+    assert len(images) == source.train_rows // 16 * 16 and images.float().std() > 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the step counters' device matters where the parameters sit on a GPU")
+def test_a_resumed_adamw_keeps_its_step_counters_on_the_cpu(tmp_path):
+    """On a GPU, non-capturable AdamW calls .item() on every parameter's `step` each step when those sit on the GPU."""
+    from lbgen.stages.pretrain import Pretrainer
+
+    cfg = tiny([], "unused", model="test_vit", recipe="deit", epochs=10, image_size=32)
+    trainer = Pretrainer(cfg, 10, 4, device="cuda")
+    trainer.train_step(torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), torch.arange(4))
+    trainer.save(tmp_path, epoch=1)
+    resumed = Pretrainer(cfg, 10, 4, device="cuda")
+    resumed.load(tmp_path)
+    steps = [state["step"] for state in resumed.optimizer.state.values()]
+    assert steps and all(step.device.type == "cpu" for step in steps)
+
+
 # ---------------------------------------------------------------- class-mixed batches
 
 # The issue's scale: the data 10x the shuffle buffer, shards of 500 rows.

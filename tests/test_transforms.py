@@ -5,14 +5,22 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
+from lbgen.data import transforms
+from lbgen.data.shards import RowFilter
 from lbgen.data.transforms import (
+    DeviceDecoder,
     ImageTransform,
     center_box,
+    decode_batch,
     decode_image,
     decode_pixels,
+    load_crop,
+    plan_batch,
     random_resized_box,
     transform_pixels,
 )
@@ -73,3 +81,81 @@ def test_flip_mirrors_the_crop(photo):
     kept = transform_pixels(pixels, ImageTransform(size=32, train=True, hflip=0.0), np.random.default_rng(3))
     flipped = transform_pixels(pixels, ImageTransform(size=32, train=True, hflip=1.0), np.random.default_rng(3))
     np.testing.assert_array_equal(flipped, kept[:, ::-1])
+
+
+# ---------------------------------------------------------------- reduced-size JPEG decode
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def big_photo(photo) -> bytes:
+    """A 512 x 384 JPEG at quality 95: crops of 224 from it reach the 2x that draft mode needs."""
+    return encoded(photo.resize((512, 384), Image.BICUBIC), "JPEG", quality=95)
+
+
+def test_an_eval_crop_twice_the_output_decodes_at_reduced_size_with_the_same_picture(big_photo, monkeypatch):
+    """Eval's 336-px centre crop to 112 px skips the full-size decode and gives the full decode's picture within
+    resampling (PSNR >= 30 dB). Training crops always decode whole: few reach 2x, and the header read cost more."""
+    full_decodes = []
+    monkeypatch.setattr(transforms, "decode_pixels", lambda data: full_decodes.append(1) or decode_pixels(data))
+    clean = ImageTransform(size=112, train=False)
+    out = load_crop(big_photo, clean, np.random.default_rng(0))
+    assert not full_decodes
+    assert out.shape == (112, 112, 3) and psnr(out, transform_pixels(decode_pixels(big_photo), clean, None)) >= 30
+    train = ImageTransform(size=112, train=True, crop_scale=(0.9, 1.0))
+    for seed in range(3):
+        np.testing.assert_array_equal(load_crop(big_photo, train, np.random.default_rng(seed)),
+                                      transform_pixels(decode_pixels(big_photo), train, np.random.default_rng(seed)))
+    assert len(full_decodes) == 3
+
+
+def test_draft_scale_keeps_the_crop_at_least_the_output_side():
+    assert transforms.draft_scale((0, 0, 447, 500), 224) == 1
+    assert transforms.draft_scale((0, 0, 448, 500), 224) == 2
+    assert transforms.draft_scale((10, 10, 906, 906), 224) == 4
+    assert transforms.draft_scale((0, 0, 2000, 1800), 224) == 8
+
+
+def test_load_crop_words_undecodable_bytes_as_a_value_error(big_photo):
+    for data in (b"not an image", big_photo[:300]):
+        with pytest.raises(ValueError, match="image bytes do not decode"):
+            load_crop(data, ImageTransform(size=64, train=False), np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------- decoding on the training device
+
+
+def image_rows(blobs: list[bytes]) -> pa.Table:
+    return pa.table({"image": pa.array([{"bytes": b, "path": None} for b in blobs]), "label": pa.array(range(len(blobs)), pa.int64()),
+                     "index": pa.array(range(len(blobs)), pa.int64())})
+
+
+ALL_TRAIN = RowFilter(seed=0, val_fraction=0.0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_plan_then_device_decode_gives_the_cpu_stages_pixels(photo, train):
+    """plan_batch + DeviceDecoder (here on the CPU: torchvision's libjpeg-turbo) draws the same boxes and flips as
+    decode_batch and gives its pixels exactly, at sizes where no crop is drafted; PNG rows fall back per image."""
+    blobs = [encoded(photo.rotate(15 * k), "JPEG", quality=90) for k in range(5)] + [encoded(photo, "PNG")]
+    spec = ImageTransform(size=64, train=train)
+    rows = image_rows(blobs)
+    on_cpu = decode_batch(rows, spec, ALL_TRAIN, "train", seed=3)
+    planned = plan_batch(rows, spec, ALL_TRAIN, "train", seed=3)
+    on_device = DeviceDecoder(64, "cpu")(planned)
+    assert on_device["image"].dtype == torch.uint8 and on_device["image"].shape == (6, 64, 64, 3)
+    np.testing.assert_array_equal(on_device["image"].numpy(), on_cpu["image"])
+    np.testing.assert_array_equal(on_device["label"].numpy(), on_cpu["label"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA device")
+def test_nvjpeg_decode_on_cuda_matches_the_cpu_stage(photo):
+    blobs = [encoded(photo.rotate(15 * k), "JPEG", quality=90) for k in range(8)]
+    spec = ImageTransform(size=64, train=True)
+    on_cpu = decode_batch(image_rows(blobs), spec, ALL_TRAIN, "train", seed=5)["image"]
+    on_gpu = DeviceDecoder(64, "cuda")(plan_batch(image_rows(blobs), spec, ALL_TRAIN, "train", seed=5))["image"]
+    assert on_gpu.device.type == "cuda"
+    assert np.abs(on_gpu.cpu().numpy().astype(int) - on_cpu.astype(int)).mean() < 1.0

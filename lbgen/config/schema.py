@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lbgen.config.presets import RECIPES
-from lbgen.config.choices import DOWNSTREAM_KINDS, FAULT_POINTS, IMAGE_FORMATS, MIXED_PRECISION, PROTOCOLS, WEIGHT_DTYPES
+from lbgen.config.choices import DECODE_DEVICES, DOWNSTREAM_KINDS, FAULT_POINTS, IMAGE_FORMATS, MIXED_PRECISION, PROTOCOLS, WEIGHT_DTYPES
 from lbgen.errors import ConfigError
 
 # Field metadata of a setting that may change between the runs of one output (resume keeps going).
@@ -262,6 +262,9 @@ class PretrainConfig:
     skip_bad_shards: bool = resumable(False)
     # Rows per decode+augment call in Ray Data.
     decode_batch_size: int = resumable(64)
+    # Where images are decoded and cropped: "cpu" (Ray Data tasks) or "cuda" (nvJPEG on the training GPUs,
+    # which needs use_gpu; Ray Data's CPUs then only read and draw crops: README, "Feeding the GPUs").
+    decode_device: str = resumable("cpu")
     # Rows per block read from a shard: small blocks let several CPUs decode before a shard is read whole.
     read_block_rows: int = resumable(512)
     # Rows in each worker's local shuffle buffer (Ray Data streams; there is no global shuffle).
@@ -293,6 +296,9 @@ class PretrainConfig:
             f"{where}.std": (len(self.std) == 3 and all(v > 0 for v in self.std), f"must have 3 values > 0, got {self.std}"),
             f"{where}.val_fraction": (0 <= self.val_fraction < 1, f"must be in [0, 1), got {self.val_fraction}"),
             **_positive(where, self, ("decode_batch_size", "read_block_rows")),
+            f"{where}.decode_device": (_one_of(self.decode_device, DECODE_DEVICES) if self.decode_device != "cuda" else
+                                       (self.cluster.use_gpu is True, (f"cuda decodes on the training GPUs, so it needs "
+                                        f"{where}.cluster.use_gpu true (--use-gpu), got {self.cluster.use_gpu}"))),
             **_non_negative(where, self, ("shuffle_buffer",)),
         })
         self.cluster.check(f"{where}.cluster")

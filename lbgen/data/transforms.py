@@ -11,6 +11,12 @@ a quarter of the bytes that float32 would take. Random draws come from a numpy
 Generator passed in, never from a global RNG (torch's global seed is the same in every
 fresh Ray worker process).
 
+`load_crop` draws an eval crop from the image header first, so that a JPEG whose crop is at
+least twice the output side decodes at reduced size (draft mode). With
+`pretrain.decode_device: cuda` the CPU stage (`plan_batch`) only draws the crops, and
+`DeviceDecoder` decodes (nvJPEG) and crops on the training GPU: the same boxes, flips and
+resampling, so the two paths give the same pixels up to the decoders' rounding.
+
 torch, torchvision and TorchCodec are imported by the functions that use them: Ray pickles
 `decode_batch` and its `ImageTransform` into Ray Train's controller and Ray Data's coordinator
 actors, which import this module to unpickle them but never decode (benchmarks/RESULTS.md).
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -105,21 +112,76 @@ def center_box(width: int, height: int, crop_pct: float) -> tuple[int, int, int,
     return round(left), round(top), round(left + side), round(top + side)
 
 
-def transform_pixels(pixels: torch.Tensor, spec: ImageTransform, rng: np.random.Generator) -> np.ndarray:
-    """(3, H, W) uint8 -> (size, size, 3) uint8 after the train or eval recipe of `spec`."""
+def crop_box(width: int, height: int, spec: ImageTransform, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """The crop of `spec`'s recipe on a `width` x `height` image: random resized (train) or centre (eval)."""
+    if spec.train:
+        return random_resized_box(width, height, spec.crop_scale, spec.crop_ratio, rng)
+    return center_box(width, height, spec.crop_pct)
+
+
+def draw_flip(spec: ImageTransform, rng: np.random.Generator) -> bool:
+    """Whether to mirror the crop (train only; drawn after the box, so every path draws in one order)."""
+    return bool(spec.train and rng.random() < spec.hflip)
+
+
+def crop_resize(pixels: torch.Tensor, box: Sequence[int], flip: bool, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 on any device -> the (3, size, size) crop `box` (left, top, right, bottom), resampled
+    bilinear with antialiasing (as PIL's bilinear does when shrinking), mirrored when `flip`."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
+    left, top, right, bottom = (int(v) for v in box)
+    out = F.resized_crop(pixels, top, left, bottom - top, right - left, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    return F.horizontal_flip(out) if flip else out
+
+
+def transform_pixels(pixels: torch.Tensor, spec: ImageTransform, rng: np.random.Generator) -> np.ndarray:
+    """(3, H, W) uint8 -> (size, size, 3) uint8 after the train or eval recipe of `spec`."""
     _, height, width = pixels.shape
+    box = crop_box(width, height, spec, rng)
+    return crop_resize(pixels, box, draw_flip(spec, rng), spec.size).permute(1, 2, 0).numpy()
+
+
+def draft_scale(box: Sequence[int], size: int) -> int:
+    """The largest JPEG DCT scale (8, 4, 2; else 1) that still leaves the crop `box` at least `size` pixels a side."""
+    side = min(box[2] - box[0], box[3] - box[1])
+    return next((scale for scale in (8, 4, 2) if side / scale >= size), 1)
+
+
+def load_crop(data: bytes, spec: ImageTransform, rng: np.random.Generator) -> np.ndarray:
+    """Encoded bytes -> (size, size, 3) uint8 after `spec`'s recipe: `transform_pixels(decode_pixels(data))`,
+    but a JPEG whose crop is at least twice the output side is decoded at 1/2, 1/4 or 1/8 size in the DCT
+    domain (libjpeg's scaled IDCT through PIL's draft mode) and the box scaled to match.
+
+    Draft mode saves the IDCT and the resize, not the entropy decoding, which dominates at high quality. So it
+    is used for the eval recipe (1.3x the images/s per CPU of a full decode, 512 px q95 JPEGs to 224 px) and not
+    for training crops: only about 1 in 10 random resized crops reaches 2x, and reading the header first cost
+    more than those saved (0.89-0.96x; benchmarks/RESULTS.md, "The loader per CPU").
+    Raises ValueError when the bytes do not decode.
+    """
     if spec.train:
-        left, top, right, bottom = random_resized_box(width, height, spec.crop_scale, spec.crop_ratio, rng)
+        return transform_pixels(decode_pixels(data), spec, rng)
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        width, height = image.size
+    except Exception:  # noqa: BLE001  not an image PIL knows: decode_pixels words the error or decodes it
+        return transform_pixels(decode_pixels(data), spec, rng)
+    box = crop_box(width, height, spec, rng)
+    flip = draw_flip(spec, rng)
+    scale = draft_scale(box, spec.size) if image.format == "JPEG" else 1
+    if scale == 1:
+        pixels = decode_pixels(data)
     else:
-        left, top, right, bottom = center_box(width, height, spec.crop_pct)
-    # Crop and resample in one call; antialias as PIL's bilinear does when shrinking.
-    out = F.resized_crop(pixels, top, left, bottom - top, right - left, [spec.size, spec.size], InterpolationMode.BILINEAR, antialias=True)
-    if spec.train and rng.random() < spec.hflip:
-        out = F.horizontal_flip(out)
-    return out.permute(1, 2, 0).numpy()
+        import torch
+
+        try:
+            image.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        except Exception as err:  # noqa: BLE001  PIL raises OSError, SyntaxError, ... for damaged data
+            raise ValueError(f"image bytes do not decode ({type(err).__name__}: {err})") from None
+        fx, fy = pixels.shape[2] / width, pixels.shape[1] / height
+        box = (math.floor(box[0] * fx), math.floor(box[1] * fy), math.ceil(box[2] * fx), math.ceil(box[3] * fy))
+    return crop_resize(pixels, box, flip, spec.size).permute(1, 2, 0).numpy()
 
 
 class Normalize:
@@ -144,23 +206,96 @@ def image_blobs(column) -> list:
     return (pc.struct_field(column, "bytes") if pa.types.is_struct(column.type) else column).to_pylist()
 
 
+def _per_row(table: pa.Table, work: Callable[[int, bytes], None]) -> None:
+    """Run `work` on each row's encoded image; a row that is null or does not decode raises ShardError naming
+    its file and index."""
+    for i, blob in enumerate(image_blobs(table.column("image"))):
+        try:
+            if blob is None:
+                raise ValueError("image bytes are null")
+            work(i, blob)
+        except ValueError as err:
+            where = table.column("path")[i].as_py() if "path" in table.column_names else "shard"
+            raise ShardError(f"{where}: row index {table.column('index')[i].as_py()}: {err}") from None
+
+
+def _labels(table: pa.Table) -> np.ndarray:
+    return table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def decode_batch(table: pa.Table, spec: ImageTransform, rows: RowFilter, split: str, seed=None) -> dict[str, np.ndarray]:
     """A Ray Data batch of shard rows -> {"image": (B, S, S, 3) uint8, "label": (B,) int64} of `split`'s rows.
 
     `seed` fixes the random crops (tests); None, as in Ray Data, draws fresh OS entropy per
-    batch so that workers never repeat each other's crops. A row whose image does not decode
-    raises ShardError naming its file and index.
+    batch so that workers never repeat each other's crops.
     """
     table = rows.select(table, split)
     images = np.empty((table.num_rows, spec.size, spec.size, 3), dtype=np.uint8)
     rng = np.random.default_rng(seed)
-    data = image_blobs(table.column("image"))
-    for i, blob in enumerate(data):
+
+    def crop(i: int, blob: bytes) -> None:
+        images[i] = load_crop(blob, spec, rng)
+
+    _per_row(table, crop)
+    return {"image": images, "label": _labels(table)}
+
+
+def plan_batch(table: pa.Table, spec: ImageTransform, rows: RowFilter, split: str, seed=None) -> dict[str, np.ndarray]:
+    """`decode_batch` for decoding on the training GPU: the rows' encoded bytes, their crop boxes and flips, drawn
+    as `decode_batch` draws them (from the image header alone), and labels. `DeviceDecoder` finishes the job."""
+    table = rows.select(table, split)
+    boxes = np.empty((table.num_rows, 4), dtype=np.int32)
+    flips = np.empty(table.num_rows, dtype=bool)
+    encoded = np.empty(table.num_rows, dtype=object)
+    rng = np.random.default_rng(seed)
+
+    def plan(i: int, blob: bytes) -> None:
         try:
-            if blob is None:
-                raise ValueError("image bytes are null")
-            images[i] = transform_pixels(decode_pixels(blob), spec, rng)
-        except ValueError as err:
-            where = table.column("path")[i].as_py() if "path" in table.column_names else "shard"
-            raise ShardError(f"{where}: row index {table.column('index')[i].as_py()}: {err}") from None
-    return {"image": images, "label": table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)}
+            width, height = Image.open(io.BytesIO(blob)).size
+        except Exception as err:  # noqa: BLE001  PIL raises OSError, SyntaxError, ... for damaged data
+            raise ValueError(f"image bytes do not decode ({type(err).__name__}: {err})") from None
+        boxes[i] = crop_box(width, height, spec, rng)
+        flips[i] = draw_flip(spec, rng)
+        encoded[i] = blob
+
+    _per_row(table, plan)
+    return {"encoded": encoded, "box": boxes, "flip": flips, "label": _labels(table)}
+
+
+# Where training batches are decoded: `pretrain.decode_device` -> the Ray Data map of the CPU stage.
+DECODE_STAGES: dict[str, Callable] = {"cpu": decode_batch, "cuda": plan_batch}
+
+
+class DeviceDecoder:
+    """`plan_batch`'s output -> {"image": (B, S, S, 3) uint8 on `device`, "label"}: nvJPEG through TorchCodec's
+    batched `decode_jpeg` on a CUDA device (libjpeg-turbo on the CPU, for tests), then the same `crop_resize`.
+
+    A batch that is not all baseline JPEG (a PNG or CMYK file in an ImageFolder) falls back to one image at a
+    time, decoded on the CPU where the device refuses it.
+    """
+
+    def __init__(self, size: int, device):
+        import torch
+
+        self.size, self.device = size, torch.device(device)
+
+    def _decode(self, encoded: list[bytes]) -> list:
+        from torchcodec.decoders import decode_jpeg
+
+        try:
+            return decode_jpeg(encoded, mode="RGB", device=self.device)
+        except (RuntimeError, ValueError):
+            pixels = []
+            for data in encoded:
+                try:
+                    pixels.append(decode_jpeg(data, mode="RGB", device=self.device))
+                except (RuntimeError, ValueError):
+                    pixels.append(decode_pixels(data).to(self.device))
+            return pixels
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        crops = [crop_resize(pixels, box, bool(flip), self.size)
+                 for pixels, box, flip in zip(self._decode(list(batch["encoded"])), batch["box"], batch["flip"])]
+        return {"image": torch.stack(crops).permute(0, 2, 3, 1), "label": torch.as_tensor(batch["label"])}

@@ -31,7 +31,7 @@ from lbgen.data.classes import load_class_table
 from lbgen.data.downstream import TransformedImages
 from lbgen.data.shards import RowFilter, ShardError
 from lbgen.data.sources import PlainParquetSource, TrainingData, open_training_data
-from lbgen.data.transforms import ImageTransform, Normalize, decode_batch
+from lbgen.data.transforms import DECODE_STAGES, DeviceDecoder, ImageTransform, Normalize
 from lbgen.models.backbones import export_backbone
 from lbgen.runtime import outputs, training
 from lbgen.runtime.locks import OutputLock
@@ -79,18 +79,30 @@ def build_dataset(source: TrainingData, cfg: Config, split: str):
     # decode tasks ran 1.44 at a time on average and their workers used 1.38 CPUs; 1.69 without; benchmarks/RESULTS.md).
     ds.context.op_resource_reservation_enabled = False
     return ds.map_batches(
-        decode_batch,
+        DECODE_STAGES[cfg.pretrain.decode_device],
         batch_format="pyarrow",
         batch_size=cfg.pretrain.decode_batch_size,
         fn_kwargs={"spec": image_transform(cfg, train), "rows": rows, "split": split},
     )
 
 
-def train_batches(data, pt: PretrainConfig) -> Iterable[dict]:
-    """One epoch of training batches from `data` (a worker's dataset shard, or a Ray Dataset): batches of
-    `pt.batch_size` through a local shuffle buffer of `pt.shuffle_buffer` rows, the last partial one dropped."""
-    return data.iter_torch_batches(batch_size=pt.batch_size, local_shuffle_buffer_size=pt.shuffle_buffer or None,
-                                   drop_last=True, prefetch_batches=2)
+def train_batches(data, pt: PretrainConfig, device="cpu") -> Iterable[dict]:
+    """One epoch of training batches {"image": (B, S, S, 3) uint8, "label"} from `data` (a worker's dataset shard,
+    or a Ray Dataset): batches of `pt.batch_size` through a local shuffle buffer of `pt.shuffle_buffer` rows, the
+    last partial one dropped; decoded on `device` when `pt.decode_device` is "cuda"."""
+    return _batches(data, pt, device, local_shuffle_buffer_size=pt.shuffle_buffer or None, drop_last=True)
+
+
+def eval_batches(data, pt: PretrainConfig, device="cpu") -> Iterable[dict]:
+    """The held-out batches of `data`, in order, none dropped."""
+    return _batches(data, pt, device)
+
+
+def _batches(data, pt: PretrainConfig, device, **options) -> Iterable[dict]:
+    if pt.decode_device == "cpu":
+        return data.iter_torch_batches(batch_size=pt.batch_size, prefetch_batches=2, **options)
+    decode = DeviceDecoder(pt.image_size, device)
+    return map(decode, data.iter_batches(batch_size=pt.batch_size, batch_format="numpy", prefetch_batches=2, **options))
 
 
 def steps_per_epoch(train_rows: int, cfg: Config) -> int:
@@ -305,9 +317,9 @@ def train_loop_per_worker(config: dict) -> None:
         training.report({"epoch": start, "step": trainer.step}, partial(trainer.save, epoch=start) if rank == 0 else None)
     for epoch in range(start, pt.epochs):
         trainer.start_epoch(epoch)
-        record = {"epoch": epoch + 1, **trainer.train_epoch(train_batches(train_shard, pt))}
+        record = {"epoch": epoch + 1, **trainer.train_epoch(train_batches(train_shard, pt, trainer.device))}
         if val_shard is not None:
-            record.update(trainer.evaluate(val_shard.iter_torch_batches(batch_size=pt.batch_size, prefetch_batches=2)))
+            record.update(trainer.evaluate(eval_batches(val_shard, pt, trainer.device)))
         record.update(step=trainer.step, lr=trainer.lr(), resumed_from_step=resumed_from)
         if metrics_log:
             metrics_log.write(record)
