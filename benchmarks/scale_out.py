@@ -12,6 +12,14 @@ N classes x `--images-per-gpu` images, in whole batches. The rate is the steady 
 landing after the N-th shard (every actor past its start-up) over the time from it to the last.
 
     python benchmarks/scale_out.py --json scale_out.json
+
+`--straggler F`: instead, four nodes of one simulated GPU each, one of them F times as fast as the others
+(its UNet waits 1/F as long: an L4 beside A10Gs, a throttled GPU). Its `straggler_efficiency` is the
+four-GPU throughput over the sum of the four GPUs' own rates, each measured alone on a one-node cluster
+(a fast GPU, the slow one). The rate here is the whole run's after its first shard, tail included, since
+a straggler costs most at the end, when the others wait for its last batches.
+
+    python benchmarks/scale_out.py --straggler 0.25 --json straggler.json
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from sim_cluster import simulated_cluster  # noqa: E402
 
 from lbgen.config import resolve  # noqa: E402
 from lbgen.data.format import DATA_DIR  # noqa: E402
+from lbgen.models.generator import SLEEP_SLOWDOWN_ENV  # noqa: E402
 
 
 def config(output: Path, gpus: int, args):
@@ -43,7 +52,8 @@ def config(output: Path, gpus: int, args):
         "model": {"generator": f"sleep:{args.delay_ms}", "resolution": args.resolution},
         "generate": {"output": str(output), "use_gpu": True, "workers": gpus, "images_per_class": args.images_per_gpu,
                      "rows_per_shard": args.rows_per_shard, "batch_size": args.batch_size, "micro_batch": args.batch_size,
-                     "steps": args.steps, "image_format": "jpeg", "cpus_per_worker": args.cpus_per_actor},
+                     "steps": args.steps, "image_format": "jpeg", "cpus_per_worker": args.cpus_per_actor,
+                     "score_beside": not args.separate_scoring},
     })
 
 
@@ -55,7 +65,8 @@ def operator_seconds(ds) -> dict:
         summary = summaries.pop()
         for op in summary.operators_stats:
             out[op.operator_name] = {"wall_s": round(op.wall_time.sum if op.wall_time else 0.0, 2),
-                                     "cpu_s": round(op.cpu_time.sum if op.cpu_time else 0.0, 2)}
+                                     "cpu_s": round(op.cpu_time.sum if op.cpu_time else 0.0, 2),
+                                     "output_bytes": op.output_size_bytes.sum if op.output_size_bytes else 0}
         summaries.extend(summary.parents)
     out["driver object-store get"] = {"wall_s": round(ds._get_stats_summary().iter_stats.get_time.get(), 2)}
     return out
@@ -71,6 +82,32 @@ def steady_rate(output: Path, gpus: int) -> float:
     return rows / (shards[-1].stat().st_mtime - shards[gpus - 1].stat().st_mtime)
 
 
+def rate_after_first_shard(output: Path) -> float:
+    """Images per second from the first shard landing (start-up over) to the last, over the images after it."""
+    import pyarrow.parquet as pq
+
+    shards = sorted((output / DATA_DIR).glob("train-*.parquet"), key=lambda p: p.stat().st_mtime)
+    rows = sum(pq.read_metadata(p).num_rows for p in shards[1:])
+    return rows / (shards[-1].stat().st_mtime - shards[0].stat().st_mtime)
+
+
+def straggler(args, tmp: Path) -> dict:
+    """One slow GPU of four (see the module docstring): its efficiency, and each GPU's rate alone."""
+    slow_env = {SLEEP_SLOWDOWN_ENV: str(1 / args.straggler)}
+    alone = {}
+    for name, env, images in (("fast GPU alone", None, args.images_per_gpu), ("slow GPU alone", slow_env, max(8, round(args.images_per_gpu * args.straggler)))):
+        with simulated_cluster(workers=1, gpus_per_node=1, cpus_per_node=1, node_env={0: env} if env else None):
+            run_args = argparse.Namespace(**{**vars(args), "images_per_gpu": images})
+            run = run_once(tmp / name.replace(" ", "-"), 1, run_args)
+            alone[name] = {**run, "images_per_s": round(rate_after_first_shard(tmp / name.replace(" ", "-")), 3)}
+    ideal = 3 * alone["fast GPU alone"]["images_per_s"] + alone["slow GPU alone"]["images_per_s"]
+    with simulated_cluster(workers=4, gpus_per_node=1, cpus_per_node=1, node_env={0: slow_env}):
+        mixed = run_once(tmp / "mixed", 4, args)
+    mixed["images_per_s"] = round(rate_after_first_shard(tmp / "mixed"), 3)
+    return {"alone": list(alone.values()), "mixed": mixed, "sum_of_rates": round(ideal, 3),
+            "straggler_efficiency": round(mixed["images_per_s"] / ideal, 3)}
+
+
 def run_once(output: Path, gpus: int, args) -> dict:
     """One generation with `gpus` actors: the writer loop of `lbgen.stages.generate`, timed in its parts."""
     import ray
@@ -81,7 +118,6 @@ def run_once(output: Path, gpus: int, args) -> dict:
     cfg = config(output, gpus, args)
     table, lora = check_inputs(cfg)
     plan = dataset_plan(cfg, table, lora)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     ray.data.DataContext.get_current().enable_progress_bars = False
     start, in_writer = time.perf_counter(), 0.0
     with DatasetWriter.open(output, plan, config=dataclasses.asdict(cfg), run={}) as writer:
@@ -92,11 +128,15 @@ def run_once(output: Path, gpus: int, args) -> dict:
             in_writer += time.perf_counter() - t
         manifest = writer.finish(sum(plan.shard_rows), time.perf_counter() - start)
     model_s = manifest["totals"]["rows"] / args.batch_size * args.steps * args.delay_ms / 1000
+    operators = operator_seconds(ds)
+    # Every operator's output blocks go through Ray's object store (the last one's to the driver).
+    store_bytes = sum(op.get("output_bytes", 0) for op in operators.values()) / manifest["totals"]["rows"]
     return {
         "gpus": gpus, "images": manifest["totals"]["rows"], "seconds": round(time.perf_counter() - start, 2),
         "images_per_s": round(steady_rate(output, gpus), 3),
         "time": {"model_s (summed over actors)": round(model_s, 2), "driver_shard_assembly_s": round(in_writer, 2),
-                 "driver_waiting_s": round(time.perf_counter() - start - in_writer, 2), "operators": operator_seconds(ds)},
+                 "driver_waiting_s": round(time.perf_counter() - start - in_writer, 2), "operators": operators},
+        "object_store_bytes_per_image": round(store_bytes),
     }
 
 
@@ -112,10 +152,20 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
     parser.add_argument("--cpus-per-actor", type=float, default=0.1, help="CPUs Ray reserves per generation actor (default: 0.1)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the pipeline-ceiling run (model time 0)")
+    parser.add_argument("--separate-scoring", action="store_true", help="score in a separate actor pool (generate.score_beside false)")
+    parser.add_argument("--straggler", type=float, help="measure one GPU of four running at this fraction of the others' speed")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    counts = [int(n) for n in args.gpus.split(",")]
     results = json_header()
+    if args.straggler:
+        with tempfile.TemporaryDirectory() as tmp:
+            results.update(straggler(args, Path(tmp)))
+        print(json.dumps({"straggler_efficiency": results["straggler_efficiency"], "sum_of_rates": results["sum_of_rates"],
+                          "mixed_images_per_s": results["mixed"]["images_per_s"]}))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        return
+    counts = [int(n) for n in args.gpus.split(",")]
     with tempfile.TemporaryDirectory() as tmp, simulated_cluster(workers=args.nodes, gpus_per_node=2, cpus_per_node=1):
         runs = {n: run_once(Path(tmp) / f"n{n}", n, args) for n in counts}
         for n, run in runs.items():

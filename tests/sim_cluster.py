@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +28,10 @@ FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms":
 
 
 @contextmanager
-def simulated_cluster(workers: int = 3, gpus_per_node: int = 2, cpus_per_node: float = 1, resources: dict | None = None):
-    """A head (no GPU) plus `workers` nodes with `gpus_per_node` GPUs each; yields (cluster, worker nodes)."""
+def simulated_cluster(workers: int = 3, gpus_per_node: int = 2, cpus_per_node: float = 1, resources: dict | None = None,
+                      node_env: dict[int, dict[str, str]] | None = None):
+    """A head (no GPU) plus `workers` nodes with `gpus_per_node` GPUs each; yields (cluster, worker nodes).
+    `node_env`: environment variables of worker node i's processes (a slower simulated GPU, say)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -36,8 +39,9 @@ def simulated_cluster(workers: int = 3, gpus_per_node: int = 2, cpus_per_node: f
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                             "_system_config": FAST_NODE_DEATH})
     try:
-        nodes = [cluster.add_node(num_cpus=cpus_per_node, num_gpus=gpus_per_node, resources=resources or {})
-                 for _ in range(workers)]
+        nodes = [cluster.add_node(num_cpus=cpus_per_node, num_gpus=gpus_per_node, resources=resources or {},
+                                  env_vars=(node_env or {}).get(i))
+                 for i in range(workers)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
         yield cluster, nodes
@@ -52,7 +56,7 @@ def generate_config(table: Path, output: Path, delay_ms: int):
     return resolve("tiny", overrides={
         "classes": str(table),
         "model": {"generator": f"sleep:{delay_ms}"},
-        "generate": {"output": str(output), "use_gpu": True, "workers": 4, "images_per_class": 8, "rows_per_shard": 4,
+        "generate": {"output": str(output), "use_gpu": True, "workers": 4, "images_per_class": 8, "rows_per_shard": 8,
                      "batch_size": 2, "micro_batch": 2, "steps": 2, "image_format": "png"},
     })
 
@@ -135,24 +139,31 @@ def generate_node_loss(root: Path, timed: bool = False) -> dict:
     dataset made uninterrupted first, for the time the loss cost).
 
     4 generation actors on 6 GPUs; each batch (2 images) takes 4 s of "GPU" time and each actor makes
-    6 batches, so most of the work is still to do when the first shard lands and the node goes.
+    6 batches, so most of the work is still to do when the first shard (4 batches) lands and the node goes.
+    Every UNet call leaves a file (`SLEEP_CALLS_ENV`): `remade_images` counts the images generated twice.
     """
     import ray
 
+    from lbgen.models.generator import SLEEP_CALLS_ENV
     from lbgen.stages.generate import generate
 
     table = root / "classes.txt"
-    table.write_text("".join(f"n{i:03d} class {i}\n" for i in range(6)))  # 48 images, 12 shards
+    table.write_text("".join(f"n{i:03d} class {i}\n" for i in range(6)))  # 48 images, 6 shards
     out = {"classes": str(table)}
+    calls = root / "unet-calls"
+    os.environ[SLEEP_CALLS_ENV] = str(calls)  # before the nodes start: their workers inherit it
     with simulated_cluster() as (cluster, nodes):
         for name, kill in ((("uninterrupted", False),) if timed else ()) + (("node_killed", True),):
             output = root / name
+            shutil.rmtree(calls, ignore_errors=True)
+            calls.mkdir()
             record = {"start": time.perf_counter(), "nodes_before": len([n for n in ray.nodes() if n["Alive"]])}
-            with ActorWatch("GenerateBatch") as watch:
+            with ActorWatch("MapBatches(Generate") as watch:
                 watcher = kill_once_written(cluster, output / "data" / "train-*.parquet",
                                             partial(generation_node, nodes, watch, record), record,
                                             "shards_before_kill") if kill else None
-                manifest = generate(generate_config(table, output, delay_ms=DELAY_MS), show_progress=False)
+                cfg = generate_config(table, output, delay_ms=DELAY_MS)
+                manifest = generate(cfg, show_progress=False)
             if kill:
                 record.update(replacements(watch, record))
             record["seconds"] = round(time.perf_counter() - record.pop("start"), 2)
@@ -162,6 +173,10 @@ def generate_node_loss(root: Path, timed: bool = False) -> dict:
                 record["lost_s"] = round(record["seconds"] - out["uninterrupted"]["seconds"], 2)
             record["nodes_after"] = len([n for n in ray.nodes() if n["Alive"]])
             record["rows"] = manifest["totals"]["rows"]
+            gen = cfg.generate  # every batch is a full micro-batch here: `steps` UNet calls per micro_batch images
+            record["unet_calls"] = len(list(calls.iterdir()))
+            # In images' worth of UNet calls: a batch cut short at step 1 of 2 counts as half its images.
+            record["remade_images"] = (record["unet_calls"] - record["rows"] // gen.micro_batch * gen.steps) / gen.steps * gen.micro_batch
             out[name] = {**record, "output": str(output)}
     return out
 

@@ -183,6 +183,15 @@ def test_two_actors_batch_four_equals_one_actor_batch_two(full_run, table_file, 
     assert_same_dataset(output, tmp_path / "ds")
 
 
+@pytest.mark.slow
+def test_a_separate_scoring_pool_makes_the_same_dataset(full_run, table_file, tmp_path):
+    """Scoring beside generation (the default) and in its own pool of actors give the same images and the same
+    scores (within float32 rounding; the float16 embedding within its last bits: tests/rows.py)."""
+    output, _ = full_run
+    generate(tiny_cfg(table_file, tmp_path / "ds", workers=2, batch_size=4, score_beside=False), show_progress=False)
+    assert_same_dataset(output, tmp_path / "ds")
+
+
 def test_rerun_skips_finished_shards(full_run, table_file):
     output, manifest = full_run
     again = generate(tiny_cfg(table_file, output), show_progress=False)

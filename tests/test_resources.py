@@ -91,9 +91,14 @@ def _refusal(capsys, argv: list[str]) -> str:
 
 @pytest.mark.ray
 def test_generate_that_would_hold_every_cpu_is_refused_in_one_line(ray_local, tmp_path, capsys):
-    """2 generation actors x 1 CPU on a 2-CPU Ray leave nothing for the scorer and the encode tasks."""
+    """2 generation actors x 1 CPU on a 2-CPU Ray leave nothing for the planning and encoding tasks (or, with a
+    separate scoring pool, for the scorer)."""
     out = tmp_path / "gen"
-    line = _refusal(capsys, ["generate", "--preset", "tiny", "--workers", "2", "--cpus-per-worker", "1", "--output", str(out)])
+    argv = ["generate", "--preset", "tiny", "--workers", "2", "--cpus-per-worker", "1", "--output", str(out)]
+    line = _refusal(capsys, argv)
+    assert line.startswith("lbgen generate: error: generate needs 2 generation actor(s) x {CPU: 1} + 1 planning/encoding task slot")
+    assert "cannot hold 1 of 1 planning/encoding task slot" in line
+    line = _refusal(capsys, [*argv, "--no-score-beside"])
     assert line.startswith("lbgen generate: error: generate needs 2 generation actor(s) x {CPU: 1} + 1 scoring actor(s)")
     assert "cannot hold 1 of 1 scoring actor(s), 1 of 1 planning/encoding task slot" in line
     assert "{CPU: 2}" in line and "generate.workers (--workers)" in line

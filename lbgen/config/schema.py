@@ -442,6 +442,10 @@ class GenerateConfig:
     # kernels see the same shapes whatever the batching, and an image's pixels never depend on its
     # neighbours (CPU and GPU kernels choose code paths by shape); part of what defines the dataset.
     micro_batch: int = 8
+    # Score (CLIP, IQA) and encode each batch in the generation actor, on its device, so that only image bytes
+    # leave it; false: a separate pool of scoring actors (a quarter of the generation actors, each on a quarter
+    # of a GPU beside them) receives the raw pixels. The scores are the same either way.
+    score_beside: bool = resumable(True)
     # Generation actors (one model copy each; one per GPU on a cluster).
     workers: int = resumable(1)
     # CPUs reserved per generation actor; fractions leave CPUs for Ray Data's read/encode tasks.

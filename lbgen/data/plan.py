@@ -24,7 +24,7 @@ def num_shards(num_classes: int, cfg: Config) -> int:
 
 
 def shard_sizes(num_classes: int, cfg: Config) -> list[int]:
-    """Rows of each shard, in shard order: what `shard_rows` makes, counted without making it."""
+    """Rows of each shard, in shard order: what `batch_rows` makes of it, counted without making it."""
     total, per_shard = num_classes * cfg.generate.images_per_class, cfg.generate.rows_per_shard
     return [min(per_shard, total - start) for start in range(0, total, per_shard)]
 
@@ -41,17 +41,28 @@ def row_order(total: int, seed: int) -> np.ndarray:
     return np.random.default_rng(derive_seed(seed, "shard-order")).permutation(total)
 
 
-def shard_rows(item: dict, *, names: tuple[str, ...], ids: tuple[str, ...], cfg: Config) -> list[dict]:
-    """Plan rows of shard `item["shard"]`.
+def batches_of(shards: list[int], shard_sizes_: list[int], batch_size: int) -> list[dict]:
+    """The units of work of `shards`: {"shard", "start", "stop"} slices of at most `batch_size` rows of each.
+
+    A batch, not a shard, is what a generation actor takes: a straggling GPU or a lost node then holds up or
+    re-makes a few batches, never a whole shard (10 minutes on an A100, more on an L4)."""
+    return [{"shard": k, "start": start, "stop": min(start + batch_size, shard_sizes_[k])}
+            for k in shards for start in range(0, shard_sizes_[k], batch_size)]
+
+
+def batch_rows(item: dict, *, names: tuple[str, ...], ids: tuple[str, ...], cfg: Config) -> list[dict]:
+    """Plan rows of shard `item["shard"]`, positions `item["start"]` to `item["stop"]` within it (the whole
+    shard when absent).
 
     Labels follow table rows (never names), so repeated names keep distinct labels.
     """
     gen = cfg.generate
     total = len(names) * gen.images_per_class
-    start = item["shard"] * gen.rows_per_shard
+    first = item["shard"] * gen.rows_per_shard
+    stop = min(first + gen.rows_per_shard, total) if item.get("stop") is None else first + item["stop"]
     order = row_order(total, cfg.seed)
     rows = []
-    for position in range(start, min(start + gen.rows_per_shard, total)):
+    for position in range(first + item.get("start", 0), stop):
         label, index = divmod(int(order[position]), gen.images_per_class)
         rows.append({
             "label": label,
@@ -66,6 +77,6 @@ def shard_rows(item: dict, *, names: tuple[str, ...], ids: tuple[str, ...], cfg:
 
 
 def plan(table: ClassTable, cfg: Config) -> list[dict]:
-    """Every row of the dataset, in shard order (for tests and small runs; the pipeline plans per shard)."""
-    plan_shard = partial(shard_rows, names=table.names, ids=table.ids, cfg=cfg)
+    """Every row of the dataset, in shard order (for tests and small runs; the pipeline plans per batch)."""
+    plan_shard = partial(batch_rows, names=table.names, ids=table.ids, cfg=cfg)
     return [row for k in range(num_shards(len(table), cfg)) for row in plan_shard({"shard": k})]

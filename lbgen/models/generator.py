@@ -188,6 +188,10 @@ def build_sd15_shape(resolution: int = 512, seed: int = 0):
     return assemble_pipeline(unet, vae, text_encoder, tokenizer)
 
 
+# The `sleep:` stand-in's test hooks (see SleepUNet).
+SLEEP_SLOWDOWN_ENV, SLEEP_CALLS_ENV = "LBGEN_SLEEP_SLOWDOWN", "LBGEN_SLEEP_CALLS"
+
+
 def sleep_unet_class():
     """`SleepUNet`, defined on first use: diffusers is imported lazily."""
     from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -199,15 +203,21 @@ def sleep_unet_class():
 
         Each call waits `delay_ms` without using a CPU (as a host thread waits on a GPU kernel), then
         returns a deterministic function of its input, so everything around it runs for real.
+        $SLEEP_SLOWDOWN_ENV on a simulated node multiplies its wait (a slower GPU: a straggler), and
+        $SLEEP_CALLS_ENV names a directory where each call leaves a file (the calls a run made, re-made
+        work included).
         """
 
         @register_to_config
         def __init__(self, sample_size: int, delay_ms: float, in_channels: int = 4, out_channels: int = 4):
             super().__init__()
             self.scale = torch.nn.Parameter(torch.tensor(0.5))  # gives the module a dtype and a device
+            self.slowdown = float(os.environ.get(SLEEP_SLOWDOWN_ENV, "1"))
 
         def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
-            time.sleep(self.config.delay_ms / 1000)
+            time.sleep(self.config.delay_ms * self.slowdown / 1000)
+            if calls := os.environ.get(SLEEP_CALLS_ENV):
+                Path(calls, f"{os.getpid()}-{time.monotonic_ns()}").touch()
             return UNet2DConditionOutput(sample=sample * self.scale)
 
     return SleepUNet

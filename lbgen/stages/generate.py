@@ -2,11 +2,15 @@
 
 Pipeline (each stage streams; memory does not grow with the dataset size):
 
-    shard ids -> flat_map(shard_rows)          plan: one row per image (label, index, seed, ...)
-              -> map_batches(GenerateBatch)    diffusion (+ LoRA) on actors: pixels (B, H, W, 3) uint8
+    batches (shard, start, stop) -> flat_map(batch_rows)   plan: one row per image (label, index, seed, ...)
+              -> map_batches(GenerateBatch)    diffusion (+ LoRA) on actors, a batch per task: pixels (B, H, W, 3) uint8
               -> map_batches(ScoreBatch)       CLIP score, embedding, zero-shot agreement, IQA score on actors
               -> map_batches(encode_images)    PNG/JPEG/WebP bytes, CPU tasks
-              -> driver: DatasetWriter         whole shards written atomically (lbgen.data.writer)
+              -> driver: DatasetWriter         rows in any order; whole shards written atomically (lbgen.data.writer)
+
+A batch (`generate.batch_size` rows), not a shard, is the unit of work, and each actor holds at most
+`GENERATION_TASKS_IN_FLIGHT` of them: a slow GPU takes fewer batches instead of holding shards that the
+others wait behind, and a lost node re-makes only its actors' in-flight batches.
 
 The output (and the LoRA) may be a local path or an object-store URI (`lbgen.data.storage`).
 
@@ -32,7 +36,7 @@ from lbgen.config import Config, ConfigError, GenerateConfig, from_dict, resumab
 from lbgen.data.classes import ClassTable, load_class_table
 from lbgen.data.format import label_names
 from lbgen.data.images import encode_images
-from lbgen.data.plan import SHARD_ORDER, plan, shard_rows, shard_sizes  # noqa: F401  (plan is public here too)
+from lbgen.data.plan import SHARD_ORDER, batch_rows, batches_of, plan, shard_sizes  # noqa: F401  (plan is public here too)
 from lbgen.data.reader import format_summary
 from lbgen.data.storage import locate
 from lbgen.data.writer import DatasetPlan, DatasetWriter
@@ -197,6 +201,23 @@ class ScoreBatch:
         }
 
 
+class GenerateScoreEncode:
+    """Ray Data callable: plan rows -> scored, encoded rows, all in one actor on one device (`generate.score_beside`).
+
+    `GenerateBatch`, then `ScoreBatch`, then `encode_images`, unchanged: only the image bytes and the
+    embedding leave the actor, where a separate scoring pool moved each image's raw pixels (786 KB at 512 px)
+    through the object store twice, from the generation actor to a scoring actor and on to an encoding task.
+    """
+
+    def __init__(self, config: dict, device: str = "cpu"):
+        self.generate, self.score = GenerateBatch(config, device), ScoreBatch(config, device)
+        gen = from_dict(Config, config).generate
+        self.image_format, self.quality = gen.image_format, gen.image_quality
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return encode_images(self.score(self.generate(batch)), self.image_format, self.quality)
+
+
 # ---------------------------------------------------------------- what the dataset is
 
 
@@ -226,15 +247,22 @@ def dataset_plan(cfg: Config, table: ClassTable, lora_sha: str | None) -> Datase
 
 # CPUs of the planning/encoding tasks and of the scoring actor: they must fit beside the generation actors.
 LIGHT_CPUS = 0.25
+# Batches a generation actor holds at once: the one it runs and the next, so that its GPU never waits on the
+# scheduler between batches. More would let a slow GPU hoard batches that faster ones then wait for at the end;
+# one cost more on the simulated cluster (straggler efficiency 0.69 against 0.80: benchmarks/RESULTS.md).
+GENERATION_TASKS_IN_FLIGHT = 2
 
 
-def pipeline_requests(gen: GenerateConfig, gpus: bool) -> tuple[Request, Request, Request]:
-    """What the pipeline holds at once: generation actors, scoring actors, and a slot for the planning
-    and encoding tasks (without one, the actors wait for input forever)."""
+def pipeline_requests(gen: GenerateConfig, gpus: bool) -> tuple[Request, ...]:
+    """What the pipeline holds at once: generation actors, scoring actors unless they score beside generation,
+    and a slot for the planning and encoding tasks (without one, the actors wait for input forever)."""
+    light = Request("planning/encoding task slot", 1, {"CPU": LIGHT_CPUS})
+    if gen.score_beside:
+        return Request("generation actor(s)", gen.workers, {"CPU": gen.cpus_per_worker, "GPU": 1 if gpus else 0}), light
     return (
         Request("generation actor(s)", gen.workers, {"CPU": gen.cpus_per_worker, "GPU": (1 - SCORE_GPU_SHARE) if gpus else 0}),
         Request("scoring actor(s)", max(1, gen.workers // 4), {"CPU": LIGHT_CPUS, "GPU": SCORE_GPU_SHARE if gpus else 0}),
-        Request("planning/encoding task slot", 1, {"CPU": LIGHT_CPUS}),
+        light,
     )
 
 
@@ -244,24 +272,29 @@ def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: st
     import ray
 
     gen, config = cfg.generate, dataclasses.asdict(cfg)
-    generation, scoring, light = pipeline_requests(gen, gpus)
-    ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=max(1, len(shards)))
-    # Few light task workers: each new Ray worker process costs an interpreter start.
-    ds = ds.flat_map(partial(shard_rows, names=table.names, ids=table.ids, cfg=cfg), num_cpus=light.resources["CPU"],
-                     compute=ray.data.TaskPoolStrategy(size=1))
+    generation, *scoring, light = pipeline_requests(gen, gpus)
+    work = batches_of(shards, shard_sizes(len(table), cfg), gen.batch_size)
+    ds = ray.data.from_items(work, override_num_blocks=max(1, len(work)))  # a block per batch: Ray never splits a block
+    # As many planning tasks as actors: a batch per task, and one at a time starved four simulated GPUs
+    # (straggler efficiency 0.37 against 0.80).
+    ds = ds.flat_map(partial(batch_rows, names=table.names, ids=table.ids, cfg=cfg), num_cpus=light.resources["CPU"],
+                     compute=ray.data.TaskPoolStrategy(size=max(1, gen.workers)))
     # A generation or scoring actor that dies (OOM, lost node) loses nothing: Ray Data creates actor pools
     # with max_restarts=-1 and max_task_retries=-1 (ActorPoolMapOperator._apply_default_remote_args), so
     # Ray restarts the actor and re-runs its in-flight batches. Setting them here would need map_batches'
     # deprecated **ray_remote_args (gone in Ray 2.64); a test kills an actor mid-batch to hold Ray to it.
     ds = ds.map_batches(
-        GenerateBatch, fn_constructor_kwargs={"config": config, "device": device}, batch_size=gen.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=generation.count), num_cpus=generation.resources["CPU"],
-        num_gpus=generation.resources["GPU"], batch_format="numpy",
+        GenerateScoreEncode if gen.score_beside else GenerateBatch, fn_constructor_kwargs={"config": config, "device": device},
+        batch_size=gen.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=generation.count, max_tasks_in_flight_per_actor=GENERATION_TASKS_IN_FLIGHT),
+        num_cpus=generation.resources["CPU"], num_gpus=generation.resources["GPU"], batch_format="numpy",
     )
+    if gen.score_beside:
+        return ds
     ds = ds.map_batches(
         ScoreBatch, fn_constructor_kwargs={"config": config, "device": device}, batch_size=gen.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=scoring.count), num_cpus=scoring.resources["CPU"],
-        num_gpus=scoring.resources["GPU"], batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=scoring[0].count), num_cpus=scoring[0].resources["CPU"],
+        num_gpus=scoring[0].resources["GPU"], batch_format="numpy",
     )
     return ds.map_batches(encode_images, fn_kwargs={"image_format": gen.image_format, "quality": gen.image_quality},
                           batch_size=gen.batch_size, num_cpus=light.resources["CPU"], batch_format="numpy",
@@ -312,8 +345,8 @@ def _generate_into(writer: DatasetWriter, cfg: Config, table: ClassTable, device
     if todo:
         ds = build_pipeline(cfg, table, todo, device, gpus)
         # This dataset's context, not Ray's global one: the stages after generation (pre-training's ingest in
-        # `lbgen run`) keep Ray Data's defaults.
-        ds.context.execution_options.preserve_order = True  # rows arrive shard by shard: bounded buffering
+        # `lbgen run`) keep Ray Data's defaults. Rows arrive in any order (the writer holds partial shards):
+        # in order, every actor's output would wait behind the earliest unfinished batch.
         ds.context.enable_progress_bars = False  # lbgen draws its own bar
         with quiet_logger("ray.data", logging.ERROR), \
                 tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
