@@ -218,7 +218,7 @@ def test_long_names_are_truncated_to_the_text_context_and_encode(tmp_path):
 
 def test_ten_thousand_classes_load_and_plan_fast(tmp_path, cli_until_ray):
     from lbgen.data.format import label_names
-    from lbgen.data.plan import num_shards, shard_rows
+    from lbgen.data.plan import num_shards, batch_rows
 
     path = tmp_path / "big.txt"
     path.write_text("".join(f"c{i:05d} class number {i % 9000}\n" for i in range(10_000)))  # 1000 repeated names
@@ -226,7 +226,7 @@ def test_ten_thousand_classes_load_and_plan_fast(tmp_path, cli_until_ray):
     table = load_class_table(path)
     cfg = resolve("tiny", overrides={"classes": str(path)})  # 8 images per class: 80 000 rows, 4 000 shards
     names = label_names(table.ids, table.names)
-    rows = sum(len(shard_rows({"shard": k}, names=table.names, ids=table.ids, cfg=cfg)) for k in range(num_shards(len(table), cfg)))
+    rows = sum(len(batch_rows({"shard": k}, names=table.names, ids=table.ids, cfg=cfg)) for k in range(num_shards(len(table), cfg)))
     seconds = time.perf_counter() - start
     assert len(table) == 10_000 and len(set(names)) == 10_000 and rows == 80_000
     assert seconds < 10, f"load + plan took {seconds:.1f} s"
