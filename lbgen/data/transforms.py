@@ -53,13 +53,18 @@ class ImageTransform:
     crop_pct: float = 0.875
 
 
+def undecodable(err: Exception) -> ValueError:
+    """The one wording of bytes that PIL could not decode (it raises OSError, SyntaxError, ... for damaged data)."""
+    return ValueError(f"image bytes do not decode ({type(err).__name__}: {err})")
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Encoded bytes -> RGB PIL image (for figures); raises ValueError when they do not decode."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, ... for damaged data
-        raise ValueError(f"image bytes do not decode ({type(err).__name__}: {err})") from None
+        raise undecodable(err) from None
     return image.convert("RGB")
 
 
@@ -156,7 +161,7 @@ def load_crop(data: bytes, spec: ImageTransform, rng: np.random.Generator) -> np
     Draft mode saves the IDCT and the resize, not the entropy decoding, which dominates at high quality. So it
     is used for the eval recipe (1.3x the images/s per CPU of a full decode, 512 px q95 JPEGs to 224 px) and not
     for training crops: only about 1 in 10 random resized crops reaches 2x, and reading the header first cost
-    more than those saved (0.89-0.96x; benchmarks/RESULTS.md, "The loader per CPU").
+    more than those saved (0.83-0.96x; benchmarks/RESULTS.md, "The loader per CPU").
     Raises ValueError when the bytes do not decode.
     """
     if spec.train:
@@ -177,8 +182,8 @@ def load_crop(data: bytes, spec: ImageTransform, rng: np.random.Generator) -> np
         try:
             image.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
             pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-        except Exception as err:  # noqa: BLE001  PIL raises OSError, SyntaxError, ... for damaged data
-            raise ValueError(f"image bytes do not decode ({type(err).__name__}: {err})") from None
+        except Exception as err:  # noqa: BLE001  PIL raises several types for damaged data
+            raise undecodable(err) from None
         fx, fy = pixels.shape[2] / width, pixels.shape[1] / height
         box = (math.floor(box[0] * fx), math.floor(box[1] * fy), math.ceil(box[2] * fx), math.ceil(box[3] * fy))
     return crop_resize(pixels, box, flip, spec.size).permute(1, 2, 0).numpy()
@@ -252,8 +257,8 @@ def plan_batch(table: pa.Table, spec: ImageTransform, rows: RowFilter, split: st
     def plan(i: int, blob: bytes) -> None:
         try:
             width, height = Image.open(io.BytesIO(blob)).size
-        except Exception as err:  # noqa: BLE001  PIL raises OSError, SyntaxError, ... for damaged data
-            raise ValueError(f"image bytes do not decode ({type(err).__name__}: {err})") from None
+        except Exception as err:  # noqa: BLE001  PIL raises several types for damaged data
+            raise undecodable(err) from None
         boxes[i] = crop_box(width, height, spec, rng)
         flips[i] = draw_flip(spec, rng)
         encoded[i] = blob
