@@ -109,35 +109,41 @@ def straggler(args, tmp: Path) -> dict:
 
 
 def run_once(output: Path, gpus: int, args) -> dict:
-    """One generation with `gpus` actors: the writer loop of `lbgen.stages.generate`, timed in its parts."""
+    """One generation with `gpus` actors through `lbgen.stages.generate`'s own driver loop, timed in its parts."""
     import ray
 
     from lbgen.data.writer import DatasetWriter
-    from lbgen.stages.generate import build_pipeline, check_inputs, dataset_plan
+    from lbgen.stages.generate import build_pipeline, check_inputs, dataset_plan, write_dataset
 
     cfg = config(output, gpus, args)
     table, lora = check_inputs(cfg)
     plan = dataset_plan(cfg, table, lora)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    start, in_writer = time.perf_counter(), 0.0
+    start, cpu_start = time.perf_counter(), driver_cpu_s()
     with DatasetWriter.open(output, plan, config=dataclasses.asdict(cfg), run={}) as writer:
-        ds = build_pipeline(cfg, table, writer.todo, "cpu", gpus=True)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            t = time.perf_counter()
-            writer.add(batch)
-            in_writer += time.perf_counter() - t
-        manifest = writer.finish(sum(plan.shard_rows), time.perf_counter() - start)
-    model_s = manifest["totals"]["rows"] / args.batch_size * args.steps * args.delay_ms / 1000
+        ds = build_pipeline(cfg, table, writer.todo, "cpu", gpus=True, parts=writer.part_settings(str(output)))
+        manifest = write_dataset(writer, ds, cfg, show_progress=False)
+    driver_cpu = driver_cpu_s() - cpu_start
+    images = manifest["totals"]["rows"]
+    model_s = images / args.batch_size * args.steps * args.delay_ms / 1000
     operators = operator_seconds(ds)
     # Every operator's output blocks go through Ray's object store (the last one's to the driver).
-    store_bytes = sum(op.get("output_bytes", 0) for op in operators.values()) / manifest["totals"]["rows"]
+    store_bytes = sum(op.get("output_bytes", 0) for op in operators.values()) / images
     return {
-        "gpus": gpus, "images": manifest["totals"]["rows"], "seconds": round(time.perf_counter() - start, 2),
+        "gpus": gpus, "images": images, "seconds": round(time.perf_counter() - start, 2),
         "images_per_s": round(steady_rate(output, gpus), 3),
-        "time": {"model_s (summed over actors)": round(model_s, 2), "driver_shard_assembly_s": round(in_writer, 2),
-                 "driver_waiting_s": round(time.perf_counter() - start - in_writer, 2), "operators": operators},
+        "driver_cpu_s_per_1000_images": round(driver_cpu / images * 1000, 3),
+        "time": {"model_s (summed over actors)": round(model_s, 2), "operators": operators},
         "object_store_bytes_per_image": round(store_bytes),
     }
+
+
+def driver_cpu_s() -> float:
+    """CPU seconds of this process (the driver: Ray Data's executor threads included), user and system."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:

@@ -59,6 +59,19 @@ class OutputInUseError(UserError, RuntimeError):
     """Another running lbgen command holds the output directory; the message names it."""
 
 
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception: Ray wraps worker errors (WorkerGroupError -> RayTaskError -> cause)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None)
+        inner = failures[min(failures)] if failures else getattr(err, "cause", None) or err.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    return err
+
+
 def refusal_reason(err: Exception) -> str:
     """What `torch.load(weights_only=True)` refused, in one line (torch's own message is a paragraph)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]

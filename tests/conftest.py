@@ -1,4 +1,4 @@
-"""Shared fixtures: a real local Ray for the tests that need one, and the tiny config."""
+"""Shared fixtures: a real local Ray for the tests that need one, a local S3 server (moto), and the tiny config."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Ray Train's controller polls its workers every 2 s, which a test's seconds-long run spends waiting
 # for the poll that sees it finish; Ray passes the setting on to the controller and its workers.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# Dummy credentials for the local S3 server of test_storage (moto), set before any Ray starts:
+# Dummy credentials for the local S3 server (moto, the `s3` fixture), set before any Ray starts:
 # Ray workers inherit the environment the cluster started with, and read shards from it too.
 for _name, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ.setdefault(_name, _value)
@@ -111,6 +111,24 @@ def fashion_mnist_root(tmp_path_factory) -> Path:
     for name in FASHION_MNIST_FILES:
         (raw / name).write_bytes(gzip.decompress((DEBIAN_FASHION_MNIST / f"{name}.gz").read_bytes()))
     return root
+
+
+S3_BUCKET = "lbgen-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server with one bucket (`S3_BUCKET`); returns `key -> s3:// URI` carrying the endpoint."""
+    import pyarrow.fs as pafs
+
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    pafs.FileSystem.from_uri(f"s3://{S3_BUCKET}{query}&allow_bucket_creation=true")[0].create_dir(S3_BUCKET)
+    yield lambda key: f"s3://{S3_BUCKET}/{key}{query}"
+    server.stop()
 
 
 @pytest.fixture

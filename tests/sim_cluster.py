@@ -230,8 +230,10 @@ def pretrain_node_loss(root: Path) -> dict:
 
 REPO = Path(__file__).resolve().parents[1]
 # cluster.yaml's node types, scaled to this machine: CPUs / 4 (GPUs and accelerator types as they are),
-# max_workers / 8, the idle timeout / 100 (10 minutes -> 6 s). The in1k jobs' shapes are scaled alike.
-CPU_SCALE, MAX_WORKERS_SCALE, IDLE_SCALE = 4, 8, 100
+# max_workers / 8, the idle timeout / 20 (10 minutes -> 30 s: longer than the 20 s between the requests of
+# Ray Data's autoscaling coordinator, as 10 minutes are, so that a node booted for a growing pool is still
+# there when Ray Data claims it). The in1k jobs' shapes are scaled alike.
+CPU_SCALE, MAX_WORKERS_SCALE, IDLE_SCALE = 4, 8, 20
 
 
 def scaled_node_types(cluster_yaml: Path = REPO / "cluster.yaml") -> tuple[dict, float]:
@@ -365,6 +367,28 @@ def training_on_autoscaler(cfg, stage: str, root: Path) -> list[str]:
     return [json.loads(p.read_text())["type"] for p in sorted(out.glob("rank*.json"))]
 
 
+@contextmanager
+def gpu_timeline(every_s: float = 0.5):
+    """Samples, while the block runs, of (seconds, GPUs in the cluster, GPUs held): with one generation actor
+    per GPU, what the pool has grown to as the autoscaler's nodes came up."""
+    import ray
+
+    samples, stop, start = [], threading.Event(), time.perf_counter()
+
+    def sample() -> None:
+        while not stop.wait(every_s):
+            total, free = ray.cluster_resources().get("GPU", 0), ray.available_resources().get("GPU", 0)
+            samples.append((round(time.perf_counter() - start, 1), total, total - free))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
 def autoscaler(root: Path) -> dict:
     """Each stage with the in1k jobs' resource shapes, scaled, on an autoscaling cluster that starts with
     no worker node: which node types the autoscaler launches, that they go back once idle, and that a
@@ -395,13 +419,21 @@ def autoscaler(root: Path) -> dict:
         manifest = generate(cfg, show_progress=False)
         out["generate"] = {"rows": manifest["totals"]["rows"], "node_types": sorted(node_groups().values())}
         out["generate"]["scaled_down_after_s"] = wait_for(lambda: not node_groups(), 120)
+        # A pool that starts at one actor and grows to four as the GPU nodes boot (both spot types: 2 + 2).
+        cfg = resolve("tiny", overrides={"classes": str(table), "model": {"generator": "sleep:400"}, "resource_wait_s": 120,
+                                         "generate": {**generation, "workers": 4, "min_workers": 1, "images_per_class": 40,
+                                                      "rows_per_shard": 8, "output": str(root / "grow")}})
+        with gpu_timeline() as timeline:
+            manifest = generate(cfg, show_progress=False)
+        out["pool_growth"] = {"rows": manifest["totals"]["rows"], "timeline": timeline}
+        out["pool_growth"]["scaled_down_after_s"] = wait_for(lambda: not node_groups(), 120)
         for stage in ("finetune", "pretrain"):
             cfg = resolve("tiny", overrides={"resource_wait_s": 120, stage: {"output": str(root / stage), "cluster": training_cluster}})
             out[stage] = {"worker_node_types": training_on_autoscaler(cfg, stage, root), "node_types": sorted(node_groups().values())}
         out["training_scaled_down_after_s"] = wait_for(lambda: not node_groups(), 120)
-        refused = {}
+        refused = {}  # 32 CPUs: more than any node type has (a pool that could start on one node would start)
         for name, overrides in {
-            "generate, 16 CPUs per actor": {"generate": {**generation, "cpus_per_worker": 16.0, "output": str(root / "never")}},
+            "generate, 32 CPUs per actor": {"generate": {**generation, "cpus_per_worker": 32.0, "output": str(root / "never")}},
             "finetune on H100": {"finetune": {"output": str(root / "never-ft"), "cluster": {**training_cluster, "accelerator_type": "H100"}}},
         }.items():
             cfg = resolve("tiny", overrides={"classes": str(table), "model": {"generator": "sleep:100"}, "resource_wait_s": 5, **overrides})

@@ -129,7 +129,7 @@ def test_resumable_fields_are_what_resume_allows(section, tmp_path):
     expected = {
         "finetune": {"output", "max_steps", "epochs", "sample_every"} | cluster,
         "pretrain": {"output", "epochs", "skip_bad_shards", "decode_batch_size", "decode_device", "read_block_rows", "shuffle_buffer"} | cluster,
-        "generate": {"output", "batch_size", "score_beside", "workers", "cpus_per_worker", "use_gpu", "overwrite"},
+        "generate": {"output", "batch_size", "score_beside", "workers", "min_workers", "cpus_per_worker", "use_gpu", "overwrite"},
     }[section]
     section_cls = type(getattr(Config(), section))
     assert resumable_fields(section_cls) == expected

@@ -28,7 +28,7 @@ from lbgen.config import Config, ConfigError, FaultConfig, resolve
 from lbgen.data.classes import ClassTableError, load_class_table
 from lbgen.data.images import encode_images
 from lbgen.data.reader import inspect_dataset
-from lbgen.data.storage import locate
+from lbgen.runtime.storage import locate
 from lbgen.data.writer import claim_output
 from lbgen.errors import DatasetError
 from lbgen.stages.generate import (
@@ -192,6 +192,28 @@ def test_a_separate_scoring_pool_makes_the_same_dataset(full_run, table_file, tm
     assert_same_dataset(output, tmp_path / "ds")
 
 
+@pytest.mark.slow
+def test_the_driver_writes_no_shard_and_receives_no_image(full_run, table_file, tmp_path, monkeypatch):
+    """Workers write the parts and assemble the shards; the driver gets a row of metadata per part and only commits.
+    In this process (the driver) writing a shard or a part fails, yet the run makes the full run's dataset."""
+    import lbgen.data.writer as writer_module
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the driver wrote a shard or a part")
+
+    monkeypatch.setattr(writer_module, "write_shard", not_here)
+    received = []
+    add_parts = writer_module.DatasetWriter.add_parts
+    monkeypatch.setattr(writer_module.DatasetWriter, "add_parts",
+                        lambda self, meta: received.append({k: v.nbytes for k, v in meta.items()}) or add_parts(self, meta))
+    output, _ = full_run
+    generate(tiny_cfg(table_file, tmp_path / "ds", workers=2, batch_size=4), show_progress=False)
+    assert_same_dataset(output, tmp_path / "ds")
+    assert {key for meta in received for key in meta} == {"shard", "part", "rows", "embedding_dim", "error"}
+    assert sum(sum(meta.values()) for meta in received) / 24 < 100  # bytes per image reaching the driver
+    assert not (tmp_path / "ds" / ".parts").exists()
+
+
 def test_rerun_skips_finished_shards(full_run, table_file):
     output, manifest = full_run
     again = generate(tiny_cfg(table_file, output), show_progress=False)
@@ -222,8 +244,9 @@ def run_and_kill(cmd: list[str], output: Path, new_shards: int, delay: float) ->
     Every 20 ms, checks that each shard visible under a final name is whole; False if it finished first.
     """
     seen = before = final_shards(output)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    log = output.parent / "generate-stderr.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": str(REPO)})
     kill_at = time.time() + delay if new_shards == 0 else None
     deadline = time.time() + 180
     try:
@@ -239,7 +262,8 @@ def run_and_kill(cmd: list[str], output: Path, new_shards: int, delay: float) ->
     finally:
         proc.kill()
         proc.wait()
-    assert proc.returncode in (0, -signal.SIGKILL), f"lbgen generate failed with {proc.returncode}"
+    errors = [line for line in log.read_text().splitlines() if "error" in line.lower()]
+    assert proc.returncode in (0, -signal.SIGKILL), f"lbgen generate failed with {proc.returncode}: {errors[-3:]}"
     return proc.returncode == -signal.SIGKILL
 
 

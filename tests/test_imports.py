@@ -141,5 +141,5 @@ def test_a_planted_circle_is_found(tmp_path, planted, expected):
 
 
 def test_a_planted_upward_import_is_found(tmp_path):
-    graph = import_graph(_plant(tmp_path, {"runtime/outputs.py": "\nfrom lbgen.data.storage import is_uri\n"}))
-    assert upward_imports(graph) == ["lbgen.runtime.outputs -> lbgen.data", "lbgen.runtime.outputs -> lbgen.data.storage"]
+    graph = import_graph(_plant(tmp_path, {"runtime/outputs.py": "\nfrom lbgen.data.format import MANIFEST\n"}))
+    assert upward_imports(graph) == ["lbgen.runtime.outputs -> lbgen.data", "lbgen.runtime.outputs -> lbgen.data.format"]

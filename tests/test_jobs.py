@@ -76,7 +76,7 @@ def test_the_real_imagenet_baseline_is_trained_and_compared_like_for_like():
 
 
 def test_in1k_jobs_write_to_shared_storage_and_ask_for_gpus():
-    from lbgen.data.storage import is_uri
+    from lbgen.runtime.storage import is_uri
 
     # The shards go to the object store; the stages that keep local directories write to the file
     # system cluster.yaml mounts on every node (tests/test_cluster.py), never to a node's own disk.

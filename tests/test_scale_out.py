@@ -76,12 +76,17 @@ def test_the_autoscaler_launches_each_stage_its_node_type_from_zero_and_takes_th
     assert set(found["generate"]["node_types"]) <= generation_types
     for stage in ("finetune", "pretrain"):
         assert found[stage]["worker_node_types"] == ["gpu-train-a100"] * 2, found[stage]
-    # Idle nodes went back (cluster.yaml's 10-minute idle timeout, scaled to 6 s).
-    assert found["generate"]["scaled_down_after_s"] < 60 and found["training_scaled_down_after_s"] < 60
+    # The generation pool grew from one actor to four as the nodes came up (ray #59144: GPU pools stuck at one).
+    timeline, held = found["pool_growth"]["timeline"], [held for _, _, held in found["pool_growth"]["timeline"]]
+    assert found["pool_growth"]["rows"] == 160
+    assert any(held >= 1 and gpus < 4 for _, gpus, held in timeline), timeline  # started before the last node came up
+    assert max(held) == 4, timeline
+    # Idle nodes went back (cluster.yaml's 10-minute idle timeout, scaled to 30 s).
+    assert found["generate"]["scaled_down_after_s"] < 90 and found["training_scaled_down_after_s"] < 90
     # Requests no node type can satisfy: refused after the bounded wait (5 s here), naming the settings.
     refused = found["refused"]
-    assert set(refused) == {"generate, 16 CPUs per actor", "finetune on H100"}, refused
-    assert "generate.cpus_per_worker (--cpus-per-worker)" in refused["generate, 16 CPUs per actor"]["message"]
+    assert set(refused) == {"generate, 32 CPUs per actor", "finetune on H100"}, refused
+    assert "generate.cpus_per_worker (--cpus-per-worker)" in refused["generate, 32 CPUs per actor"]["message"]
     assert "accelerator_type:H100" in refused["finetune on H100"]["message"]
     assert all(5 <= r["after_s"] < 60 for r in refused.values())
     print(f"autoscaler: {json.dumps(found)}")

@@ -15,7 +15,7 @@ from lbgen.config import resolve
 from lbgen.data.classes import load_class_table
 from lbgen.data.shards import RowFilter, ShardError, ShardSet
 from lbgen.data.sources import ImageFolderSource, PlainParquetSource, open_training_data
-from lbgen.data.storage import locate
+from lbgen.runtime.storage import locate
 from lbgen.data.transforms import ImageTransform, decode_batch
 
 TABLE = load_class_table("tiny10")

@@ -1,4 +1,4 @@
-"""lbgen.data.storage: local paths and object-store URIs, against a real S3 API (moto's server on 127.0.0.1).
+"""lbgen.runtime.storage: local paths and object-store URIs, against a real S3 API (moto's server on 127.0.0.1).
 
 The S3 endpoint travels in the URI's query (`?endpoint_override=...&scheme=http`), the dummy
 credentials in the usual AWS variables (set in conftest, before Ray starts, for Ray's workers too).
@@ -23,27 +23,14 @@ from lbgen.data.classes import load_class_table
 from lbgen.data.format import MANIFEST
 from lbgen.data.reader import inspect_dataset, read_manifest
 from lbgen.data.shards import RowFilter, ShardError, open_shards
-from lbgen.data.storage import Location, StorageError, absolute, is_uri, locate
+from lbgen.runtime.storage import Location, StorageError, absolute, is_uri, locate
 from lbgen.data.writer import claim_output
 from lbgen.errors import DatasetError
 from lbgen.models.generator import LORA_FILE
 from lbgen.stages.generate import GenerateBatch, check_lora, generate, plan
 
-BUCKET = "lbgen-test"
+BUCKET = "lbgen-test"  # the bucket of conftest's `s3` fixture
 CLASSES = ["tench", "goldfish", "hammerhead"]  # x 2 images, 2 rows per shard: 3 shards
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server with one bucket; returns `key -> s3:// URI` carrying the endpoint."""
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    query = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    pafs.FileSystem.from_uri(f"s3://{BUCKET}{query}&allow_bucket_creation=true")[0].create_dir(BUCKET)
-    yield lambda key: f"s3://{BUCKET}/{key}{query}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")

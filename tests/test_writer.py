@@ -1,4 +1,4 @@
-"""lbgen.data.writer: the writer's claim on its output, shard assembly in any order, resume."""
+"""lbgen.data.writer: the writer's claim on its output, parts and shard assembly in any order, resume."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lbgen.data.format import ARROW_SCHEMA, DATA_DIR, MANIFEST, shard_name
+from lbgen.data.format import ARROW_SCHEMA, DATA_DIR, MANIFEST, PARTS_DIR, shard_name
 from lbgen.data.images import encode_images
 from lbgen.data.reader import dataset_complete, read_manifest
-from lbgen.data.writer import DatasetPlan, DatasetWriter
+from lbgen.data.writer import DatasetPlan, DatasetWriter, assemble_shard, write_parts
 from lbgen.errors import DatasetError
 
 NAMES = ["cat", "dog", "owl"]
@@ -34,7 +34,7 @@ def encoded_rows() -> dict[str, np.ndarray]:
     position = np.arange(len(NAMES) * PER_CLASS)
     label, index = position // PER_CLASS, position % PER_CLASS
     batch = {
-        "label": label, "index": index, "shard": position // ROWS_PER_SHARD,
+        "label": label, "index": index, "shard": position // ROWS_PER_SHARD, "position": position % ROWS_PER_SHARD,
         "class_id": np.array([f"n{i}" for i in label], dtype=object), "class_name": np.array([NAMES[i] for i in label], dtype=object),
         "prompt": np.array([NAMES[i] for i in label], dtype=object), "seed": position * 7,
         "pixels": rng.integers(0, 256, (len(position), 4, 4, 3), dtype=np.uint8),
@@ -49,10 +49,16 @@ def batches(rows: dict, order: np.ndarray, size: int) -> list[dict]:
     return [{k: v[order[i : i + size]] for k, v in rows.items()} for i in range(0, len(order), size)]
 
 
+def add(writer: DatasetWriter, batch: dict) -> None:
+    """What a run does with an encoded batch, without Ray: the worker's parts, then each whole shard assembled and committed."""
+    for shard, parts in writer.add_parts(write_parts(batch, **writer.part_settings(str(writer.output)))):
+        writer.commit(shard, assemble_shard(str(writer.output), shard, parts, writer.plan.row_group_rows))
+
+
 def write_all(output, parts: list[dict]) -> dict:
     with DatasetWriter.open(output, plan_of(), config={"seed": 0}, run={"device": "cpu"}) as writer:
         for part in parts:
-            writer.add(part)
+            add(writer, part)
         return writer.finish(made=sum(len(p["label"]) for p in parts), seconds=1.0)
 
 
@@ -79,13 +85,15 @@ def test_a_reopened_dataset_keeps_its_whole_shards_and_makes_the_rest(tmp_path):
     rows = encoded_rows()
     write_all(tmp_path / "whole", batches(rows, np.arange(12), 12))
     writer = DatasetWriter.open(tmp_path / "cut", plan_of(), config={"seed": 0}, run={})
-    writer.add(batches(rows, np.arange(7), 7)[0])  # shard 0 whole, shard 1 half: then the run dies ...
+    add(writer, batches(rows, np.arange(7), 7)[0])  # shard 0 whole, shard 1 half: then the run dies ...
+    assert len(list((tmp_path / "cut" / PARTS_DIR).iterdir())) == 1  # shard 1's part, waiting for the rest
     writer.lock.file.close()  # ... and the kernel drops its lock
     assert not dataset_complete(tmp_path / "cut")
     with DatasetWriter.open(tmp_path / "cut", plan_of(), config={"seed": 0}, run={}) as again:
         assert again.lock.stale["pid"] == os.getpid()  # the dead run's lock, taken over
         assert again.todo == [1, 2] and again.manifest["embedding_dim"] == DIM
-        again.add(batches(rows, np.arange(5, 12), 7)[0])
+        assert not (tmp_path / "cut" / PARTS_DIR).exists()  # the dead run's part: made again
+        add(again, batches(rows, np.arange(5, 12), 7)[0])
         again.finish(made=7, seconds=1.0)
     assert shard_bytes(tmp_path / "cut") == shard_bytes(tmp_path / "whole")
 
@@ -119,3 +127,42 @@ def test_an_open_writer_holds_its_output_and_a_refusal_leaves_no_lock_behind(tmp
     with pytest.raises(DatasetError):
         DatasetWriter.open(tmp_path / "theirs", plan_of(), config={}, run={})
     assert not (tmp_path / "theirs" / LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------- parts: written on the workers, assembled once
+
+
+def test_a_part_reported_twice_is_counted_once_and_its_shard_assembled_once(tmp_path):
+    """Ray re-runs a batch whose actor died after writing: the same part is written and reported again."""
+    rows = encoded_rows()
+    with DatasetWriter.open(tmp_path / "ds", plan_of(), config={}, run={}) as writer:
+        meta = write_parts(batches(rows, np.arange(3), 3)[0], **writer.part_settings(str(tmp_path / "ds")))
+        assert writer.add_parts(meta) == []
+        assert writer.add_parts(meta) == []  # shard 0 has 3 of its 5 rows, not 6
+        rest = write_parts(batches(rows, np.arange(3, 5), 2)[0], **writer.part_settings(str(tmp_path / "ds")))
+        assert writer.add_parts(rest) == [(shard_name(0, 3), [f"{shard_name(0, 3)[:-8]}.{p:07d}.parquet" for p in (0, 3)])]
+
+
+def test_assembly_run_again_after_a_crash_gives_the_same_entry(tmp_path):
+    """A task killed after writing its shard, before deleting the parts, runs again: the shard is hashed, not rewritten."""
+    rows = encoded_rows()
+    with DatasetWriter.open(tmp_path / "ds", plan_of(), config={}, run={}) as writer:
+        ((shard, parts),) = writer.add_parts(write_parts(batches(rows, np.arange(5), 5)[0], **writer.part_settings(str(tmp_path / "ds"))))
+        kept = [(tmp_path / "ds" / PARTS_DIR / p).read_bytes() for p in parts]
+        first = assemble_shard(str(tmp_path / "ds"), shard, parts, 2)
+        for part, data in zip(parts, kept):
+            (tmp_path / "ds" / PARTS_DIR / part).write_bytes(data)  # as if the task died before deleting them
+        written = (tmp_path / "ds" / DATA_DIR / shard).stat().st_mtime_ns
+        assert assemble_shard(str(tmp_path / "ds"), shard, parts, 2) == first
+        assert (tmp_path / "ds" / DATA_DIR / shard).stat().st_mtime_ns == written
+        assert not list((tmp_path / "ds" / PARTS_DIR).iterdir())
+    assert first["rows"] == 5
+
+
+def test_a_worker_that_cannot_see_the_output_refuses_to_write_parts(tmp_path):
+    """On a node without the shared mount, the output path is another, empty directory: no orphan parts there."""
+    rows = encoded_rows()
+    settings = {"output": str(tmp_path / "elsewhere"), "label_names": NAMES, "generator": "test", "num_shards": 3}
+    with pytest.raises(DatasetError, match=r"elsewhere holds no manifest.json as seen from .*shared mount or an object-store URI"):
+        write_parts(batches(rows, np.arange(2), 2)[0], **settings)
+    assert not (tmp_path / "elsewhere").exists()

@@ -17,7 +17,7 @@ import sys
 
 from lbgen.cli.flags import add_config_flags, overrides_from_args
 from lbgen.config import PRESETS, Config, ConfigError, resolve, resolve_with_preset
-from lbgen.errors import UserError
+from lbgen.errors import UserError, root_cause
 from lbgen.stages import STAGES, stage
 
 # Errors whose message is the whole story: printed as one line, no traceback. PermissionError and
@@ -116,19 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="run directory written by `lbgen run`")
     add_config_flags(p, ("report",), top_level=False)
     return parser
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """The innermost exception: Ray wraps worker errors (WorkerGroupError -> RayTaskError -> cause)."""
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        failures = getattr(err, "worker_failures", None)
-        inner = failures[min(failures)] if failures else getattr(err, "cause", None) or err.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        err = inner
-    return err
 
 
 def refuse(command: str, err: BaseException) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lbgen.config.schema import Config, _require
 
-# Locations that may be object-store URIs (lbgen.data.storage).
+# Locations that may be object-store URIs (lbgen.runtime.storage).
 URI_FIELDS = ("generate.output", "generate.lora", "pretrain.data")
 
 # Per config section: the fields read or written through the local file system only (an object-store

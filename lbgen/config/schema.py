@@ -446,8 +446,12 @@ class GenerateConfig:
     # leave it; false: a separate pool of scoring actors (a quarter of the generation actors, each on a quarter
     # of a GPU beside them) receives the raw pixels. The scores are the same either way.
     score_beside: bool = resumable(True)
-    # Generation actors (one model copy each; one per GPU on a cluster).
+    # Generation actors (one model copy each; one per GPU on a cluster); on an autoscaling cluster, the most.
     workers: int = resumable(1)
+    # Generation actors to start with on a cluster that can grow: generation starts once these fit (having asked
+    # the autoscaler for all `workers`), and the pool grows as GPU nodes arrive. A Ray that lbgen starts itself
+    # cannot grow: all `workers` start at once.
+    min_workers: int = resumable(1)
     # CPUs reserved per generation actor; fractions leave CPUs for Ray Data's read/encode tasks.
     cpus_per_worker: float = resumable(1.0)
     # torch intra-op threads per actor on CPU; pixels are bitwise reproducible only at equal thread counts.
@@ -472,6 +476,8 @@ class GenerateConfig:
             **_positive(where, self, ("images_per_class", "steps", "batch_size", "micro_batch", "workers", "cpus_per_worker", "threads",
                                       "rows_per_shard", "row_group_rows")),
             **_non_negative(where, self, ("guidance",)),
+            f"{where}.min_workers": (1 <= self.min_workers <= self.workers,
+                                     f"must be in 1..workers ({self.workers}), got {self.min_workers}"),
             f"{where}.image_format": _one_of(self.image_format, IMAGE_FORMATS),
             f"{where}.image_quality": (1 <= self.image_quality <= 100, f"must be in 1..100, got {self.image_quality}"),
             f"{where}.dtype": _one_of(self.dtype, WEIGHT_DTYPES),

@@ -4,10 +4,11 @@
     OUT/manifest.json                       settings, their hash, finished shards (rows, sha256)
     OUT/config.yaml                         the resolved config of the run
     OUT/README.md                           dataset card declaring the features (Image, ClassLabel, ...)
+    OUT/.parts/train-00000-of-00012.0000064.parquet   while running: a batch's rows of a shard (hidden)
 
 `lbgen.data.writer` writes this layout and `lbgen.data.reader` reads it; both take it from here,
-and only the three shard functions at the end touch Parquet. Another shard format (WebDataset tar
-files, say) is another module with `shard_name`, `write_shard`, `read_columns` and `shard_metadata`,
+and only the shard functions at the end touch Parquet. Another shard format (WebDataset tar
+files, say) is another module with `shard_name`, `write_shard`, `read_shard`, `read_columns` and `shard_metadata`,
 chosen by a `format` name in the manifest; the writer, the reader and their guarantees stay as they are.
 """
 
@@ -22,12 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from lbgen.data.storage import Where, locate
+from lbgen.runtime.storage import Where, locate
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
 CONFIG = "config.yaml"
 DATA_DIR = "data"
+PARTS_DIR = ".parts"  # hidden: `datasets`, pyarrow and Ray Data skip dot-names when they list a dataset
 FORMAT = "lbgen-dataset/1"
 
 # Column -> (arrow type, HF `datasets` feature). `image` follows datasets' Image convention.
@@ -132,6 +134,12 @@ def read_columns(path: Where, columns: list[str]) -> pa.Table:
     """`columns` of one shard (never more: the image bytes are read only when asked for)."""
     path = locate(path)
     return pq.read_table(path.path, filesystem=path.fs, columns=columns)
+
+
+def read_shard(path: Where) -> pa.Table:
+    """A whole shard (or part file), schema metadata included."""
+    path = locate(path)
+    return pq.read_table(path.path, filesystem=path.fs)
 
 
 def shard_metadata(path: Where) -> tuple[int, pa.Schema]:

@@ -72,6 +72,7 @@ def batch_rows(item: dict, *, names: tuple[str, ...], ids: tuple[str, ...], cfg:
             "seed": derive_seed(cfg.seed, label, index),
             "prompt": gen.prompt_template.format(name=names[label]),
             "shard": item["shard"],
+            "position": position - first,  # within the shard: names the part file its batch becomes
         })
     return rows
 

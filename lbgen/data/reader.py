@@ -30,7 +30,7 @@ from lbgen.data.format import (
     shard_metadata,
     shard_name,
 )
-from lbgen.data.storage import Location, Where, locate
+from lbgen.runtime.storage import Location, Where, locate
 from lbgen.errors import DatasetError
 
 # CLIP image-embedding cosine at or above which two images of a class count as near-duplicates.

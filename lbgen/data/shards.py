@@ -5,7 +5,7 @@ column); an lbgen dataset directory contributes the shards its manifest lists as
 every shard before training starts: an unreadable file, a missing or mistyped
 column, or a label that disagrees with the class table is an error naming the
 file (or, with `skip_bad_shards`, a warning and a count), never a wrong label.
-A `--data` entry is a local path or an object-store URI (`lbgen.data.storage`).
+A `--data` entry is a local path or an object-store URI (`lbgen.runtime.storage`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from lbgen.data.classes import ClassTable
 from lbgen.data.format import DATA_DIR
 from lbgen.data.reader import finished_shards, read_manifest
-from lbgen.data.storage import Location, locate
+from lbgen.runtime.storage import Location, locate
 from lbgen.errors import ShardError  # noqa: F401  (raised here; defined with the others)
 from lbgen.runtime.seeds import derive_seed
 

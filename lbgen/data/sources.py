@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from lbgen.data.classes import ClassTable
 from lbgen.data.images import IMAGE_SUFFIXES
 from lbgen.data.shards import RowFilter, ShardSet, find_shards, open_shards
-from lbgen.data.storage import Location, locate
+from lbgen.runtime.storage import Location, locate
 from lbgen.errors import ShardError
 from lbgen.runtime.seeds import derive_seed
 

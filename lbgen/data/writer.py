@@ -1,19 +1,28 @@
-"""The one writer of a generated dataset: claim the output, resume, whole shards, manifest, card.
+"""The writers of a generated dataset: parts and shards on the workers, the manifest on the driver.
 
-`generate` drives it: `with DatasetWriter.open(output, plan, ...) as writer:` -> `add(batch)` per
-encoded batch -> `finish(...)`. While open it holds the output's lock (`lbgen.runtime.locks`; local
-outputs: object stores have no lock primitive), so two runs never interleave one manifest. A shard exists under its final name only once it is whole (written to a hidden
-temporary name, then renamed), and the manifest lists it only after that, so "the file exists"
-is the completion marker that resume relies on. OUT is a local path or an object-store URI
-(`s3://bucket/ds`): all I/O goes through `lbgen.data.storage`. The layout is `lbgen.data.format`'s.
+Where the images are made, `write_parts` turns each encoded batch into one hidden part file per shard it
+touches (`OUT/.parts/`), and hands the driver a row of metadata per part: the images never pass through the
+driver. The driver's `DatasetWriter` claims the output, counts the parts of each shard, and, once a shard's
+parts are all written, has `assemble_shard` (a task on a worker) read them, sort the rows and write the whole
+shard; it then only commits: the shard's manifest entry. In a run: `with DatasetWriter.open(output, plan, ...)
+as writer:` -> `add_parts(meta)` -> `assemble_shard(...)` per shard it returns -> `commit(...)` -> `finish(...)`.
+
+While open it holds the output's lock (`lbgen.runtime.locks`), so two runs never interleave one manifest. A
+shard exists under its final name only once it is whole (written to a hidden temporary name, then renamed),
+and the manifest lists it only after that, so "the file exists" is the completion marker that resume relies
+on; the parts of unfinished shards are dropped when a run claims the output. OUT is a local path (a shared
+mount on a multi-node cluster) or an object-store URI (`s3://bucket/ds`): all I/O goes through
+`lbgen.runtime.storage`. The layout is `lbgen.data.format`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import shutil
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,16 +35,18 @@ from lbgen.data.format import (
     DATA_DIR,
     FORMAT,
     MANIFEST,
+    PARTS_DIR,
     card_text,
+    read_shard,
     schema,
     shard_metadata,
     shard_name,
     write_shard,
 )
 from lbgen.data.reader import read_manifest, read_stats, sha256_file, summarize
-from lbgen.data.storage import Location, Where, locate
+from lbgen.runtime.storage import Location, Where, locate
 from lbgen.errors import DatasetError
-from lbgen.runtime.locks import LOCK_FILE, OutputLock
+from lbgen.runtime.locks import LOCK_FILE, OutputLock, lock_output
 from lbgen.runtime.outputs import differences
 
 # No space left, or over quota: the run stops; whole shards stay and a re-run resumes.
@@ -63,13 +74,99 @@ def write_json_atomic(path: Where, data: dict) -> None:
     locate(path).write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
 
 
+# ---------------------------------------------------------------- on the workers
+
+
+def part_name(shard: str, first_position: int) -> str:
+    """The part file of the rows of `shard` from `first_position` on. A batch's rows are planned once, so no two
+    batches share a name, and a retried batch rewrites its own part with the same bytes."""
+    return f"{shard.removesuffix('.parquet')}.{first_position:07d}.parquet"
+
+
+def rows_table(cols: dict[str, np.ndarray], schema_: pa.Schema, generator: str) -> pa.Table:
+    """Encoded rows (the encode stage's columns) as a table of the shard schema, in the order given."""
+    rows, (_, dim) = len(cols["label"]), cols["clip_embedding"].shape
+    arrays = {
+        "image": pa.StructArray.from_arrays([pa.array(cols["image_bytes"].tolist(), pa.binary()),
+                                             pa.array(cols["image_path"].tolist(), pa.string())], names=["bytes", "path"]),
+        "clip_embedding": pa.ListArray.from_arrays(pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32)),
+                                                   pa.array(cols["clip_embedding"].astype(np.float16).reshape(-1))),
+        "generator": pa.array([generator] * rows, pa.string()),
+    }
+    for name in schema_.names:
+        if name not in arrays:
+            arrays[name] = pa.array(cols[name].tolist(), schema_.field(name).type)
+    return pa.Table.from_arrays([arrays[name] for name in schema_.names], schema=schema_)
+
+
+def write_parts(batch: dict[str, np.ndarray], *, output: str, label_names: list[str], generator: str,
+                num_shards: int) -> dict[str, np.ndarray]:
+    """Write encoded rows (any shards) as one part file per shard; returns the driver's metadata, a row per part:
+    `shard`, `part` (its file name), `rows`, `embedding_dim`, and `error`: empty, or why the part was not written.
+
+    A full disk is reported in `error`, not raised: Ray Data keeps only the text of an exception raised here, and
+    the driver is the one to stop the run with its one-line message (`DatasetWriter.add_parts`).
+    `output` is the run's output as a worker must reach it: a shared mount or an object-store URI. A node that
+    does not see the run's manifest there would write parts nobody assembles, so it refuses instead.
+    """
+    out = locate(output)
+    if not (out / MANIFEST).exists():
+        raise DatasetError(f"{output} holds no {MANIFEST} as seen from {socket.gethostname()}: on a multi-node "
+                           "cluster, generate.output must be a shared mount or an object-store URI")
+    schema_, meta = schema(label_names), {"shard": [], "part": [], "rows": [], "embedding_dim": [], "error": []}
+    for shard in np.unique(batch["shard"]).tolist():
+        cols = {k: v[batch["shard"] == shard] for k, v in batch.items()}
+        name = shard_name(shard, num_shards)
+        part, error = part_name(name, int(cols["position"].min())), ""
+        try:
+            with _stop_when_full(out, name):
+                write_shard(rows_table(cols, schema_, generator), out / PARTS_DIR / part, row_group_rows=len(cols["label"]))
+        except DatasetError as err:
+            error = str(err)
+        for key, value in zip(meta, (shard, part, len(cols["label"]), cols["clip_embedding"].shape[1], error)):
+            meta[key].append(value)
+    return {key: np.asarray(values) for key, values in meta.items()}
+
+
+def assemble_shard(output: str, shard: str, parts: list[str], row_group_rows: int) -> dict:
+    """Write `shard` of `output` whole from its `parts` (rows sorted by label, then index), then delete the parts;
+    returns its manifest entry (rows, bytes, sha256).
+
+    Safe to run again after a crash at any point: a shard already written whole is only hashed again.
+    """
+    out = locate(output)
+    final = out / DATA_DIR / shard
+    if final.exists():
+        entry = {"rows": shard_metadata(final)[0], "bytes": final.size(), "sha256": sha256_file(final)}
+    else:
+        table = pa.concat_tables([read_shard(out / PARTS_DIR / part) for part in parts])
+        with _stop_when_full(out, shard):
+            entry = write_shard(table.sort_by([("label", "ascending"), ("index", "ascending")]), final, row_group_rows)
+    for part in parts:
+        (out / PARTS_DIR / part).unlink(missing_ok=True)
+    return entry
+
+
+@contextlib.contextmanager
+def _stop_when_full(output: Location, shard: str):
+    """A full disk while writing `shard` (or a part of it) becomes the one-line error that says how to resume."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        raise _disk_full(output, shard) from None
+
+
+# ---------------------------------------------------------------- on the driver
+
+
 class DatasetWriter:
-    """Owns a dataset directory while a run writes it; `open` it, `add` encoded batches, `finish`."""
+    """Owns a dataset directory while a run writes it: `open` it, `add_parts`, `commit` whole shards, `finish`."""
 
     def __init__(self, output: Location, plan: DatasetPlan, manifest: dict, lock: OutputLock | None):
         self.output, self.plan, self.manifest, self.lock = output, plan, manifest, lock
-        self.schema = schema(plan.label_names)
-        self.pending: dict[int, list[dict]] = {}  # shard -> its batches so far
+        self.parts: dict[int, dict[str, int]] = {}  # shard -> its parts written so far -> their rows
 
     def __enter__(self) -> DatasetWriter:
         return self
@@ -94,7 +191,7 @@ class DatasetWriter:
         output = locate(output)
         if output.exists() and not output.is_dir():
             raise DatasetError(f"output {output} exists and is not a directory")
-        lock = OutputLock(output.path).acquire() if output.fs.type_name == "local" else None
+        lock = lock_output(output)
         try:
             manifest = cls._claim(output, plan, config, run, overwrite)
         except BaseException:
@@ -127,18 +224,35 @@ class DatasetWriter:
         n = len(self.plan.shard_rows)
         return [k for k in range(n) if shard_name(k, n) not in self.manifest["shards"]]
 
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        """Take encoded rows (any shards, any order); each shard is written the moment it is whole."""
-        shards = batch["shard"]
-        for shard in np.unique(shards).tolist():
-            parts = self.pending.setdefault(shard, [])
-            parts.append({k: v[shards == shard] for k, v in batch.items()})
-            if sum(len(p["label"]) for p in parts) == self.plan.shard_rows[shard]:
-                self._write(shard, self.pending.pop(shard))
+    def part_settings(self, output: str) -> dict:
+        """`write_parts`' keyword arguments for this dataset; `output`: the output as workers reach it."""
+        return {"output": output, "label_names": self.plan.label_names, "generator": self.plan.generator,
+                "num_shards": len(self.plan.shard_rows)}
+
+    def add_parts(self, meta: dict[str, np.ndarray]) -> list[tuple[str, list[str]]]:
+        """Count parts that `write_parts` wrote (its metadata rows, in any order); returns (shard name, its parts)
+        for each shard whose parts are now all written, for `assemble_shard`."""
+        whole, n = [], len(self.plan.shard_rows)
+        for shard, part, rows, dim, error in zip(*(meta[key].tolist() for key in ("shard", "part", "rows", "embedding_dim", "error"))):
+            if error:
+                raise DatasetError(error)
+            self.manifest["embedding_dim"] = dim
+            parts = self.parts.setdefault(shard, {})
+            parts[part] = rows  # a batch that Ray ran twice reports the same part twice: counted once
+            if sum(parts.values()) == self.plan.shard_rows[shard]:
+                whole.append((shard_name(shard, n), sorted(self.parts.pop(shard))))
+        return whole
+
+    def commit(self, shard: str, entry: dict) -> None:
+        """Record the whole shard `shard` (`assemble_shard`'s entry) in the manifest: from now on resume keeps it."""
+        self.manifest["shards"][shard] = entry
+        with _stop_when_full(self.output, shard):
+            write_json_atomic(self.output / MANIFEST, self.manifest)
 
     def finish(self, made: int, seconds: float) -> dict:
         """Record totals, this run's throughput and the score summary; returns the final manifest."""
         manifest = self.manifest
+        (self.output / PARTS_DIR).delete_tree()  # empty by now: every part went into its shard
         stats = read_stats([self.output / DATA_DIR / name for name in sorted(manifest["shards"])])
         manifest["totals"] = {"rows": stats.num_rows, "shards": len(manifest["shards"]),
                               "bytes": sum(e["bytes"] for e in manifest["shards"].values())}
@@ -147,37 +261,6 @@ class DatasetWriter:
         manifest["summary"] = summarize(stats, self.plan.label_names)
         write_json_atomic(self.output / MANIFEST, manifest)
         return manifest
-
-    def _table(self, parts: list[dict]) -> pa.Table:
-        """One shard's rows, sorted by (label, index), as a table of the shard schema."""
-        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        order = np.lexsort((cols["index"], cols["label"]))
-        cols = {k: v[order] for k, v in cols.items()}
-        rows, (_, dim) = len(order), cols["clip_embedding"].shape
-        arrays = {
-            "image": pa.StructArray.from_arrays([pa.array(cols["image_bytes"].tolist(), pa.binary()),
-                                                 pa.array(cols["image_path"].tolist(), pa.string())], names=["bytes", "path"]),
-            "clip_embedding": pa.ListArray.from_arrays(pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32)),
-                                                       pa.array(cols["clip_embedding"].astype(np.float16).reshape(-1))),
-            "generator": pa.array([self.plan.generator] * rows, pa.string()),
-        }
-        for name in self.schema.names:
-            if name not in arrays:
-                arrays[name] = pa.array(cols[name].tolist(), self.schema.field(name).type)
-        self.manifest["embedding_dim"] = dim
-        return pa.Table.from_arrays([arrays[name] for name in self.schema.names], schema=self.schema)
-
-    def _write(self, shard: int, parts: list[dict]) -> None:
-        name = shard_name(shard, len(self.plan.shard_rows))
-        try:
-            entry = write_shard(self._table(parts), self.output / DATA_DIR / name, self.plan.row_group_rows)
-            self.manifest["shards"][name] = entry
-            # A shard is recorded only once whole; if this write fails, resume re-hashes the shard instead.
-            write_json_atomic(self.output / MANIFEST, self.manifest)
-        except OSError as err:
-            if err.errno not in DISK_FULL:
-                raise
-            raise _disk_full(self.output, name) from None
 
 
 def _disk_full(output: Location, shard: str) -> DatasetError:
@@ -192,6 +275,7 @@ def _remove_dataset(output: Location) -> None:
     """Delete what a generate run writes (shards, temp shards, manifest, card, config) and nothing else."""
     for path in (output / DATA_DIR).glob("*train-*.parquet*"):
         path.unlink()
+    (output / PARTS_DIR).delete_tree()
     for name in (MANIFEST, CARD, CONFIG):
         (output / name).unlink(missing_ok=True)
 
@@ -215,7 +299,7 @@ def claim_output(output: Location, content: dict, overwrite: bool) -> dict | Non
         _remove_dataset(output)
         return None
     leftovers = _interrupted_writes(output) if output.is_dir() else []
-    ours = {tmp.name for tmp in leftovers} | {LOCK_FILE}
+    ours = {tmp.name for tmp in leftovers} | {LOCK_FILE, PARTS_DIR}
     if manifest is None and output.is_dir() and any(p.name not in ours for p in output.iterdir()):
         if not overwrite:
             raise DatasetError(f"{output} is not empty and holds no {MANIFEST}: refusing to write a dataset into it "
@@ -223,6 +307,8 @@ def claim_output(output: Location, content: dict, overwrite: bool) -> dict | Non
         _remove_dataset(output)
     for tmp in leftovers:
         tmp.unlink(missing_ok=True)
+    if manifest is not None:
+        (output / PARTS_DIR).delete_tree()  # parts of shards a killed run left unfinished: made again
     return manifest
 
 

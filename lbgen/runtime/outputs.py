@@ -42,9 +42,10 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 def check_output_dir(path: str | Path, field: str) -> None:
     """Refuse an output that cannot become a writable directory, before anything is written.
 
-    `field` names the setting in the message (e.g. "generate.output"). Object-store URIs pass.
+    `field` names the setting in the message (e.g. "generate.output"). Object-store URIs pass, unless held.
     """
     if is_uri(path):
+        check_free(path)  # an s3:// output another command writes to: refused now, not after Ray starts
         return
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():

@@ -78,16 +78,17 @@ def cluster_can_grow() -> bool:
 
 
 def require(stage: str, requests: Sequence[Request], settings: str, wait_s: float,
-            say: Callable[[str], None] = print) -> None:
+            say: Callable[[str], None] = print, ask_for: Sequence[Request] | None = None) -> None:
     """Return once the cluster can hold all `requests` at once; raise ResourceError naming `settings` (the
     flags that size the requests) and the cluster when it cannot, after waiting up to `wait_s` for an
-    attached cluster to grow."""
+    attached cluster to grow. `ask_for`: what to ask the autoscaler for meanwhile, when more than `requests`
+    (a pool that starts small and grows: all its nodes boot at once)."""
     nodes = cluster_nodes()
     missing = unplaced(requests, nodes)
     if not missing:
         return
     if cluster_can_grow() and wait_s > 0:
-        missing = _wait_for_growth(stage, requests, wait_s, say)
+        missing = _wait_for_growth(stage, requests, wait_s, say, ask_for or requests)
         if not missing:
             return
         nodes = cluster_nodes()  # what the cluster grew to, for the message
@@ -97,12 +98,16 @@ def require(stage: str, requests: Sequence[Request], settings: str, wait_s: floa
         f"lower {settings}, or run on a larger cluster")
 
 
-def _wait_for_growth(stage: str, requests: Sequence[Request], wait_s: float, say: Callable[[str], None]) -> list[str]:
-    """Ask the autoscaler for the bundles and wait up to `wait_s` for them; what still does not fit."""
+def _bundles(requests: Sequence[Request]) -> list[dict[str, float]]:
+    return [dict(r.resources) for r in requests for _ in range(r.count)]
+
+
+def _wait_for_growth(stage: str, requests: Sequence[Request], wait_s: float, say: Callable[[str], None],
+                     ask_for: Sequence[Request]) -> list[str]:
+    """Ask the autoscaler for `ask_for` and wait up to `wait_s` for `requests` to fit; what still does not fit."""
     from ray.autoscaler.sdk import request_resources
 
-    bundles = [dict(r.resources) for r in requests for _ in range(r.count)]
-    request_resources(bundles=bundles)
+    request_resources(bundles=_bundles(ask_for))
     start = last_report = time.monotonic()
     say(f"[{stage}] waiting up to {wait_s:g} s for the cluster to grow to {' + '.join(r.describe() for r in requests)}")
     try:

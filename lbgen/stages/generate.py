@@ -6,13 +6,18 @@ Pipeline (each stage streams; memory does not grow with the dataset size):
               -> map_batches(GenerateBatch)    diffusion (+ LoRA) on actors, a batch per task: pixels (B, H, W, 3) uint8
               -> map_batches(ScoreBatch)       CLIP score, embedding, zero-shot agreement, IQA score on actors
               -> map_batches(encode_images)    PNG/JPEG/WebP bytes, CPU tasks
-              -> driver: DatasetWriter         rows in any order; whole shards written atomically (lbgen.data.writer)
+              -> map_batches(write_parts)      a hidden part file per batch and shard; a row of metadata each
+              -> driver: DatasetWriter         counts parts; a whole shard's `assemble_shard` task on a worker
+                                               writes it atomically; the driver commits it to the manifest
+
+(With `generate.score_beside`, the default, the actor itself scores, encodes and writes the parts: only the
+parts' metadata leaves it, and no image passes through the driver.)
 
 A batch (`generate.batch_size` rows), not a shard, is the unit of work, and each actor holds at most
 `GENERATION_TASKS_IN_FLIGHT` of them: a slow GPU takes fewer batches instead of holding shards that the
 others wait behind, and a lost node re-makes only its actors' in-flight batches.
 
-The output (and the LoRA) may be a local path or an object-store URI (`lbgen.data.storage`).
+The output (and the LoRA) may be a local path or an object-store URI (`lbgen.runtime.storage`).
 
 An image's seed is a pure function of (run seed, label, index) and every image draws
 its noise from its own generator, so batch size, actor count and resume never change
@@ -38,8 +43,9 @@ from lbgen.data.format import label_names
 from lbgen.data.images import encode_images
 from lbgen.data.plan import SHARD_ORDER, batch_rows, batches_of, plan, shard_sizes  # noqa: F401  (plan is public here too)
 from lbgen.data.reader import format_summary
-from lbgen.data.storage import locate
-from lbgen.data.writer import DatasetPlan, DatasetWriter
+from lbgen.runtime.storage import absolute, locate
+from lbgen.data.writer import DatasetPlan, DatasetWriter, assemble_shard, write_parts
+from lbgen.errors import UserError, root_cause
 from lbgen.models.generator import LORA_FILE, simulates_gpu
 from lbgen.runtime import faults, resources
 from lbgen.runtime.outputs import check_output_dir
@@ -74,7 +80,7 @@ def check_lora(directory: str | None) -> str | None:
 
 
 def load_lora(data: bytes, where: str) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA safetensors file's bytes (read through `lbgen.data.storage`: local or a URI)."""
+    """The tensors of a LoRA safetensors file's bytes (read through `lbgen.runtime.storage`: local or a URI)."""
     from safetensors.torch import load
 
     try:
@@ -201,21 +207,22 @@ class ScoreBatch:
         }
 
 
-class GenerateScoreEncode:
-    """Ray Data callable: plan rows -> scored, encoded rows, all in one actor on one device (`generate.score_beside`).
+class GenerateScoreWrite:
+    """Ray Data callable: plan rows -> written parts' metadata, all in one actor on one device (`generate.score_beside`).
 
-    `GenerateBatch`, then `ScoreBatch`, then `encode_images`, unchanged: only the image bytes and the
-    embedding leave the actor, where a separate scoring pool moved each image's raw pixels (786 KB at 512 px)
-    through the object store twice, from the generation actor to a scoring actor and on to an encoding task.
+    `GenerateBatch`, `ScoreBatch`, `encode_images` and `write_parts`, unchanged: only a row of metadata per part
+    leaves the actor, where a separate scoring pool moved each image's raw pixels (786 KB at 512 px) through the
+    object store twice, from the generation actor to a scoring actor and on to an encoding task.
+    `parts`: `write_parts`' keyword arguments (`DatasetWriter.part_settings`).
     """
 
-    def __init__(self, config: dict, device: str = "cpu"):
+    def __init__(self, config: dict, parts: dict, device: str = "cpu"):
         self.generate, self.score = GenerateBatch(config, device), ScoreBatch(config, device)
         gen = from_dict(Config, config).generate
-        self.image_format, self.quality = gen.image_format, gen.image_quality
+        self.image_format, self.quality, self.parts = gen.image_format, gen.image_quality, parts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return encode_images(self.score(self.generate(batch)), self.image_format, self.quality)
+        return write_parts(encode_images(self.score(self.generate(batch)), self.image_format, self.quality), **self.parts)
 
 
 # ---------------------------------------------------------------- what the dataset is
@@ -253,22 +260,32 @@ LIGHT_CPUS = 0.25
 GENERATION_TASKS_IN_FLIGHT = 2
 
 
-def pipeline_requests(gen: GenerateConfig, gpus: bool) -> tuple[Request, ...]:
-    """What the pipeline holds at once: generation actors, scoring actors unless they score beside generation,
-    and a slot for the planning and encoding tasks (without one, the actors wait for input forever)."""
+def pipeline_requests(gen: GenerateConfig, gpus: bool, workers: int | None = None) -> tuple[Request, ...]:
+    """What the pipeline holds at once with `workers` generation actors (default: `gen.workers`): those, scoring
+    actors unless they score beside generation, and a slot for the planning, encoding and assembly tasks
+    (without one, the actors wait for input forever)."""
+    workers = workers or gen.workers
     light = Request("planning/encoding task slot", 1, {"CPU": LIGHT_CPUS})
     if gen.score_beside:
-        return Request("generation actor(s)", gen.workers, {"CPU": gen.cpus_per_worker, "GPU": 1 if gpus else 0}), light
+        return Request("generation actor(s)", workers, {"CPU": gen.cpus_per_worker, "GPU": 1 if gpus else 0}), light
     return (
-        Request("generation actor(s)", gen.workers, {"CPU": gen.cpus_per_worker, "GPU": (1 - SCORE_GPU_SHARE) if gpus else 0}),
-        Request("scoring actor(s)", max(1, gen.workers // 4), {"CPU": LIGHT_CPUS, "GPU": SCORE_GPU_SHARE if gpus else 0}),
+        Request("generation actor(s)", workers, {"CPU": gen.cpus_per_worker, "GPU": (1 - SCORE_GPU_SHARE) if gpus else 0}),
+        Request("scoring actor(s)", max(1, workers // 4), {"CPU": LIGHT_CPUS, "GPU": SCORE_GPU_SHARE if gpus else 0}),
         light,
     )
 
 
-def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: str, gpus: bool):
-    """The lazy Ray Data dataset of encoded rows for `shards` (see the module docstring): its actors hold
-    GPUs when `gpus`, and run their models on `device`."""
+def starting_workers(gen: GenerateConfig) -> int:
+    """Generation actors the pool starts with: `min_workers` where the cluster can grow (the pool grows as nodes
+    arrive), else all `workers` (a Ray that lbgen started has all it will ever have)."""
+    return gen.min_workers if resources.cluster_can_grow() else gen.workers
+
+
+def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: str, gpus: bool, parts: dict,
+                   min_workers: int | None = None):
+    """The lazy Ray Data dataset of the part files of `shards` (see the module docstring): a row of metadata per
+    part. Its actors hold GPUs when `gpus`, and run their models on `device`; `parts`: `write_parts`' settings.
+    The generation pool starts with `min_workers` actors (default: all) and grows to `generate.workers`."""
     import ray
 
     gen, config = cfg.generate, dataclasses.asdict(cfg)
@@ -283,10 +300,13 @@ def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: st
     # with max_restarts=-1 and max_task_retries=-1 (ActorPoolMapOperator._apply_default_remote_args), so
     # Ray restarts the actor and re-runs its in-flight batches. Setting them here would need map_batches'
     # deprecated **ray_remote_args (gone in Ray 2.64); a test kills an actor mid-batch to hold Ray to it.
+    actor, kwargs = ((GenerateScoreWrite, {"config": config, "parts": parts, "device": device}) if gen.score_beside
+                     else (GenerateBatch, {"config": config, "device": device}))
     ds = ds.map_batches(
-        GenerateScoreEncode if gen.score_beside else GenerateBatch, fn_constructor_kwargs={"config": config, "device": device},
+        actor, fn_constructor_kwargs=kwargs,
         batch_size=gen.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=generation.count, max_tasks_in_flight_per_actor=GENERATION_TASKS_IN_FLIGHT),
+        compute=ray.data.ActorPoolStrategy(min_size=min_workers or generation.count, max_size=generation.count,
+                                           max_tasks_in_flight_per_actor=GENERATION_TASKS_IN_FLIGHT),
         num_cpus=generation.resources["CPU"], num_gpus=generation.resources["GPU"], batch_format="numpy",
     )
     if gen.score_beside:
@@ -296,9 +316,11 @@ def build_pipeline(cfg: Config, table: ClassTable, shards: list[int], device: st
         compute=ray.data.ActorPoolStrategy(size=scoring[0].count), num_cpus=scoring[0].resources["CPU"],
         num_gpus=scoring[0].resources["GPU"], batch_format="numpy",
     )
-    return ds.map_batches(encode_images, fn_kwargs={"image_format": gen.image_format, "quality": gen.image_quality},
-                          batch_size=gen.batch_size, num_cpus=light.resources["CPU"], batch_format="numpy",
-                          compute=ray.data.TaskPoolStrategy(size=max(1, gen.workers)))
+    ds = ds.map_batches(encode_images, fn_kwargs={"image_format": gen.image_format, "quality": gen.image_quality},
+                        batch_size=gen.batch_size, num_cpus=light.resources["CPU"], batch_format="numpy",
+                        compute=ray.data.TaskPoolStrategy(size=max(1, gen.workers)))
+    return ds.map_batches(write_parts, fn_kwargs=parts, batch_size=gen.batch_size, num_cpus=light.resources["CPU"],
+                          batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=max(1, gen.workers)))
 
 
 def check_inputs(cfg: Config) -> tuple[ClassTable, str | None]:
@@ -327,33 +349,74 @@ def generate(cfg: Config, checked: tuple[ClassTable, str | None] | None = None, 
     gpus = use_gpu(gen.use_gpu)
     # A simulated GPU (the `sleep:<ms>` stand-in) is scheduled like one but computes on the CPU.
     device = "cuda" if gpus and not simulates_gpu(cfg.model.generator) else "cpu"
-    resources.require("generate", pipeline_requests(gen, gpus), "generate.workers (--workers), "
-                      "generate.cpus_per_worker (--cpus-per-worker) or generate.use_gpu (--use-gpu)", cfg.resource_wait_s)
-    # `run`: how this run makes its images (the last run's, on a resumed dataset).
+    start_with, full = starting_workers(gen), pipeline_requests(gen, gpus)
+    resources.require("generate", pipeline_requests(gen, gpus, start_with), "generate.min_workers (--min-workers), "
+                      "generate.workers (--workers), generate.cpus_per_worker (--cpus-per-worker) or generate.use_gpu "
+                      "(--use-gpu)", cfg.resource_wait_s, ask_for=full)
+    # `run`: how this run makes its images (the last run's, on a resumed dataset). From here on, Ray Data's own
+    # autoscaling coordinator asks the cluster for what the pool can use, and the pool grows onto the nodes that
+    # the wait above launched (tests/sim_cluster.py's autoscaler scenario; ray #59144 is fixed in Ray 2.60).
     with DatasetWriter.open(gen.output, plan_, config=dataclasses.asdict(cfg), run={"device": device, "precision": gen.dtype},
                             overwrite=gen.overwrite) as writer:
-        return _generate_into(writer, cfg, table, device, gpus, show_progress)
+        return _generate_into(writer, cfg, table, device, gpus, start_with, show_progress)
 
 
-def _generate_into(writer: DatasetWriter, cfg: Config, table: ClassTable, device: str, gpus: bool, show_progress: bool) -> dict:
+def _generate_into(writer: DatasetWriter, cfg: Config, table: ClassTable, device: str, gpus: bool, start_with: int,
+                   show_progress: bool) -> dict:
     """Make the shards `writer` still lacks through the Ray Data pipeline; returns the final manifest."""
+    parts = writer.part_settings(absolute(cfg.generate.output))
+    ds = build_pipeline(cfg, table, writer.todo, device, gpus, parts, start_with) if writer.todo else None
+    return write_dataset(writer, ds, cfg, show_progress)
+
+
+def write_dataset(writer: DatasetWriter, ds, cfg: Config, show_progress: bool = True) -> dict:
+    """The driver's loop: count the parts that `ds` (`build_pipeline`'s, None when nothing is left) reports, have
+    each whole shard assembled by a task on a worker, commit it; returns the final manifest.
+
+    The driver touches no image: at a few hundred bytes of metadata per batch it keeps up with thousands of GPUs
+    (benchmarks/RESULTS.md), where writing every shard itself capped a run at a few hundred.
+    """
+    import ray
     from tqdm.auto import tqdm
 
     plan_ = writer.plan
-    todo = writer.todo
-    start, made = time.perf_counter(), sum(plan_.shard_rows[k] for k in todo)
-    if todo:
-        ds = build_pipeline(cfg, table, todo, device, gpus)
-        # This dataset's context, not Ray's global one: the stages after generation (pre-training's ingest in
-        # `lbgen run`) keep Ray Data's defaults. Rows arrive in any order (the writer holds partial shards):
-        # in order, every actor's output would wait behind the earliest unfinished batch.
-        ds.context.enable_progress_bars = False  # lbgen draws its own bar
-        with quiet_logger("ray.data", logging.ERROR), \
-                tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                writer.add(batch)
-                bar.update(len(batch["label"]))
+    start, made = time.perf_counter(), sum(plan_.shard_rows[k] for k in writer.todo)
+    assemble = ray.remote(num_cpus=LIGHT_CPUS)(assemble_shard)
+    output, assembling = absolute(cfg.generate.output), {}  # task -> its shard
+    try:
+        if ds is not None:
+            # This dataset's context, not Ray's global one: the stages after generation (pre-training's ingest in
+            # `lbgen run`) keep Ray Data's defaults. Parts arrive in any order: in order, every actor's output would
+            # wait behind the earliest unfinished batch.
+            ds.context.enable_progress_bars = False  # lbgen draws its own bar
+            with quiet_logger("ray.data", logging.ERROR), \
+                    tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
+                for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    for shard, parts in writer.add_parts(meta):
+                        assembling[assemble.remote(output, shard, parts, plan_.row_group_rows)] = shard
+                    _commit_assembled(writer, assembling, wait=False)
+                    bar.update(int(meta["rows"].sum()))
+        _commit_assembled(writer, assembling, wait=True)
+    except BaseException as err:
+        # The output's lock is released on the way out: no task of this run may write there after it.
+        for task in assembling:
+            ray.cancel(task)
+        cause = root_cause(err)  # a full disk, say: its one-line error, not Ray's traceback around it
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
     return writer.finish(made, time.perf_counter() - start)
+
+
+def _commit_assembled(writer: DatasetWriter, assembling: dict, wait: bool) -> None:
+    """Commit the shards whose assembly tasks are done (all of them, when `wait`), and forget those tasks."""
+    import ray
+
+    if not assembling:
+        return
+    done, _ = ray.wait(list(assembling), num_returns=len(assembling), timeout=None if wait else 0)
+    for task in done:
+        writer.commit(assembling.pop(task), ray.get(task))
 
 
 def summary_text(manifest: dict) -> str:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lbgen.config import Config, ConfigError, PretrainConfig, from_dict, require_local, resumable_fields, to_yaml
-from lbgen.data import storage
+from lbgen.runtime import storage
 from lbgen.data.classes import load_class_table
 from lbgen.data.downstream import TransformedImages
 from lbgen.data.shards import RowFilter, ShardError

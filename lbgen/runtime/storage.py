@@ -129,6 +129,11 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
 
+    def delete_tree(self) -> None:
+        """Delete this directory and everything under it; nothing when it does not exist."""
+        if self.exists():
+            self.fs.delete_dir(self.path)
+
     def unlink(self, missing_ok: bool = False) -> None:
         try:
             self.fs.delete_file(self.path)
