@@ -2,6 +2,7 @@
 
 Plain PyTorch over diffusers modules: the same `denoise` runs with no gradient
 steps for generation and with K gradient steps for fine-tuning.
+`sync_free.denoise_sync_free` is the same loop with no host round trip per step.
 """
 
 from __future__ import annotations
