@@ -46,7 +46,7 @@ from lbgen.data.format import (
 from lbgen.data.reader import read_manifest, read_stats, sha256_file, summarize
 from lbgen.runtime.storage import Location, Where, locate
 from lbgen.errors import DatasetError
-from lbgen.runtime.locks import LOCK_FILE, OutputLock, lock_output
+from lbgen.runtime.locks import LOCK_FILE, ObjectStoreLock, OutputLock, lock_output
 from lbgen.runtime.outputs import differences
 
 # No space left, or over quota: the run stops; whole shards stay and a re-run resumes.
@@ -164,7 +164,7 @@ def _stop_when_full(output: Location, shard: str):
 class DatasetWriter:
     """Owns a dataset directory while a run writes it: `open` it, `add_parts`, `commit` whole shards, `finish`."""
 
-    def __init__(self, output: Location, plan: DatasetPlan, manifest: dict, lock: OutputLock | None):
+    def __init__(self, output: Location, plan: DatasetPlan, manifest: dict, lock: OutputLock | ObjectStoreLock | None):
         self.output, self.plan, self.manifest, self.lock = output, plan, manifest, lock
         self.parts: dict[int, dict[str, int]] = {}  # shard -> its parts written so far -> their rows
 
