@@ -1,4 +1,5 @@
-"""Test helper: two generated rows (or datasets) are the same, up to the rounding of their CLIP/IQA outputs."""
+"""Test helper: two generated rows (or datasets) are the same, up to the rounding of their CLIP/IQA outputs; and
+`write_encoded`, a run's writing of encoded rows without Ray."""
 
 from __future__ import annotations
 
@@ -46,3 +47,12 @@ def assert_same_dataset(a: Path, b: Path) -> None:
     for key in rows_a:
         assert_same_pixels_and_row(rows_a[key], rows_b[key])
         assert rows_a[key]["image"] == rows_b[key]["image"], key  # PNG encoding is deterministic too
+
+
+def write_encoded(writer, batch: dict) -> None:
+    """What a run does with an encoded batch, without Ray: the worker's parts, then each whole shard assembled
+    and committed (`batch` holds each row's `shard` and its `position` in it)."""
+    from lbgen.data.writer import assemble_shard, write_parts
+
+    for shard, parts in writer.add_parts(write_parts(batch, **writer.part_settings(str(writer.output)))):
+        writer.commit(shard, assemble_shard(str(writer.output), shard, parts, writer.plan.row_group_rows))

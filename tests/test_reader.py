@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from rows import write_encoded
 
 from lbgen.config import resolve
 from lbgen.data.downstream import render_shape
@@ -44,7 +45,7 @@ def planted(tmp_path_factory):
     order = row_order(len(image), 0)
     position, pixels = np.arange(len(image)), pixels[order]
     label, index = order // PER_CLASS, order % PER_CLASS
-    batch = {"label": label, "index": index, "shard": position // ROWS_PER_SHARD, "seed": order,
+    batch = {"label": label, "index": index, "shard": position // ROWS_PER_SHARD, "position": position % ROWS_PER_SHARD, "seed": order,
              "class_id": np.array([f"s{k}" for k in label], dtype=object), "class_name": np.array([NAMES[k] for k in label], dtype=object),
              "prompt": np.array([NAMES[k] for k in label], dtype=object), "pixels": pixels}
     scored = ScoreBatch(dataclasses.asdict(cfg))(batch)
@@ -53,7 +54,7 @@ def planted(tmp_path_factory):
                        description="planted", row_group_rows=4)
     output = tmp_path_factory.mktemp("planted")
     with DatasetWriter.open(output, plan, config={}, run={}) as writer:
-        writer.add(encode_images(scored, "png", 95))
+        write_encoded(writer, encode_images(scored, "png", 95))
         writer.finish(made=len(position), seconds=1.0)
     return output
 

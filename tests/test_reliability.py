@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import errno
 import io
 import json
 import logging

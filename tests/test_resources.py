@@ -63,7 +63,9 @@ def test_an_attached_cluster_is_asked_to_grow_and_waited_for(monkeypatch):
     worker = Request("training worker(s)", 2, {"CPU": 2})
     asked, said = _attached_cluster(monkeypatch, [[{"CPU": 2}], [{"CPU": 2}], [{"CPU": 2}, {"CPU": 2}]])
     resources.require("pretrain", [worker], "pretrain.cluster.workers", 60, said.append)
-    assert asked == [[{"CPU": 2}, {"CPU": 2}], []]  # the bundles, then the request withdrawn
+    # The bundles at each of the two polls (Ray Data's coordinator replaces the cluster's request every 20 s,
+    # so it is made again each time), then the request withdrawn.
+    assert asked == [[{"CPU": 2}, {"CPU": 2}], [{"CPU": 2}, {"CPU": 2}], []]
     assert said == ["[pretrain] waiting up to 60 s for the cluster to grow to 2 training worker(s) x {CPU: 2}"]
 
 

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from rows import write_encoded
 
 from lbgen.data.format import ARROW_SCHEMA, DATA_DIR, MANIFEST, PARTS_DIR, shard_name
 from lbgen.data.images import encode_images
@@ -49,16 +50,10 @@ def batches(rows: dict, order: np.ndarray, size: int) -> list[dict]:
     return [{k: v[order[i : i + size]] for k, v in rows.items()} for i in range(0, len(order), size)]
 
 
-def add(writer: DatasetWriter, batch: dict) -> None:
-    """What a run does with an encoded batch, without Ray: the worker's parts, then each whole shard assembled and committed."""
-    for shard, parts in writer.add_parts(write_parts(batch, **writer.part_settings(str(writer.output)))):
-        writer.commit(shard, assemble_shard(str(writer.output), shard, parts, writer.plan.row_group_rows))
-
-
 def write_all(output, parts: list[dict]) -> dict:
     with DatasetWriter.open(output, plan_of(), config={"seed": 0}, run={"device": "cpu"}) as writer:
         for part in parts:
-            add(writer, part)
+            write_encoded(writer, part)
         return writer.finish(made=sum(len(p["label"]) for p in parts), seconds=1.0)
 
 
@@ -85,7 +80,7 @@ def test_a_reopened_dataset_keeps_its_whole_shards_and_makes_the_rest(tmp_path):
     rows = encoded_rows()
     write_all(tmp_path / "whole", batches(rows, np.arange(12), 12))
     writer = DatasetWriter.open(tmp_path / "cut", plan_of(), config={"seed": 0}, run={})
-    add(writer, batches(rows, np.arange(7), 7)[0])  # shard 0 whole, shard 1 half: then the run dies ...
+    write_encoded(writer, batches(rows, np.arange(7), 7)[0])  # shard 0 whole, shard 1 half: then the run dies ...
     assert len(list((tmp_path / "cut" / PARTS_DIR).iterdir())) == 1  # shard 1's part, waiting for the rest
     writer.lock.file.close()  # ... and the kernel drops its lock
     assert not dataset_complete(tmp_path / "cut")
@@ -93,7 +88,7 @@ def test_a_reopened_dataset_keeps_its_whole_shards_and_makes_the_rest(tmp_path):
         assert again.lock.stale["pid"] == os.getpid()  # the dead run's lock, taken over
         assert again.todo == [1, 2] and again.manifest["embedding_dim"] == DIM
         assert not (tmp_path / "cut" / PARTS_DIR).exists()  # the dead run's part: made again
-        add(again, batches(rows, np.arange(5, 12), 7)[0])
+        write_encoded(again, batches(rows, np.arange(5, 12), 7)[0])
         again.finish(made=7, seconds=1.0)
     assert shard_bytes(tmp_path / "cut") == shard_bytes(tmp_path / "whole")
 

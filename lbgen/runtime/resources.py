@@ -104,14 +104,19 @@ def _bundles(requests: Sequence[Request]) -> list[dict[str, float]]:
 
 def _wait_for_growth(stage: str, requests: Sequence[Request], wait_s: float, say: Callable[[str], None],
                      ask_for: Sequence[Request]) -> list[str]:
-    """Ask the autoscaler for `ask_for` and wait up to `wait_s` for `requests` to fit; what still does not fit."""
+    """Ask the autoscaler for `ask_for` and wait up to `wait_s` for `requests` to fit; what still does not fit.
+
+    The request is made again every second: the cluster holds one resource request, and once any Ray Data job
+    has run there, Ray Data's autoscaling coordinator (a cluster-wide actor) replaces it with its own every 20 s,
+    so a request made once stopped the nodes from coming (the autoscaler scenario's second generation waited out
+    its 120 s on a cluster of one head)."""
     from ray.autoscaler.sdk import request_resources
 
-    request_resources(bundles=_bundles(ask_for))
     start = last_report = time.monotonic()
     say(f"[{stage}] waiting up to {wait_s:g} s for the cluster to grow to {' + '.join(r.describe() for r in requests)}")
     try:
         while True:
+            request_resources(bundles=_bundles(ask_for))
             missing = unplaced(requests, cluster_nodes())
             waited = time.monotonic() - start
             if not missing or waited >= wait_s:
