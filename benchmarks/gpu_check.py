@@ -5,6 +5,8 @@ Measures, on one GPU, within `--budget-s` seconds (progress on stderr):
 - generation at 512 px, fp16, 50 DDPM steps, CFG 2.0, batch 8: images/s through lbgen's
   `GenerateBatch` (micro_batch 8) next to a bare diffusers loop (`StableDiffusionPipeline.__call__`
   on the same pipeline object, same steps, batch, guidance and scheduler), each after a warm-up call;
+- `lbgen benchmark` on the same settings: steady images/s, FLOPs per image counted on the model, the share of
+  the GPU's peak, and the ImageNet-1K dataset's projected GPU-hours;
 - pre-training's GPU decode (`pretrain.decode_device: cuda`): `DeviceDecoder` images/s on a batch of 512 px
   q95 JPEGs cropped to 224 px, and its crops' mean absolute difference from the CPU stage's;
 - one fine-tuning step (`Finetuner.train_step`: B=4, K=5 of T=50, 512 px, LoRA r128, gradient
@@ -151,6 +153,25 @@ def check_generation(settings: dict, device: torch.device, budget: Budget) -> di
     }
 
 
+def check_benchmark(settings: dict, budget: Budget) -> dict:
+    """`lbgen benchmark` on the generation part's settings: steady images/s, FLOPs per image counted on the
+    model, % of the device's peak, the in1k dataset's GPU-hours. The largest micro-batch search is left out
+    (it would run up to 256 images at once; `lbgen benchmark` does it by default)."""
+    from lbgen.config import resolve
+    from lbgen.stages.benchmark import benchmark
+
+    batch = settings["gen_batch"]
+    cfg = resolve(settings["preset"], overrides={
+        "classes": "imagenet1k",
+        "model": {"resolution": settings["resolution"]},
+        "generate": {"steps": settings["gen_steps"], "batch_size": batch, "micro_batch": batch, "dtype": "fp16",
+                     "scheduler": "ddpm", "guidance": GUIDANCE, "images_per_class": 1300, "threads": torch.get_num_threads()},
+        "benchmark": {"batches": TIMED_CALLS, "find_max_micro_batch": False},
+    })
+    log(f"benchmark: lbgen benchmark, batch {batch}, {settings['gen_steps']} steps")
+    return benchmark(cfg)
+
+
 # ---------------------------------------------------------------- fine-tuning
 
 
@@ -257,7 +278,11 @@ def main() -> int:
         "torch": torch.__version__,
         "preset": settings["preset"],
     }
-    run_part(results, "generate", partial(check_generation, settings, device, budget), device)
+    generate_s = run_part(results, "generate", partial(check_generation, settings, device, budget), device)
+    if budget.allows(generate_s / 2):  # lbgen's arm of the generation part, again
+        run_part(results, "benchmark", partial(check_benchmark, settings, budget), device)
+    else:
+        results["benchmark"] = {"error": f"skipped: the budget ({args.budget_s:.0f} s) would be exceeded"}
     run_part(results, "pretrain_decode", partial(check_gpu_decode, settings, device, budget), device)
     finetune = results["finetune"] = {"resolution": settings["resolution"], **settings["ft"], "lora_rank": 128,
                                       "gradient_checkpointing": True}
@@ -268,7 +293,7 @@ def main() -> int:
         results["finetune"]["fp16"] = {"error": f"skipped: the budget ({args.budget_s:.0f} s) would be exceeded"}
     results["elapsed_s"] = elapsed()
     print(json.dumps(finite_json(results), indent=2, allow_nan=False))
-    parts = (results["generate"], results["pretrain_decode"], results["finetune"]["bf16"], results["finetune"]["fp16"])
+    parts = (results["generate"], results["benchmark"], results["pretrain_decode"], results["finetune"]["bf16"], results["finetune"]["fp16"])
     return 1 if any("error" in part for part in parts) else 0
 
 

@@ -392,6 +392,29 @@ class ReportConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """`benchmark`: steady generation speed of this machine's device with a config, and the dataset's projected cost."""
+
+    # Batches timed after the warm-up batch (each `generate.batch_size` images).
+    batches: int = 3
+    # Price of one GPU-hour, for the cost projection (0: no cost, GPU-hours only).
+    price_per_gpu_hour: float = 0.0
+    # The device's peak dense TFLOP/s in the generation dtype, for "% of peak" (0: looked up by the GPU's name in
+    # lbgen.stages.benchmark.PEAK_TFLOPS; none on a CPU).
+    peak_tflops: float = 0.0
+    # Find the largest micro-batch that fits in GPU memory (CUDA only: doubles it until memory runs out).
+    find_max_micro_batch: bool = True
+    # Write the figures as JSON to this file (null: print them only).
+    json: Optional[str] = None
+
+    def check(self, where: str = "benchmark") -> None:
+        _require({
+            **_positive(where, self, ("batches",)),
+            **_non_negative(where, self, ("price_per_gpu_hour", "peak_tflops")),
+        })
+
+
+@dataclass
 class MakeDownstreamConfig:
     """`make-downstream`: a procedural downstream set, so evaluation runs without downloads."""
 
@@ -529,6 +552,7 @@ class Config:
     run: RunAllConfig = field(default_factory=RunAllConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def check(self) -> None:

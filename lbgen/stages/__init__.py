@@ -85,6 +85,11 @@ STAGES: tuple[Stage, ...] = (
         directory="generate", complete="lbgen.data.reader:dataset_complete", report="lbgen.stages.report:dataset_section",
     ),
     Stage(
+        "benchmark", "time steady generation on this machine's device; project the dataset's GPU-hours and cost",
+        ("model", "generate", "benchmark"), "benchmark", check="lbgen.stages.benchmark:check_inputs",
+        run="lbgen.stages.benchmark:benchmark", done="lbgen.stages.benchmark:done_line", models=GENERATION_MODELS, ray=False,
+    ),
+    Stage(
         "make-downstream", "write a procedural downstream dataset (ImageFolder)", ("make_downstream",), "make_downstream",
         check="lbgen.stages.make_downstream:check_inputs", run="lbgen.stages.make_downstream:make",
         done="lbgen.stages.make_downstream:done_line", ray=False,
