@@ -169,6 +169,22 @@ def test_sync_free_gradient_steps_equal_denoise(tiny):
     assert torch.equal(our_state, their_state)
 
 
+def test_sync_free_loop_stacks_the_text_states_once(tiny):
+    """The guidance's [uncond, cond] text states are stacked once per run, not per step: every UNet call reads
+    the same tensor."""
+    seen = []
+    hook = tiny.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"]),
+                                               with_kwargs=True)
+    cond, uncond = _prompt_states(tiny, 2)
+    try:
+        with torch.no_grad():
+            _run(denoise_sync_free, tiny, _scheduler(tiny, "ddpm"), [1, 2], cond, uncond, steps=3)
+    finally:
+        hook.remove()
+    assert len(seen) == 3 and all(states is seen[0] for states in seen)
+    torch.testing.assert_close(seen[0], torch.cat([uncond, cond]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["ddpm", "euler-a"])
 def test_sync_free_loop_under_autocast_equals_denoise(tiny, name):
     """Under autocast (fine-tuning's mixed precision) the UNet returns bfloat16 and `step` draws its noise in

@@ -12,6 +12,10 @@ MIXED_PRECISION = {"bf16": "bfloat16", "fp16": "float16", "no": None}
 # `generate.dtype` -> torch dtype name of the generation model's weights.
 WEIGHT_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
+# `generate.compile`: torch.compile's mode for the generation UNet (and, with `generate.compile_vae`, the VAE's
+# decoder); "none" leaves them uncompiled.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
 # `pretrain.decode_device`: where training images are decoded and cropped (`lbgen.data.transforms.DECODE_STAGES`):
 # in Ray Data's CPU tasks, or on the training GPUs with nvJPEG (the CPU tasks then only draw the crops).
 DECODE_DEVICES = ("cpu", "cuda")

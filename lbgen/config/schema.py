@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lbgen.config.presets import RECIPES
-from lbgen.config.choices import DECODE_DEVICES, DOWNSTREAM_KINDS, FAULT_POINTS, IMAGE_FORMATS, MIXED_PRECISION, PROTOCOLS, WEIGHT_DTYPES
+from lbgen.config.choices import COMPILE_MODES, DECODE_DEVICES, DOWNSTREAM_KINDS, FAULT_POINTS, IMAGE_FORMATS, MIXED_PRECISION, PROTOCOLS, WEIGHT_DTYPES
 from lbgen.errors import ConfigError
 
 # Field metadata of a setting that may change between the runs of one output (resume keeps going).
@@ -483,6 +483,18 @@ class GenerateConfig:
     use_gpu: Optional[bool] = resumable(None)
     # Weight dtype of the generation model on any device: "fp16", "bf16" or "fp32".
     dtype: str = "fp16"
+    # The fast paths of generation: the sync-free denoising loop, the LoRA merged with its adapter layers removed,
+    # fused QKV projections, channels_last UNet and VAE, cuDNN's autotuner on a GPU, each class prompt encoded once
+    # per actor, and every attention required to run through SDPA (an error otherwise). Part of what defines the
+    # dataset, since pixels may differ from --no-fast's in the last bits (other kernels round differently: 1/255 at
+    # most in tests/test_fast.py); --no-fast runs the modules as diffusers builds them.
+    fast: bool = True
+    # torch.compile the UNet with this mode, a fast path: "none", "default", "reduce-overhead" (CUDA graphs: the
+    # choice on a GPU) or "max-autotune". Each actor compiles once, on its first micro-batch (minutes on a CPU).
+    # Part of what defines the dataset: compiled kernels may round differently.
+    compile: str = "none"
+    # Also compile the VAE's decoder, in the mode of `compile`.
+    compile_vae: bool = False
     # Stored image encoding: "jpeg", "png" or "webp".
     image_format: str = "jpeg"
     # Encoder quality for jpeg/webp (ignored for png).
@@ -504,6 +516,11 @@ class GenerateConfig:
             f"{where}.image_format": _one_of(self.image_format, IMAGE_FORMATS),
             f"{where}.image_quality": (1 <= self.image_quality <= 100, f"must be in 1..100, got {self.image_quality}"),
             f"{where}.dtype": _one_of(self.dtype, WEIGHT_DTYPES),
+            f"{where}.compile": _one_of(self.compile, COMPILE_MODES),
+            f"{where}.fast": (self.fast or self.compile == "none",
+                              f"must be on to compile (compiling is a fast path), got compile {self.compile!r}"),
+            f"{where}.compile_vae": (not self.compile_vae or self.compile != "none",
+                                     f"needs a {where}.compile mode to compile the VAE's decoder in, got 'none'"),
             **_has_name_slot(where, self, ("prompt_template", "score_template")),
         })
 

@@ -43,10 +43,21 @@ def encode_prompts(pipe, prompts: Sequence[str], device) -> torch.Tensor:
     return pipe.text_encoder(ids.to(device))[0]
 
 
+def guidance_states(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """The text states of a CFG UNet call, (2B, L, D): the empty prompt's rows first, as `stacked_guided_noise`
+    stacks the latents."""
+    return torch.cat([uncond, cond])
+
+
 def guided_noise(unet: nn.Module, latents: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
     """One CFG UNet call on the stacked [uncond, cond] batch: (B, C, h, w) noise prediction."""
-    model_in = torch.cat([latents, latents])
-    noise = unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    return stacked_guided_noise(unet, latents, t, guidance_states(cond, uncond), guidance)
+
+
+def stacked_guided_noise(unet: nn.Module, latents: torch.Tensor, t, states: torch.Tensor, guidance: float) -> torch.Tensor:
+    """`guided_noise` with its text states stacked beforehand (`guidance_states`): a loop stacks them once, not
+    per step."""
+    noise = unet(torch.cat([latents, latents]), t, encoder_hidden_states=states).sample
     noise_uncond, noise_cond = noise.chunk(2)
     return noise_uncond + guidance * (noise_cond - noise_uncond)
 

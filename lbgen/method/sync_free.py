@@ -9,7 +9,8 @@ would freeze). Here the same arithmetic is split in two:
   latents' device, and each step's variance noise is drawn from the caller's generators in the order
   diffusers' steps would draw it (so the generators end in the same state, and results equal `denoise`);
 * the loop (`StepPlan.run`) indexes those tables with a Python int: a UNet call and a few tensor
-  operations per step, no `.item()`, no device->host copy, no branch on a tensor's value.
+  operations per step, no `.item()`, no device->host copy, no branch on a tensor's value; the text states
+  are stacked for guidance once, before the first step.
 
 Each step reads only `plan.timesteps[i]`, `plan.coefficients(i)` and `plan.noise[i]`; copying those rows
 into static buffers lets one captured CUDA graph (UNet + update) replay every step.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lbgen.method.sampler import Generators, denoise, guided_noise
+from lbgen.method.sampler import Generators, denoise, guidance_states, stacked_guided_noise
 
 Coefficients = dict[str, torch.Tensor]  # name -> a (T,) table, or one step's 0-dim entry of it
 
@@ -219,10 +220,11 @@ class StepPlan:
         first of them on stay differentiable (the tables and noise are constants), as in `denoise`."""
         grad_indices = set(grad_indices) if torch.is_grad_enabled() else set()
         first_grad = min(grad_indices, default=self.num_steps)
+        states = guidance_states(cond, uncond)  # once per run: every step's UNet call reads the same text states
         for i in range(self.num_steps):
             c = self.coefficients(i)
             with torch.set_grad_enabled(i in grad_indices):
-                eps = guided_noise(unet, self.form.model_input(latents, c), self.timesteps[i], cond, uncond, guidance)
+                eps = stacked_guided_noise(unet, self.form.model_input(latents, c), self.timesteps[i], states, guidance)
             with torch.set_grad_enabled(i >= first_grad):
                 latents = self.form.update(latents, eps, c, None if self.noise is None else self.noise[i])
         return latents
