@@ -5,7 +5,7 @@ Measures, on one GPU, within `--budget-s` seconds (progress on stderr):
 - generation at 512 px, fp16, 50 DDPM steps, CFG 2.0, batch 8: images/s through lbgen's
   `GenerateBatch` (micro_batch 8) next to a bare diffusers loop (`StableDiffusionPipeline.__call__`
   on the same pipeline object, same steps, batch, guidance and scheduler), each after a warm-up call;
-- `lbgen benchmark` on the same settings: steady images/s, FLOPs per image counted on the model, the share of
+- `lbgen benchmark` on the same settings with the fast paths (`generate.fast`): steady images/s, FLOPs per image counted on the model, the share of
   the GPU's peak, and the ImageNet-1K dataset's projected GPU-hours;
 - pre-training's GPU decode (`pretrain.decode_device: cuda`): `DeviceDecoder` images/s on a batch of 512 px
   q95 JPEGs cropped to 224 px, and its crops' mean absolute difference from the CPU stage's;
@@ -165,7 +165,8 @@ def check_benchmark(settings: dict, budget: Budget) -> dict:
         "classes": "imagenet1k",
         "model": {"resolution": settings["resolution"]},
         "generate": {"steps": settings["gen_steps"], "batch_size": batch, "micro_batch": batch, "dtype": "fp16",
-                     "scheduler": "ddpm", "guidance": GUIDANCE, "images_per_class": 1300, "threads": torch.get_num_threads()},
+                     "scheduler": "ddpm", "guidance": GUIDANCE, "images_per_class": 1300, "threads": torch.get_num_threads(),
+                     "fast": True},  # the generation part measures the eager path and bare diffusers
         "benchmark": {"batches": TIMED_CALLS, "find_max_micro_batch": False},
     })
     log(f"benchmark: lbgen benchmark, batch {batch}, {settings['gen_steps']} steps")

@@ -70,7 +70,7 @@ def assert_equal_pixels(ours: np.ndarray, reference: np.ndarray, what: str) -> N
 
 # SD 1.5's UNet, VAE and text encoder (random weights) at 128 px: 4 DDPM steps on a micro-batch of 2, in fp32
 # (a CPU's fp16 and bf16 are emulated or far slower).
-SD15_SHAPE = {"model": {"resolution": 128}, "generate": {"steps": 4, "micro_batch": 2, "batch_size": 2, "dtype": "fp32",
+SD15_SHAPE = {"model": {"resolution": 128}, "generate": {"fast": True, "steps": 4, "micro_batch": 2, "batch_size": 2, "dtype": "fp32",
                                                          "threads": 2, "images_per_class": 1}}
 
 
@@ -88,7 +88,7 @@ def test_fast_equals_eager_with_a_lora(tmp_path):
     stay (the images are the eager path's, not the base model's)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    cfg = tiny(generate={"lora": str(make_lora(tmp_path))})
+    cfg = tiny(generate={"fast": True, "lora": str(make_lora(tmp_path))})
     batch = planned(cfg, 0, 4)
     generate = GenerateBatch(dataclasses.asdict(cfg))
     assert not any(isinstance(module, BaseTunerLayer) for module in generate.pipe.unet.modules())
@@ -102,7 +102,7 @@ def test_fast_equals_eager_with_a_lora(tmp_path):
 @needs_cuda
 def test_fast_equals_eager_on_a_gpu_in_half_precision():
     """fp16 on CUDA, where the fast paths pay (cuDNN's autotuner, channels_last, fused projections): 512 px."""
-    cfg = resolve("sd15-shape", overrides={"generate": {"steps": 20, "micro_batch": 2, "batch_size": 2, "dtype": "fp16"}})
+    cfg = resolve("sd15-shape", overrides={"generate": {"fast": True, "steps": 20, "micro_batch": 2, "batch_size": 2, "dtype": "fp16"}})
     batch = planned(cfg, 0, 2)
     eager = made(cfg, batch, "cuda", fast=False)
     assert_equal_pixels(made(cfg, batch, "cuda"), eager, "sd15-shape, 512 px, 20 steps, fp16 on CUDA, fast against eager")
@@ -116,7 +116,7 @@ def test_fast_equals_eager_on_a_gpu_in_half_precision():
 def test_fast_pixels_do_not_depend_on_batching():
     """Batches larger than, not a multiple of, and smaller than the micro-batch give the same pixels, each made by
     a fresh actor, so each arrangement fills the prompt cache from micro-batches of its own."""
-    cfg = tiny(generate={"images_per_class": 3})
+    cfg = tiny(generate={"fast": True, "images_per_class": 3})
     assert cfg.generate.fast and cfg.generate.micro_batch == 4
 
     def pixels(bounds: list[tuple[int, int]]) -> np.ndarray:
@@ -134,7 +134,7 @@ def test_cached_prompt_states_equal_the_in_batch_encoding():
     (on this host's CPU the text encoder's rows do not depend on the row count, but kernels may choose their code
     path by shape), and every micro-batch's states bitwise what `--no-fast` encodes for it: each prompt at any
     row, beside any others, encoded first in another micro-batch or in this one."""
-    cfg = tiny()
+    cfg = tiny(generate={"fast": True})
     assert cfg.generate.micro_batch == 4
     generate = GenerateBatch(dataclasses.asdict(cfg))
     names = load_class_table(cfg.classes).names
@@ -154,7 +154,7 @@ def test_cached_prompt_states_equal_the_in_batch_encoding():
 
 def test_fast_settings_define_the_dataset(tmp_path):
     """`fast`, `compile` and `compile_vae` are content settings: a dataset made fast is never resumed eager."""
-    cfg = tiny(generate={"output": str(tmp_path / "ds")})
+    cfg = tiny(generate={"fast": True, "output": str(tmp_path / "ds")})
     table = load_class_table(cfg.classes)
     content = content_settings(cfg, table, None)["generate"]
     assert {key: content[key] for key in FAST_SETTINGS} == {"fast": True, "compile": "none", "compile_vae": False}
@@ -174,14 +174,14 @@ def test_compile_settings_are_checked():
                               ({"compile": "default", "fast": False}, "generate.fast must be on to compile"),
                               ({"compile_vae": True}, "generate.compile_vae needs a generate.compile mode")]:
         with pytest.raises(ConfigError, match=message):
-            tiny(generate=settings)
+            tiny(generate={"fast": True, **settings})
 
 
 # ---------------------------------------------------------------- attention
 
 
 def test_fast_attention_is_fused_sdpa_in_channels_last():
-    generate = GenerateBatch(dataclasses.asdict(tiny()))
+    generate = GenerateBatch(dataclasses.asdict(tiny(generate={"fast": True})))
     for model in (generate.pipe.unet, generate.pipe.vae):
         assert {type(p).__name__ for p in model.attn_processors.values()} == {"FusedAttnProcessor2_0"}
         kernels = [p for p in model.parameters() if p.dim() == 4]
@@ -202,7 +202,7 @@ def test_slow_attention_is_refused_naming_its_processors(monkeypatch):
         return pipe
 
     monkeypatch.setattr(generators, "create_generator", classic)
-    cfg = tiny()
+    cfg = tiny(generate={"fast": True})
     with pytest.raises(SlowAttentionError, match=r"the UNet's attention runs AttnProcessor \(\d+ layers\), not SDPA"):
         GenerateBatch(dataclasses.asdict(cfg))
     eager = GenerateBatch(dataclasses.asdict(with_generate(cfg, fast=False)))
@@ -218,7 +218,7 @@ def test_compiled_generation_compiles_once_per_actor():
     micro-batch, compiles nothing new (no new frame, no new graph); the pixels are the uncompiled fast path's."""
     from torch._dynamo.utils import counters
 
-    cfg = tiny(generate={"compile": "default", "compile_vae": True, "steps": 2, "micro_batch": 2})
+    cfg = tiny(generate={"fast": True, "compile": "default", "compile_vae": True, "steps": 2, "micro_batch": 2})
     generate = GenerateBatch(dataclasses.asdict(cfg))
     start = time.perf_counter()
     first = generate(planned(cfg, 0, 2))["pixels"]
@@ -237,7 +237,7 @@ def test_cuda_graphs_compile_once_per_actor():
     """`--compile reduce-overhead` on a GPU: CUDA graphs of the UNet, captured on the first batch, replayed after."""
     from torch._dynamo.utils import counters
 
-    cfg = tiny(generate={"compile": "reduce-overhead", "steps": 4, "micro_batch": 2})
+    cfg = tiny(generate={"fast": True, "compile": "reduce-overhead", "steps": 4, "micro_batch": 2})
     generate = GenerateBatch(dataclasses.asdict(cfg), "cuda")
     first = generate(planned(cfg, 0, 2))["pixels"]
     compiled = counters["frames"]["total"], counters["stats"]["unique_graphs"]

@@ -487,8 +487,9 @@ class GenerateConfig:
     # fused QKV projections, channels_last UNet and VAE, cuDNN's autotuner on a GPU, each class prompt encoded once
     # per actor, and every attention required to run through SDPA (an error otherwise). Part of what defines the
     # dataset, since pixels may differ from --no-fast's in the last bits (other kernels round differently: 1/255 at
-    # most in tests/test_fast.py); --no-fast runs the modules as diffusers builds them.
-    fast: bool = True
+    # most in tests/test_fast.py); --no-fast runs the modules as diffusers builds them. Off by default until measured
+    # on a GPU (benchmarks/gpu_check.sh): on this project's 2-core CPU, fp32, it was slower (channels_last).
+    fast: bool = False
     # torch.compile the UNet with this mode, a fast path: "none", "default", "reduce-overhead" (CUDA graphs: the
     # choice on a GPU) or "max-autotune". Each actor compiles once, on its first micro-batch (minutes on a CPU).
     # Part of what defines the dataset: compiled kernels may round differently.
