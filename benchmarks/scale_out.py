@@ -123,8 +123,8 @@ def run_once(output: Path, gpus: int, args) -> dict:
     with DatasetWriter.open(output, plan, config=dataclasses.asdict(cfg), run={}) as writer:
         for name in ("add_parts", "commit"):  # the driver's own work per batch and per shard, timed
             setattr(writer, name, timed(getattr(writer, name), in_writer))
-        ds = build_pipeline(cfg, table, writer.todo, "cpu", gpus=True, parts=writer.part_settings(str(output)))
-        manifest = write_dataset(writer, ds, cfg, show_progress=False)
+        ds = build_pipeline(cfg, table, writer.todo, "cpu", gpus=True, parts=writer.part_settings())
+        manifest = write_dataset(writer, ds, show_progress=False)
     driver_cpu = driver_cpu_s() - cpu_start
     images = manifest["totals"]["rows"]
     model_s = images / args.batch_size * args.steps * args.delay_ms / 1000

@@ -54,5 +54,5 @@ def write_encoded(writer, batch: dict) -> None:
     and committed (`batch` holds each row's `shard` and its `position` in it)."""
     from lbgen.data.writer import assemble_shard, write_parts
 
-    for shard, parts in writer.add_parts(write_parts(batch, **writer.part_settings(str(writer.output)))):
+    for shard, parts in writer.add_parts(write_parts(batch, **writer.part_settings())):
         writer.commit(shard, assemble_shard(str(writer.output), shard, parts, writer.plan.row_group_rows))

@@ -186,11 +186,13 @@ def test_of_two_runs_taking_over_one_expired_s3_lock_exactly_one_wins(s3_out, mo
 
 
 def test_the_heartbeat_keeps_a_held_s3_lock_live_beyond_its_lease(s3_out):
-    with ObjectStoreLock(locate(s3_out), "a long run", lease=1.5):
-        time.sleep(3)  # two leases
+    # A 4 s lease (renewed every 1.3 s): a beat delayed by a loaded host (1.5 s once failed under a pip install)
+    # must not read as a stale lock.
+    with ObjectStoreLock(locate(s3_out), "a long run", lease=4):
+        time.sleep(8)  # two leases
         with pytest.raises(OutputInUseError, match="`a long run`"):
-            ObjectStoreLock(locate(s3_out), lease=1.5).acquire()
-        assert time.time() - lock_body(s3_out)["renewed"] < 1.5
+            ObjectStoreLock(locate(s3_out), lease=4).acquire()
+        assert time.time() - lock_body(s3_out)["renewed"] < 4
 
 
 def test_a_run_that_lost_its_s3_lock_says_so_and_leaves_the_new_holders_lock(s3_out, caplog):

@@ -131,10 +131,10 @@ def test_a_part_reported_twice_is_counted_once_and_its_shard_assembled_once(tmp_
     """Ray re-runs a batch whose actor died after writing: the same part is written and reported again."""
     rows = encoded_rows()
     with DatasetWriter.open(tmp_path / "ds", plan_of(), config={}, run={}) as writer:
-        meta = write_parts(batches(rows, np.arange(3), 3)[0], **writer.part_settings(str(tmp_path / "ds")))
+        meta = write_parts(batches(rows, np.arange(3), 3)[0], **writer.part_settings())
         assert writer.add_parts(meta) == []
         assert writer.add_parts(meta) == []  # shard 0 has 3 of its 5 rows, not 6
-        rest = write_parts(batches(rows, np.arange(3, 5), 2)[0], **writer.part_settings(str(tmp_path / "ds")))
+        rest = write_parts(batches(rows, np.arange(3, 5), 2)[0], **writer.part_settings())
         assert writer.add_parts(rest) == [(shard_name(0, 3), [f"{shard_name(0, 3)[:-8]}.{p:07d}.parquet" for p in (0, 3)])]
 
 
@@ -142,7 +142,7 @@ def test_assembly_run_again_after_a_crash_gives_the_same_entry(tmp_path):
     """A task killed after writing its shard, before deleting the parts, runs again: the shard is hashed, not rewritten."""
     rows = encoded_rows()
     with DatasetWriter.open(tmp_path / "ds", plan_of(), config={}, run={}) as writer:
-        ((shard, parts),) = writer.add_parts(write_parts(batches(rows, np.arange(5), 5)[0], **writer.part_settings(str(tmp_path / "ds"))))
+        ((shard, parts),) = writer.add_parts(write_parts(batches(rows, np.arange(5), 5)[0], **writer.part_settings()))
         kept = [(tmp_path / "ds" / PARTS_DIR / p).read_bytes() for p in parts]
         first = assemble_shard(str(tmp_path / "ds"), shard, parts, 2)
         for part, data in zip(parts, kept):

@@ -24,6 +24,7 @@ import json
 import shutil
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +45,7 @@ from lbgen.data.format import (
     write_shard,
 )
 from lbgen.data.reader import read_manifest, read_stats, sha256_file, summarize
-from lbgen.runtime.storage import Location, Where, locate
+from lbgen.runtime.storage import Location, Where, absolute, locate
 from lbgen.errors import DatasetError
 from lbgen.runtime.locks import LOCK_FILE, ObjectStoreLock, OutputLock, lock_output
 from lbgen.runtime.outputs import differences
@@ -164,8 +165,10 @@ def _stop_when_full(output: Location, shard: str):
 class DatasetWriter:
     """Owns a dataset directory while a run writes it: `open` it, `add_parts`, `commit` whole shards, `finish`."""
 
-    def __init__(self, output: Location, plan: DatasetPlan, manifest: dict, lock: OutputLock | ObjectStoreLock | None):
+    def __init__(self, output: Location, plan: DatasetPlan, manifest: dict, lock: OutputLock | ObjectStoreLock | None,
+                 where: str):
         self.output, self.plan, self.manifest, self.lock = output, plan, manifest, lock
+        self.where = where  # the output as workers reach it: an absolute path, or the URI with its query
         self.parts: dict[int, dict[str, int]] = {}  # shard -> its parts written so far -> their rows
 
     def __enter__(self) -> DatasetWriter:
@@ -181,14 +184,14 @@ class DatasetWriter:
             self.lock = None
 
     @classmethod
-    def open(cls, output: Where, plan: DatasetPlan, *, config: dict, run: dict, overwrite: bool = False) -> DatasetWriter:
+    def open(cls, output: str | Path, plan: DatasetPlan, *, config: dict, run: dict, overwrite: bool = False) -> DatasetWriter:
         """Claim `output` for `plan`: new, or holding this very dataset (whose whole shards are kept).
 
         Refuses (DatasetError), touching nothing, when `output` holds anything else, unless
         `overwrite`. `config` (the resolved config) and `run` (how this run makes its images:
         device, precision) are recorded in the manifest.
         """
-        output = locate(output)
+        where, output = absolute(output), locate(output)
         if output.exists() and not output.is_dir():
             raise DatasetError(f"output {output} exists and is not a directory")
         lock = lock_output(output)
@@ -198,7 +201,7 @@ class DatasetWriter:
             if lock is not None:
                 lock.release()
             raise
-        return cls(output, plan, manifest, lock)
+        return cls(output, plan, manifest, lock, where)
 
     @staticmethod
     def _claim(output: Location, plan: DatasetPlan, config: dict, run: dict, overwrite: bool) -> dict:
@@ -224,9 +227,9 @@ class DatasetWriter:
         n = len(self.plan.shard_rows)
         return [k for k in range(n) if shard_name(k, n) not in self.manifest["shards"]]
 
-    def part_settings(self, output: str) -> dict:
-        """`write_parts`' keyword arguments for this dataset; `output`: the output as workers reach it."""
-        return {"output": output, "label_names": self.plan.label_names, "generator": self.plan.generator,
+    def part_settings(self) -> dict:
+        """`write_parts`' keyword arguments for this dataset."""
+        return {"output": self.where, "label_names": self.plan.label_names, "generator": self.plan.generator,
                 "num_shards": len(self.plan.shard_rows)}
 
     def add_parts(self, meta: dict[str, np.ndarray]) -> list[tuple[str, list[str]]]:

@@ -41,8 +41,8 @@ def check_inputs(cfg: Config) -> ClassTable:
 
 def timed_batches(cfg: Config, table: ClassTable, count: int) -> list[dict[str, np.ndarray]]:
     """The dataset's first `count` planned batches of `generate.batch_size` rows, as `GenerateBatch` takes them."""
-    gen = cfg.generate
-    items = batches_of(range(len(shard_sizes(len(table), cfg))), shard_sizes(len(table), cfg), gen.batch_size)[:count]
+    sizes = shard_sizes(len(table), cfg)
+    items = batches_of(range(len(sizes)), sizes, cfg.generate.batch_size)[:count]
     rows = [batch_rows(item, names=table.names, ids=table.ids, cfg=cfg) for item in items]
     return [{key: np.array([row[key] for row in batch]) for key in batch[0]} for batch in rows]
 

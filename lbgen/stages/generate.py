@@ -43,7 +43,7 @@ from lbgen.data.format import label_names
 from lbgen.data.images import encode_images
 from lbgen.data.plan import SHARD_ORDER, batch_rows, batches_of, plan, shard_sizes  # noqa: F401  (plan is public here too)
 from lbgen.data.reader import format_summary
-from lbgen.runtime.storage import absolute, locate
+from lbgen.runtime.storage import locate
 from lbgen.data.writer import DatasetPlan, DatasetWriter, assemble_shard, write_parts
 from lbgen.errors import UserError, root_cause
 from lbgen.method.sampler import decode, denoise, encode_prompts, initial_latents
@@ -198,7 +198,7 @@ class EagerPath:
 
 
 class FastPath(EagerPath):
-    """`generate.fast` (the default): `EagerPath`'s pixels, up to the last bits, with less work per image.
+    """`generate.fast` (`--fast`): `EagerPath`'s pixels, up to the last bits, with less work per image.
 
     The sync-free denoising loop (no host round trip per step, the text states stacked once per micro-batch);
     the merged LoRA without its adapter layers; fused QKV projections; channels_last UNet, VAE and latents;
@@ -467,12 +467,11 @@ def generate(cfg: Config, checked: tuple[ClassTable, str | None] | None = None, 
 def _generate_into(writer: DatasetWriter, cfg: Config, table: ClassTable, device: str, gpus: bool, start_with: int,
                    show_progress: bool) -> dict:
     """Make the shards `writer` still lacks through the Ray Data pipeline; returns the final manifest."""
-    parts = writer.part_settings(absolute(cfg.generate.output))
-    ds = build_pipeline(cfg, table, writer.todo, device, gpus, parts, start_with) if writer.todo else None
-    return write_dataset(writer, ds, cfg, show_progress)
+    ds = build_pipeline(cfg, table, writer.todo, device, gpus, writer.part_settings(), start_with) if writer.todo else None
+    return write_dataset(writer, ds, show_progress)
 
 
-def write_dataset(writer: DatasetWriter, ds, cfg: Config, show_progress: bool = True) -> dict:
+def write_dataset(writer: DatasetWriter, ds, show_progress: bool = True) -> dict:
     """The driver's loop: count the parts that `ds` (`build_pipeline`'s, None when nothing is left) reports, have
     each whole shard assembled by a task on a worker, commit it; returns the final manifest.
 
@@ -485,7 +484,7 @@ def write_dataset(writer: DatasetWriter, ds, cfg: Config, show_progress: bool = 
     plan_ = writer.plan
     start, made = time.perf_counter(), sum(plan_.shard_rows[k] for k in writer.todo)
     assemble = ray.remote(num_cpus=LIGHT_CPUS)(assemble_shard)
-    output, assembling = absolute(cfg.generate.output), {}  # task -> its shard
+    assembling = {}  # task -> its shard
     try:
         if ds is not None:
             # This dataset's context, not Ray's global one: the stages after generation (pre-training's ingest in
@@ -496,7 +495,7 @@ def write_dataset(writer: DatasetWriter, ds, cfg: Config, show_progress: bool = 
                     tqdm(total=made, desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
                 for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     for shard, parts in writer.add_parts(meta):
-                        assembling[assemble.remote(output, shard, parts, plan_.row_group_rows)] = shard
+                        assembling[assemble.remote(writer.where, shard, parts, plan_.row_group_rows)] = shard
                     _commit_assembled(writer, assembling, wait=False)
                     bar.update(int(meta["rows"].sum()))
         _commit_assembled(writer, assembling, wait=True)
