@@ -2,11 +2,16 @@
 
 Measures, on one GPU, within `--budget-s` seconds (progress on stderr):
 
-- generation at 512 px, fp16, 50 DDPM steps, CFG 2.0, batch 8: images/s through lbgen's
-  `GenerateBatch` (micro_batch 8) next to a bare diffusers loop (`StableDiffusionPipeline.__call__`
-  on the same pipeline object, same steps, batch, guidance and scheduler), each after a warm-up call;
-- `lbgen benchmark` on the same settings with the fast paths (`generate.fast`): steady images/s, FLOPs per image counted on the model, the share of
-  the GPU's peak, and the ImageNet-1K dataset's projected GPU-hours;
+- generation at 512 px, fp16, 50 DDPM steps, CFG 2.0, each arm after a warm-up call:
+  - bare diffusers (`StableDiffusionPipeline.__call__`: fp16, SDPA, the same pipeline object, steps, guidance
+    and scheduler) at batch 1, 8 and 16;
+  - lbgen eager (`GenerateBatch`, `--no-fast`, micro_batch 8);
+  - lbgen fast (`lbgen benchmark` with `generate.fast`, micro_batch 8), then fast with
+    `--compile reduce-overhead` (CUDA graphs) while the budget lasts;
+  - each as images/s and as a percentage of the GPU's dense fp16 peak (`lbgen.stages.benchmark.PEAK_TFLOPS`),
+    from the FLOPs per image counted on the model (`flops_per_image`: every step's CFG UNet calls and the VAE
+    decode, the cost sheet's 83 TFLOPs at this geometry), and `targets`: fast over bare eager diffusers at the
+    same batch (target 1.3), fast images/s (target 2.1), fast % of peak (goal 40);
 - pre-training's GPU decode (`pretrain.decode_device: cuda`): `DeviceDecoder` images/s on a batch of 512 px
   q95 JPEGs cropped to 224 px, and its crops' mean absolute difference from the CPU stage's;
 - one fine-tuning step (`Finetuner.train_step`: B=4, K=5 of T=50, 512 px, LoRA r128, gradient
@@ -21,9 +26,9 @@ lbgen and the model libraries are imported only once a GPU is found. Each part t
 memory, say) records its error in the document and the exit code is 1; the others still run.
 `elapsed_s` is the whole run. Run it through `benchmarks/gpu_check.sh`, which fails at once without
 a GPU and picks the interpreter. `--smoke` runs the same code on a CPU at a toy size (preset `tiny`,
-64 px, 4 steps) to prove the path end to end apart from the CUDA calls.
+64 px, 4 steps, bare batches 1 and 2, no compiled arm) to prove the path end to end apart from the CUDA calls.
 
-The GPU path has NOT run yet: no GPU was lent to the session that wrote it (only `--smoke` ran).
+The GPU path has NOT run yet: no GPU was lent to the sessions that wrote it (only `--smoke` ran).
 
     benchmarks/gpu_check.sh > gpu_check.json          # on the GPU machine, < 8 minutes
     benchmarks/gpu_check.sh --smoke > smoke.json      # on a CPU, 2-3 minutes
@@ -51,10 +56,10 @@ GiB = 2**30
 STARTED = time.perf_counter()
 # What each mode runs: the paper's geometry on the GPU, a toy one for the CPU smoke run.
 SETTINGS = {
-    "gpu": {"preset": "sd15-shape", "resolution": 512, "gen_steps": 50, "gen_batch": 8, "decode_batch": 256,
-            "ft": {"batch_size": 4, "grad_steps": 5, "num_steps": 50}},
-    "smoke": {"preset": "tiny", "resolution": 64, "gen_steps": 4, "gen_batch": 2, "decode_batch": 16,
-              "ft": {"batch_size": 2, "grad_steps": 2, "num_steps": 4}},
+    "gpu": {"preset": "sd15-shape", "resolution": 512, "gen_steps": 50, "gen_batch": 8, "bare_batches": (1, 8, 16),
+            "compile": "reduce-overhead", "decode_batch": 256, "ft": {"batch_size": 4, "grad_steps": 5, "num_steps": 50}},
+    "smoke": {"preset": "tiny", "resolution": 64, "gen_steps": 4, "gen_batch": 2, "bare_batches": (1, 2),
+              "compile": None, "decode_batch": 16, "ft": {"batch_size": 2, "grad_steps": 2, "num_steps": 4}},
 }
 GUIDANCE = 2.0
 TIMED_CALLS = 2  # timed generation calls per arm, after the warm-up, while the budget lasts
@@ -118,59 +123,90 @@ def throughput(call, images_per_call: int, device: torch.device, budget: Budget)
             "warmup_s": warmup}
 
 
-def check_generation(settings: dict, device: torch.device, budget: Budget) -> dict:
+def generation_config(settings: dict, batch: int, **generate):
+    """The generation parts' config: `settings`' geometry, fp16, DDPM, CFG 2.0, micro-batch `batch`."""
     from lbgen.config import resolve
-    from lbgen.data.classes import load_class_table
-    from lbgen.stages.generate import GenerateBatch
 
-    batch, steps = settings["gen_batch"], settings["gen_steps"]
-    cfg = resolve(settings["preset"], overrides={
-        "model": {"resolution": settings["resolution"]},
-        "generate": {"steps": steps, "batch_size": batch, "micro_batch": batch, "dtype": "fp16", "scheduler": "ddpm",
-                     "guidance": GUIDANCE, "threads": torch.get_num_threads()},
-    })
-    names = load_class_table(cfg.classes).names
-    prompts = [names[i % len(names)] for i in range(batch)]
-    log(f"generation: building GenerateBatch ({settings['preset']}, {settings['resolution']} px, fp16)")
-    generate_batch, build_s = timed(lambda: GenerateBatch(dataclasses.asdict(cfg), str(device)), device)
-    rows = {"seed": np.arange(batch), "prompt": np.array(prompts)}
-    log(f"generation: lbgen GenerateBatch, batch {batch}, {steps} steps")
-    lbgen = throughput(lambda: generate_batch(rows), batch, device, budget)
-    pipe = generate_batch.pipe  # the same modules and weights, in the same dtype
-    generator = torch.Generator(device).manual_seed(0)
-
-    def bare_call():
-        return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=GUIDANCE, height=settings["resolution"],
-                    width=settings["resolution"], output_type="np", generator=generator).images
-
-    log(f"generation: bare diffusers StableDiffusionPipeline.__call__ ({type(pipe.scheduler).__name__})")
-    bare = throughput(bare_call, batch, device, budget)
-    return {
-        "resolution": settings["resolution"], "steps": steps, "batch": batch, "dtype": "fp16", "guidance": GUIDANCE,
-        "build_s": build_s, "lbgen": lbgen, "diffusers": bare,
-        "lbgen_over_diffusers": lbgen["images_per_s"] / bare["images_per_s"],
-        "peak_gib": peak_gib(device),
-    }
-
-
-def check_benchmark(settings: dict, budget: Budget) -> dict:
-    """`lbgen benchmark` on the generation part's settings: steady images/s, FLOPs per image counted on the
-    model, % of the device's peak, the in1k dataset's GPU-hours. The largest micro-batch search is left out
-    (it would run up to 256 images at once; `lbgen benchmark` does it by default)."""
-    from lbgen.config import resolve
-    from lbgen.stages.benchmark import benchmark
-
-    batch = settings["gen_batch"]
-    cfg = resolve(settings["preset"], overrides={
+    return resolve(settings["preset"], overrides={
         "classes": "imagenet1k",
         "model": {"resolution": settings["resolution"]},
         "generate": {"steps": settings["gen_steps"], "batch_size": batch, "micro_batch": batch, "dtype": "fp16",
-                     "scheduler": "ddpm", "guidance": GUIDANCE, "images_per_class": 1300, "threads": torch.get_num_threads(),
-                     "fast": True},  # the generation part measures the eager path and bare diffusers
+                     "scheduler": "ddpm", "guidance": GUIDANCE, "images_per_class": 1300,
+                     "threads": torch.get_num_threads(), **generate},
         "benchmark": {"batches": TIMED_CALLS, "find_max_micro_batch": False},
     })
-    log(f"benchmark: lbgen benchmark, batch {batch}, {settings['gen_steps']} steps")
+
+
+def share_of_peak(arm: dict, flops_per_image: float, peak: float | None) -> dict:
+    """`arm` with its percentage of the device's peak, from the FLOPs per image counted on the model."""
+    return {**arm, "percent_of_peak": round(100 * arm["images_per_s"] * flops_per_image / 1e12 / peak, 2) if peak else None}
+
+
+def check_generation(settings: dict, device: torch.device, budget: Budget) -> dict:
+    """lbgen's eager path (`--no-fast`) and bare diffusers on the same pipeline object, at the batches of
+    `settings["bare_batches"]`; FLOPs per image counted on the model, each arm as a share of the device's peak."""
+    from lbgen.data.classes import load_class_table
+    from lbgen.stages.benchmark import flops_per_image, peak_tflops
+    from lbgen.stages.generate import GenerateBatch
+
+    batch = settings["gen_batch"]
+    cfg = generation_config(settings, batch, fast=False)
+    names = load_class_table(cfg.classes).names
+
+    def prompts(size: int) -> list[str]:
+        return [names[i % len(names)] for i in range(size)]
+
+    log(f"generation: building GenerateBatch ({settings['preset']}, {settings['resolution']} px, fp16, eager)")
+    generate_batch, build_s = timed(lambda: GenerateBatch(dataclasses.asdict(cfg), str(device)), device)
+    rows = {"seed": np.arange(batch), "prompt": np.array(prompts(batch))}
+    flops = flops_per_image(generate_batch, rows)
+    peak = peak_tflops(cfg, device)
+    log(f"generation: lbgen eager GenerateBatch, batch {batch}, {settings['gen_steps']} steps "
+        f"({flops / 1e12:.3g} TFLOPs/image)")
+    lbgen = share_of_peak(throughput(lambda: generate_batch(rows), batch, device, budget), flops, peak)
+    pipe = generate_batch.pipe  # the same modules and weights, in the same dtype, as diffusers builds them
+    generator = torch.Generator(device).manual_seed(0)
+
+    def bare_call(size: int):
+        return pipe(prompt=prompts(size), num_inference_steps=settings["gen_steps"], guidance_scale=GUIDANCE,
+                    height=settings["resolution"], width=settings["resolution"], output_type="np",
+                    generator=generator).images
+
+    bare = {}
+    for size in settings["bare_batches"]:
+        log(f"generation: bare diffusers StableDiffusionPipeline.__call__ ({type(pipe.scheduler).__name__}), batch {size}")
+        bare[str(size)] = share_of_peak(throughput(partial(bare_call, size), size, device, budget), flops, peak)
+    return {
+        "resolution": settings["resolution"], "steps": settings["gen_steps"], "batch": batch, "dtype": "fp16",
+        "guidance": GUIDANCE, "flops_per_image": flops, "peak_tflops": peak, "build_s": build_s,
+        "lbgen_eager": lbgen, "diffusers": bare, "peak_gib": peak_gib(device),
+    }
+
+
+def check_fast(settings: dict, compile_mode: str = "none") -> dict:
+    """`lbgen benchmark` with the fast paths (`generate.fast`) and `compile_mode`, on the generation part's
+    settings: steady images/s, FLOPs per image counted on the model, % of the device's peak. The largest
+    micro-batch search is left out (it would run up to 256 images at once; `lbgen benchmark` does it by default)."""
+    from lbgen.stages.benchmark import benchmark
+
+    cfg = generation_config(settings, settings["gen_batch"], fast=True, compile=compile_mode)
+    log(f"benchmark: lbgen benchmark --fast --compile {compile_mode}, batch {settings['gen_batch']}")
     return benchmark(cfg)
+
+
+def targets(results: dict, batch: int) -> dict:
+    """Issue 26's targets, from the generation arms that ran: the best fast arm against bare eager diffusers at
+    the same batch (target 1.3), its images/s (target 2.1 on an H100/H200) and % of peak (goal 40)."""
+    fast = [results[k] for k in ("fast", "fast_compiled") if "images_per_s" in results.get(k, {})]
+    bare = results.get("generate", {}).get("diffusers", {}).get(str(batch))
+    if not fast:
+        return {"note": "no fast arm ran"}
+    best = max(fast, key=lambda arm: arm["images_per_s"])
+    return {
+        "fast_images_per_s": best["images_per_s"], "fast_percent_of_peak": best["percent_of_peak"],
+        "fast_over_bare_diffusers_same_batch": round(best["images_per_s"] / bare["images_per_s"], 3) if bare else None,
+        "target_ratio": 1.3, "target_images_per_s": 2.1, "goal_percent_of_peak": 40,
+    }
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -281,9 +317,12 @@ def main() -> int:
     }
     generate_s = run_part(results, "generate", partial(check_generation, settings, device, budget), device)
     if budget.allows(generate_s / 2):  # lbgen's arm of the generation part, again
-        run_part(results, "benchmark", partial(check_benchmark, settings, budget), device)
+        run_part(results, "fast", partial(check_fast, settings), device)
     else:
-        results["benchmark"] = {"error": f"skipped: the budget ({args.budget_s:.0f} s) would be exceeded"}
+        results["fast"] = {"error": f"skipped: the budget ({args.budget_s:.0f} s) would be exceeded"}
+    if settings["compile"] and budget.allows(generate_s):  # compiling takes a minute or two on a GPU
+        run_part(results, "fast_compiled", partial(check_fast, settings, settings["compile"]), device)
+    results["targets"] = targets(results, settings["gen_batch"])
     run_part(results, "pretrain_decode", partial(check_gpu_decode, settings, device, budget), device)
     finetune = results["finetune"] = {"resolution": settings["resolution"], **settings["ft"], "lora_rank": 128,
                                       "gradient_checkpointing": True}
@@ -294,7 +333,7 @@ def main() -> int:
         results["finetune"]["fp16"] = {"error": f"skipped: the budget ({args.budget_s:.0f} s) would be exceeded"}
     results["elapsed_s"] = elapsed()
     print(json.dumps(finite_json(results), indent=2, allow_nan=False))
-    parts = (results["generate"], results["benchmark"], results["pretrain_decode"], results["finetune"]["bf16"], results["finetune"]["fp16"])
+    parts = (results["generate"], results["fast"], results.get("fast_compiled", {}), results["pretrain_decode"], results["finetune"]["bf16"], results["finetune"]["fp16"])
     return 1 if any("error" in part for part in parts) else 0
 
 

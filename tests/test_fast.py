@@ -1,6 +1,7 @@
 """`generate.fast`, the known fast paths of generation (issue 26; `FastPath` in lbgen.stages.generate), against
 `--no-fast` (`EagerPath`): the same pixels within 2/255 or at 40 dB on SD 1.5's architecture and on the tiny
-generator with a LoRA, an image independent of its batch, the text states bitwise the eager ones, the fast
+generator with a LoRA (all paths, and each path of `generate.fast_paths` alone, taking only itself), an image
+independent of its batch, the text states bitwise the eager ones, the fast
 settings part of the dataset's content, slow attention refused, and one compilation per actor.
 """
 
@@ -17,14 +18,16 @@ from configs import tiny
 from test_generate import make_lora
 
 from lbgen.config import Config, resolve
+from lbgen.config.choices import FAST_PATHS
 from lbgen.data.classes import load_class_table
 from lbgen.data.plan import plan
 from lbgen.data.writer import DatasetWriter
 from lbgen.errors import DatasetError
 from lbgen.method.sampler import encode_prompts
+from lbgen.method.sync_free import denoise_sync_free
 from lbgen.stages.generate import RESUMABLE_FIELDS, GenerateBatch, SlowAttentionError, content_settings, dataset_plan
 
-FAST_SETTINGS = {"fast", "compile", "compile_vae"}
+FAST_SETTINGS = {"fast", "fast_paths", "compile", "compile_vae"}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16, cuDNN, CUDA graphs)")
 
 
@@ -99,6 +102,36 @@ def test_fast_equals_eager_with_a_lora(tmp_path):
     assert largest > 2 and psnr < 40  # the LoRA shows: the comparison above could tell a lost LoRA
 
 
+def _lora_unloaded(generate) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return not any(isinstance(module, BaseTunerLayer) for module in generate.pipe.unet.modules())
+
+
+# What each fast path visibly does to an actor after one batch; require_sdpa shows only by refusing slow attention
+# (test_slow_attention_is_refused_naming_its_processors) and cudnn_benchmark only on a GPU.
+TAKEN = {
+    "sync_free": lambda generate: generate.path.denoise is denoise_sync_free,
+    "unload_lora": _lora_unloaded,
+    "fused_qkv": lambda generate: {type(p).__name__ for p in generate.pipe.unet.attn_processors.values()} == {"FusedAttnProcessor2_0"},
+    "channels_last": lambda generate: generate.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                                      and generate.path.memory_format == torch.channels_last,
+    "prompt_cache": lambda generate: bool(generate.path.states),
+}
+
+
+@pytest.mark.parametrize("path", list(FAST_PATHS))
+def test_each_fast_path_alone_equals_eager_and_takes_only_itself(path, tmp_path):
+    """`generate.fast_paths` naming one path: the eager path's pixels (the tiny generator with a LoRA, so that
+    unload_lora has adapter layers to remove), that path taken and no other."""
+    cfg = tiny(generate={"fast": True, "fast_paths": [path], "lora": str(make_lora(tmp_path))})
+    batch = planned(cfg, 0, 4)
+    generate = GenerateBatch(dataclasses.asdict(cfg))
+    fast = generate(batch)["pixels"]
+    assert {name for name, taken in TAKEN.items() if taken(generate)} == ({path} & set(TAKEN))
+    assert_equal_pixels(fast, made(cfg, batch, fast=False), f"tiny + LoRA, fast path {path} alone against eager")
+
+
 @needs_cuda
 def test_fast_equals_eager_on_a_gpu_in_half_precision():
     """fp16 on CUDA, where the fast paths pay (cuDNN's autotuner, channels_last, fused projections): 512 px."""
@@ -153,26 +186,39 @@ def test_cached_prompt_states_equal_the_in_batch_encoding():
 
 
 def test_fast_settings_define_the_dataset(tmp_path):
-    """`fast`, `compile` and `compile_vae` are content settings: a dataset made fast is never resumed eager."""
+    """`fast`, the paths taken, `compile` and `compile_vae` are content settings: a dataset made fast is never resumed
+    eager or with other paths; `fast_paths` counts only when fast is on, and in no particular order."""
     cfg = tiny(generate={"fast": True, "output": str(tmp_path / "ds")})
     table = load_class_table(cfg.classes)
     content = content_settings(cfg, table, None)["generate"]
-    assert {key: content[key] for key in FAST_SETTINGS} == {"fast": True, "compile": "none", "compile_vae": False}
+    assert {key: content[key] for key in FAST_SETTINGS} == {"fast": True, "fast_paths": list(FAST_PATHS), "compile": "none",
+                                                            "compile_vae": False}
     assert not FAST_SETTINGS & RESUMABLE_FIELDS
-    with DatasetWriter.open(cfg.generate.output, dataset_plan(cfg, table, None), config={}, run={}):
-        pass
+
+    def opens(other: Config) -> None:
+        with DatasetWriter.open(other.generate.output, dataset_plan(other, table, None), config={}, run={}):
+            pass
+
+    opens(cfg)
+    opens(with_generate(cfg, fast_paths=list(reversed(FAST_PATHS))))
     for other, change in [(with_generate(cfg, fast=False), "fast: True -> False"),
+                          (with_generate(cfg, fast_paths=["sync_free"]), "fast_paths: .* -> \\['sync_free'\\]"),
                           (with_generate(cfg, compile="default"), "compile: 'none' -> 'default'")]:
         with pytest.raises(DatasetError, match=f"other settings.*generate.{change}"):
-            DatasetWriter.open(cfg.generate.output, dataset_plan(other, table, None), config={}, run={})
+            opens(other)
+    eager = tiny(generate={"fast": False, "output": str(tmp_path / "eager")})
+    opens(eager)
+    opens(with_generate(eager, fast_paths=["sync_free"]))  # no path is taken with fast off
 
 
-def test_compile_settings_are_checked():
+def test_fast_settings_are_checked():
     from lbgen.config import ConfigError
 
     for settings, message in [({"compile": "fastest"}, "generate.compile must be one of none, default"),
                               ({"compile": "default", "fast": False}, "generate.fast must be on to compile"),
-                              ({"compile_vae": True}, "generate.compile_vae needs a generate.compile mode")]:
+                              ({"compile_vae": True}, "generate.compile_vae needs a generate.compile mode"),
+                              ({"fast_paths": ["sync_free", "warp"]}, "generate.fast_paths must name fast paths among "
+                                                                      "sync_free, .*, got warp")]:
         with pytest.raises(ConfigError, match=message):
             tiny(generate={"fast": True, **settings})
 

@@ -16,6 +16,19 @@ WEIGHT_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 # decoder); "none" leaves them uncompiled.
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
+# `generate.fast_paths`: the fast paths of generation that `generate.fast` takes, each keeping the eager path's pixels
+# up to the last bits (`FastPath` in lbgen.stages.generate gives them their meaning), with what each does.
+FAST_PATHS = {
+    "sync_free": "the sync-free denoising loop (lbgen.method.sync_free): the scheduler's coefficients and each "
+                 "image's noise on the device, no host round trip per step, the guidance's text states stacked once",
+    "unload_lora": "the fine-tuned LoRA merged and its adapter layers removed",
+    "require_sdpa": "every attention layer required to run SDPA: an error, naming the processors, otherwise",
+    "fused_qkv": "fused QKV projections in the UNet's and VAE's attention",
+    "channels_last": "a channels_last UNet, VAE and latents",
+    "cudnn_benchmark": "cuDNN's autotuner on a GPU (the padded micro-batch has one shape)",
+    "prompt_cache": "each class prompt encoded once per actor",
+}
+
 # `pretrain.decode_device`: where training images are decoded and cropped (`lbgen.data.transforms.DECODE_STAGES`):
 # in Ray Data's CPU tasks, or on the training GPUs with nvJPEG (the CPU tasks then only draw the crops).
 DECODE_DEVICES = ("cpu", "cuda")

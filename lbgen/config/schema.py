@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lbgen.config.presets import RECIPES
-from lbgen.config.choices import COMPILE_MODES, DECODE_DEVICES, DOWNSTREAM_KINDS, FAULT_POINTS, IMAGE_FORMATS, MIXED_PRECISION, PROTOCOLS, WEIGHT_DTYPES
+from lbgen.config.choices import COMPILE_MODES, DECODE_DEVICES, FAST_PATHS, DOWNSTREAM_KINDS, FAULT_POINTS, IMAGE_FORMATS, MIXED_PRECISION, PROTOCOLS, WEIGHT_DTYPES
 from lbgen.errors import ConfigError
 
 # Field metadata of a setting that may change between the runs of one output (resume keeps going).
@@ -483,13 +483,14 @@ class GenerateConfig:
     use_gpu: Optional[bool] = resumable(None)
     # Weight dtype of the generation model on any device: "fp16", "bf16" or "fp32".
     dtype: str = "fp16"
-    # The fast paths of generation: the sync-free denoising loop, the LoRA merged with its adapter layers removed,
-    # fused QKV projections, channels_last UNet and VAE, cuDNN's autotuner on a GPU, each class prompt encoded once
-    # per actor, and every attention required to run through SDPA (an error otherwise). Part of what defines the
-    # dataset, since pixels may differ from --no-fast's in the last bits (other kernels round differently: 1/255 at
-    # most in tests/test_fast.py); --no-fast runs the modules as diffusers builds them. Off by default until measured
-    # on a GPU (benchmarks/gpu_check.sh): on this project's 2-core CPU, fp32, it was slower (channels_last).
-    fast: bool = False
+    # Take the fast paths of generation named by `fast_paths` (--no-fast: none, the modules as diffusers builds
+    # them). Each keeps the pixels up to the last bits (other kernels round differently: 1/255 at most in
+    # tests/test_fast.py), and those bits are part of what defines the dataset, so `fast` and `fast_paths` are.
+    fast: bool = True
+    # The fast paths `fast` takes, all by default: sync_free (no host round trip per denoising step),
+    # unload_lora, require_sdpa (an error rather than slow attention), fused_qkv, channels_last, cudnn_benchmark
+    # (GPU), prompt_cache (each class prompt encoded once per actor). Name a subset to leave the others out.
+    fast_paths: list[str] = field(default_factory=lambda: list(FAST_PATHS))
     # torch.compile the UNet with this mode, a fast path: "none", "default", "reduce-overhead" (CUDA graphs: the
     # choice on a GPU) or "max-autotune". Each actor compiles once, on its first micro-batch (minutes on a CPU).
     # Part of what defines the dataset: compiled kernels may round differently.
@@ -507,6 +508,11 @@ class GenerateConfig:
     # Replace a dataset in `output` made with other settings instead of refusing.
     overwrite: bool = resumable(False)
 
+    @property
+    def taken_fast_paths(self) -> list[str]:
+        """The fast paths generation takes, in `FAST_PATHS`' order: none with `fast` off."""
+        return [path for path in FAST_PATHS if self.fast and path in self.fast_paths]
+
     def check(self, where: str = "generate") -> None:
         _require({
             **_positive(where, self, ("images_per_class", "steps", "batch_size", "micro_batch", "workers", "cpus_per_worker", "threads",
@@ -518,6 +524,9 @@ class GenerateConfig:
             f"{where}.image_quality": (1 <= self.image_quality <= 100, f"must be in 1..100, got {self.image_quality}"),
             f"{where}.dtype": _one_of(self.dtype, WEIGHT_DTYPES),
             f"{where}.compile": _one_of(self.compile, COMPILE_MODES),
+            f"{where}.fast_paths": (not set(self.fast_paths) - set(FAST_PATHS),
+                                    f"must name fast paths among {', '.join(FAST_PATHS)}, "
+                                    f"got {', '.join(sorted(set(self.fast_paths) - set(FAST_PATHS)))}"),
             f"{where}.fast": (self.fast or self.compile == "none",
                               f"must be on to compile (compiling is a fast path), got compile {self.compile!r}"),
             f"{where}.compile_vae": (not self.compile_vae or self.compile != "none",

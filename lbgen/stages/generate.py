@@ -137,7 +137,7 @@ def require_sdpa(model, what: str) -> None:
     if slow:
         found = ", ".join(f"{name} ({count} layers)" for name, count in sorted(slow.items()))
         raise SlowAttentionError(f"the {what}'s attention runs {found}, not SDPA (AttnProcessor2_0): fast generation "
-                                 "refuses slow attention; --no-fast runs the model as it is")
+                                 "refuses slow attention; --fast-paths without require_sdpa, or --no-fast, runs the model as it is")
 
 
 def fuse_qkv(model) -> None:
@@ -154,19 +154,45 @@ def compile_module(module: torch.nn.Module, mode: str) -> None:
         module.compile(mode=mode)
 
 
-def speed_up(pipe, device: torch.device, gen: GenerateConfig, memory_format: torch.memory_format) -> None:
-    """`FastPath`'s changes to the modules of `pipe`, in place: the LoRA's adapter layers removed, SDPA required,
-    fused QKV projections, `memory_format` for the UNet and VAE, cuDNN's autotuner, `generate.compile`."""
+def _unload_lora(pipe, device: torch.device, gen: GenerateConfig) -> None:
     if gen.lora:
         pipe.unload_lora_weights()  # plain modules again; `fuse_lora` merged the weights, which stay
+
+
+def _require_sdpa(pipe, device: torch.device, gen: GenerateConfig) -> None:
     for what, model in (("UNet", pipe.unet), ("VAE", pipe.vae)):
-        require_sdpa(model, what)  # before fusing, which would put the fused SDPA processor over a slow one
+        require_sdpa(model, what)
+
+
+def _fuse_qkv(pipe, device: torch.device, gen: GenerateConfig) -> None:
+    for model in (pipe.unet, pipe.vae):
         fuse_qkv(model)
-        model.to(memory_format=memory_format)
+
+
+def _channels_last(pipe, device: torch.device, gen: GenerateConfig) -> None:
+    for model in (pipe.unet, pipe.vae):
+        model.to(memory_format=torch.channels_last)
+
+
+def _cudnn_benchmark(pipe, device: torch.device, gen: GenerateConfig) -> None:
     if device.type == "cuda":
         # cuDNN times its convolution algorithms for each new shape and keeps the fastest: the padded micro-batch
         # has one. Which algorithm wins may differ between GPUs and runs, and so may the last bits of a pixel.
         torch.backends.cudnn.benchmark = True
+
+
+# The fast paths that change the pipeline's modules (`generate.fast_paths`), in the order they apply: SDPA is
+# required before fusing, which would put the fused SDPA processor over a slow one. `FastPath` itself takes
+# sync_free (its denoising loop), channels_last (its latents) and prompt_cache.
+MODULE_CHANGES = {"unload_lora": _unload_lora, "require_sdpa": _require_sdpa, "fused_qkv": _fuse_qkv,
+                  "channels_last": _channels_last, "cudnn_benchmark": _cudnn_benchmark}
+
+
+def speed_up(pipe, device: torch.device, gen: GenerateConfig) -> None:
+    """`FastPath`'s changes to the modules of `pipe`, in place: those of `gen.taken_fast_paths`, then `generate.compile`."""
+    for path, change in MODULE_CHANGES.items():
+        if path in gen.taken_fast_paths:
+            change(pipe, device, gen)
     compile_module(pipe.unet, gen.compile)
     compile_module(pipe.vae.decoder, gen.compile if gen.compile_vae else "none")
 
@@ -198,26 +224,31 @@ class EagerPath:
 
 
 class FastPath(EagerPath):
-    """`generate.fast` (`--fast`): `EagerPath`'s pixels, up to the last bits, with less work per image.
-
-    The sync-free denoising loop (no host round trip per step, the text states stacked once per micro-batch);
-    the merged LoRA without its adapter layers; fused QKV projections; channels_last UNet, VAE and latents;
-    cuDNN's autotuner on a GPU; every attention SDPA; `generate.compile`; each class prompt encoded once per actor.
+    """`generate.fast` (`--fast`): `EagerPath`'s pixels, up to the last bits, with less work per image, through the
+    fast paths of `generate.fast_paths` (`FAST_PATHS`): the sync-free denoising loop (no host round trip per step,
+    the text states stacked once per micro-batch); the merged LoRA without its adapter layers; every attention
+    SDPA; fused QKV projections; channels_last UNet, VAE and latents; cuDNN's autotuner on a GPU; each class prompt
+    encoded once per actor. Then `generate.compile`.
     """
-
-    denoise = staticmethod(denoise_sync_free)
-    memory_format = torch.channels_last
 
     def __init__(self, pipe, device: torch.device, gen: GenerateConfig):
         super().__init__(pipe, device, gen)
-        speed_up(pipe, device, gen, self.memory_format)
+        speed_up(pipe, device, gen)
+        paths = gen.taken_fast_paths
+        if "sync_free" in paths:
+            self.denoise = denoise_sync_free
+        if "channels_last" in paths:
+            self.memory_format = torch.channels_last
         self.rows = gen.micro_batch
         # prompt -> (L, D) states on the device: 118 KB a prompt in fp16 at SD 1.5's size, 118 MB for 1000 classes.
-        self.states: dict[str, torch.Tensor] = {}
+        # None: every micro-batch's prompts encoded with it, as on the eager path.
+        self.states: dict[str, torch.Tensor] | None = {} if "prompt_cache" in paths else None
 
     def prompt_states(self, prompts: list[str]) -> torch.Tensor:
         """`EagerPath.prompt_states`, bitwise: each prompt was encoded once, in a batch of `micro_batch` rows as
         every micro-batch is (a CPU kernel's rounding may depend on the row count, never on the other rows)."""
+        if self.states is None:
+            return super().prompt_states(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self.states))
         for start in range(0, len(missing), self.rows):
             chunk = missing[start : start + self.rows]
@@ -334,6 +365,7 @@ class GenerateScoreWrite:
 def content_settings(cfg: Config, table: ClassTable, lora_sha: str | None) -> dict:
     """Every setting that defines a row's content; two runs with equal settings make equal rows."""
     gen = {k: v for k, v in dataclasses.asdict(cfg.generate).items() if k not in RESUMABLE_FIELDS | {"lora"}}
+    gen["fast_paths"] = cfg.generate.taken_fast_paths  # in one order, and none when fast is off
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "trust_remote_code"}
     table_sha = hashlib.sha256(json.dumps([table.ids, table.names]).encode()).hexdigest()
     return {"seed": cfg.seed, "classes_sha256": table_sha, "num_classes": len(table), "model": model,
