@@ -419,9 +419,12 @@ def autoscaler(root: Path) -> dict:
         manifest = generate(cfg, show_progress=False)
         out["generate"] = {"rows": manifest["totals"]["rows"], "node_types": sorted(node_groups().values())}
         out["generate"]["scaled_down_after_s"] = wait_for(lambda: not node_groups(), 120)
-        # A pool that starts at one actor and grows to four as the GPU nodes boot (both spot types: 2 + 2).
+        # A pool that starts at one actor and grows to four as the GPU nodes boot (both spot types: 2 + 2). Ray Data
+        # grows an actor pool 20-25 s after the GPUs arrive (idle host), so the work must outlast that with one actor
+        # even when the nodes boot late on a loaded host: 320 rows, 64 s of model time for one actor (160 rows
+        # once finished with two actors, in a suite run that took 22 minutes).
         cfg = resolve("tiny", overrides={"classes": str(table), "model": {"generator": "sleep:400"}, "resource_wait_s": 120,
-                                         "generate": {**generation, "workers": 4, "min_workers": 1, "images_per_class": 40,
+                                         "generate": {**generation, "workers": 4, "min_workers": 1, "images_per_class": 80,
                                                       "rows_per_shard": 8, "output": str(root / "grow")}})
         with gpu_timeline() as timeline:
             manifest = generate(cfg, show_progress=False)

@@ -7,6 +7,7 @@ settings part of the dataset's content, slow attention refused, and one compilat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import time
@@ -77,13 +78,36 @@ SD15_SHAPE = {"model": {"resolution": 128}, "generate": {"fast": True, "steps": 
                                                          "threads": 2, "images_per_class": 1}}
 
 
-@pytest.mark.slow
-def test_fast_equals_eager_on_sd15_architecture():
+@pytest.fixture(scope="module")
+def sd15():
+    """(config, two planned rows, the eager path's pixels of them, `made` for that config and rows): SD 1.5's
+    architecture at 128 px, its random 1.1 B weights drawn once; each actor builds on a copy of them, since a fast
+    path changes the modules in place."""
+    import lbgen.models.generator as generators
+
     cfg = resolve("sd15-shape", overrides=SD15_SHAPE)
+    base = generators.create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed)
     batch = planned(cfg, 0, 2)
-    eager = made(cfg, batch, fast=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generators, "create_generator", lambda *args, **kwargs: copy.deepcopy(base))
+        eager = made(cfg, batch, fast=False)
+        yield cfg, batch, eager, lambda **settings: made(cfg, batch, **settings)
+
+
+# The paths that change the arithmetic on a CPU, each alone: the others do nothing here (no LoRA to unload, cuDNN
+# only on a GPU), only check (require_sdpa), or are bitwise the eager path (prompt_cache: its own test), as each
+# alone on the tiny generator shows (test_each_fast_path_alone_equals_eager_and_takes_only_itself); all 7 took 3 min.
+ARITHMETIC_PATHS = ["sync_free", "fused_qkv", "channels_last"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("paths", [list(FAST_PATHS), *([path] for path in ARITHMETIC_PATHS)], ids=["all", *ARITHMETIC_PATHS])
+def test_fast_equals_eager_on_sd15_architecture(sd15, paths):
+    """All the fast paths, and each that changes the arithmetic alone, against `--no-fast` on SD 1.5's UNet, VAE and
+    text encoder."""
+    cfg, batch, eager, make = sd15
     assert eager.shape == (2, 128, 128, 3)
-    assert_equal_pixels(made(cfg, batch), eager, "sd15-shape, 128 px, 4 steps, fast against eager")
+    assert_equal_pixels(make(fast_paths=paths), eager, f"sd15-shape, 128 px, 4 steps, fast paths {'+'.join(paths)} against eager")
 
 
 def test_fast_equals_eager_with_a_lora(tmp_path):

@@ -78,7 +78,7 @@ def test_the_autoscaler_launches_each_stage_its_node_type_from_zero_and_takes_th
         assert found[stage]["worker_node_types"] == ["gpu-train-a100"] * 2, found[stage]
     # The generation pool grew from one actor to four as the nodes came up (ray #59144: GPU pools stuck at one).
     timeline, held = found["pool_growth"]["timeline"], [held for _, _, held in found["pool_growth"]["timeline"]]
-    assert found["pool_growth"]["rows"] == 160
+    assert found["pool_growth"]["rows"] == 320
     assert any(held >= 1 and gpus < 4 for _, gpus, held in timeline), timeline  # started before the last node came up
     assert max(held) == 4, timeline
     # Idle nodes went back (cluster.yaml's 10-minute idle timeout, scaled to 30 s).
