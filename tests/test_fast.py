@@ -78,22 +78,6 @@ SD15_SHAPE = {"model": {"resolution": 128}, "generate": {"fast": True, "steps": 
                                                          "threads": 2, "images_per_class": 1}}
 
 
-@pytest.fixture(scope="module")
-def sd15():
-    """(config, two planned rows, the eager path's pixels of them, `made` for that config and rows): SD 1.5's
-    architecture at 128 px, its random 1.1 B weights drawn once; each actor builds on a copy of them, since a fast
-    path changes the modules in place."""
-    import lbgen.models.generator as generators
-
-    cfg = resolve("sd15-shape", overrides=SD15_SHAPE)
-    base = generators.create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed)
-    batch = planned(cfg, 0, 2)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(generators, "create_generator", lambda *args, **kwargs: copy.deepcopy(base))
-        eager = made(cfg, batch, fast=False)
-        yield cfg, batch, eager, lambda **settings: made(cfg, batch, **settings)
-
-
 # The paths that change the arithmetic on a CPU, each alone: the others do nothing here (no LoRA to unload, cuDNN
 # only on a GPU), only check (require_sdpa), or are bitwise the eager path (prompt_cache: its own test), as each
 # alone on the tiny generator shows (test_each_fast_path_alone_equals_eager_and_takes_only_itself); all 7 took 3 min.
@@ -101,13 +85,35 @@ ARITHMETIC_PATHS = ["sync_free", "fused_qkv", "channels_last"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("paths", [list(FAST_PATHS), *([path] for path in ARITHMETIC_PATHS)], ids=["all", *ARITHMETIC_PATHS])
-def test_fast_equals_eager_on_sd15_architecture(sd15, paths):
-    """All the fast paths, and each that changes the arithmetic alone, against `--no-fast` on SD 1.5's UNet, VAE and
-    text encoder."""
-    cfg, batch, eager, make = sd15
-    assert eager.shape == (2, 128, 128, 3)
-    assert_equal_pixels(make(fast_paths=paths), eager, f"sd15-shape, 128 px, 4 steps, fast paths {'+'.join(paths)} against eager")
+class TestSD15Architecture:
+    """All the fast paths, and each that changes the arithmetic alone, against `--no-fast` on SD 1.5's UNet, VAE
+    and text encoder (random weights) at 128 px."""
+
+    @pytest.fixture(scope="class")
+    def sd15(self):
+        """(the eager path's pixels of two planned rows, `made` for those rows): SD 1.5's random 1.1 B weights are
+        drawn once for the class and freed after it; each actor builds on a copy of them, since a fast path changes
+        the modules in place."""
+        import lbgen.models.generator as generators
+
+        cfg = resolve("sd15-shape", overrides=SD15_SHAPE)
+        base = generators.create_generator(cfg.model.generator, resolution=cfg.model.resolution, seed=cfg.seed)
+        batch = planned(cfg, 0, 2)
+
+        def make(**settings) -> np.ndarray:
+            with pytest.MonkeyPatch.context() as patch:  # only while this actor builds: other tests get their own models
+                patch.setattr(generators, "create_generator", lambda *args, **kwargs: copy.deepcopy(base))
+                return made(cfg, batch, **settings)
+
+        yield make(fast=False), make
+        del base
+        gc.collect()
+
+    @pytest.mark.parametrize("paths", [list(FAST_PATHS), *([path] for path in ARITHMETIC_PATHS)], ids=["all", *ARITHMETIC_PATHS])
+    def test_fast_equals_eager(self, sd15, paths):
+        eager, make = sd15
+        assert eager.shape == (2, 128, 128, 3)
+        assert_equal_pixels(make(fast_paths=paths), eager, f"sd15-shape, 128 px, 4 steps, fast paths {'+'.join(paths)} against eager")
 
 
 def test_fast_equals_eager_with_a_lora(tmp_path):
