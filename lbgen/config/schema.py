@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lbgen.config.presets import RECIPES
-from lbgen.config.choices import COMPILE_MODES, DECODE_DEVICES, FAST_PATHS, DOWNSTREAM_KINDS, FAULT_POINTS, IMAGE_FORMATS, MIXED_PRECISION, PROTOCOLS, WEIGHT_DTYPES
+from lbgen.config.choices import COMPILE_MODES, DECODE_DEVICES, DOWNSTREAM_KINDS, FAST_PATHS, FAULT_POINTS, IMAGE_FORMATS, MIXED_PRECISION, PROTOCOLS, WEIGHT_DTYPES
 from lbgen.errors import ConfigError
 
 # Field metadata of a setting that may change between the runs of one output (resume keeps going).
@@ -514,6 +514,7 @@ class GenerateConfig:
         return [path for path in FAST_PATHS if self.fast and path in self.fast_paths]
 
     def check(self, where: str = "generate") -> None:
+        unknown_paths = sorted(set(self.fast_paths) - set(FAST_PATHS))
         _require({
             **_positive(where, self, ("images_per_class", "steps", "batch_size", "micro_batch", "workers", "cpus_per_worker", "threads",
                                       "rows_per_shard", "row_group_rows")),
@@ -524,9 +525,8 @@ class GenerateConfig:
             f"{where}.image_quality": (1 <= self.image_quality <= 100, f"must be in 1..100, got {self.image_quality}"),
             f"{where}.dtype": _one_of(self.dtype, WEIGHT_DTYPES),
             f"{where}.compile": _one_of(self.compile, COMPILE_MODES),
-            f"{where}.fast_paths": (not set(self.fast_paths) - set(FAST_PATHS),
-                                    f"must name fast paths among {', '.join(FAST_PATHS)}, "
-                                    f"got {', '.join(sorted(set(self.fast_paths) - set(FAST_PATHS)))}"),
+            f"{where}.fast_paths": (not unknown_paths,
+                                    f"must name fast paths among {', '.join(FAST_PATHS)}, got {', '.join(unknown_paths)}"),
             f"{where}.fast": (self.fast or self.compile == "none",
                               f"must be on to compile (compiling is a fast path), got compile {self.compile!r}"),
             f"{where}.compile_vae": (not self.compile_vae or self.compile != "none",

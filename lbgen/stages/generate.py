@@ -188,10 +188,10 @@ MODULE_CHANGES = {"unload_lora": _unload_lora, "require_sdpa": _require_sdpa, "f
                   "channels_last": _channels_last, "cudnn_benchmark": _cudnn_benchmark}
 
 
-def speed_up(pipe, device: torch.device, gen: GenerateConfig) -> None:
-    """`FastPath`'s changes to the modules of `pipe`, in place: those of `gen.taken_fast_paths`, then `generate.compile`."""
+def speed_up(pipe, device: torch.device, gen: GenerateConfig, paths: list[str]) -> None:
+    """`FastPath`'s changes to the modules of `pipe`, in place: those of the fast `paths` taken, then `generate.compile`."""
     for path, change in MODULE_CHANGES.items():
-        if path in gen.taken_fast_paths:
+        if path in paths:
             change(pipe, device, gen)
     compile_module(pipe.unet, gen.compile)
     compile_module(pipe.vae.decoder, gen.compile if gen.compile_vae else "none")
@@ -225,16 +225,15 @@ class EagerPath:
 
 class FastPath(EagerPath):
     """`generate.fast` (`--fast`): `EagerPath`'s pixels, up to the last bits, with less work per image, through the
-    fast paths of `generate.fast_paths` (`FAST_PATHS`): the sync-free denoising loop (no host round trip per step,
-    the text states stacked once per micro-batch); the merged LoRA without its adapter layers; every attention
-    SDPA; fused QKV projections; channels_last UNet, VAE and latents; cuDNN's autotuner on a GPU; each class prompt
-    encoded once per actor. Then `generate.compile`.
+    fast paths of `generate.fast_paths` (what each does: `lbgen.config.choices.FAST_PATHS`), then `generate.compile`.
+    The module changes are `MODULE_CHANGES`'; this class takes the denoising loop, the latents' memory format and
+    the prompt cache.
     """
 
     def __init__(self, pipe, device: torch.device, gen: GenerateConfig):
         super().__init__(pipe, device, gen)
-        speed_up(pipe, device, gen)
         paths = gen.taken_fast_paths
+        speed_up(pipe, device, gen, paths)
         if "sync_free" in paths:
             self.denoise = denoise_sync_free
         if "channels_last" in paths:
